@@ -1,0 +1,52 @@
+"""Named exceptions of node_engine.
+
+Every failure a job can record has its own class, so the worker stores ``type(exc).__name__`` and
+``str(exc)`` and a user sees *why* a solve or a training run stopped. User mistakes (bad ``t``,
+unknown method) stay ``ValueError`` subclasses so ordinary ``except ValueError`` code keeps working.
+"""
+
+from __future__ import annotations
+
+
+class ODEForgeError(Exception):
+    """Base class of every error raised on purpose by node_engine."""
+
+
+class SolverError(ODEForgeError, RuntimeError):
+    """An ODE solve could not reach the requested accuracy or produced a non-finite state.
+
+    Attributes:
+        t: the time (float, in the units of ``t``) at which the solver stopped, if known.
+    """
+
+    def __init__(self, message: str, *, t: float | None = None):
+        super().__init__(message)
+        self.t = t
+
+
+class StepSizeUnderflowError(SolverError):
+    """The adaptive step size fell below the smallest step that still moves ``t`` (floating point)."""
+
+
+class MaxNumStepsError(SolverError):
+    """More than ``max_num_steps`` steps (accepted + rejected) were taken."""
+
+
+class NonFiniteStateError(SolverError):
+    """The state or its derivative became NaN/inf and shrinking the step did not help."""
+
+
+class TrainingError(ODEForgeError):
+    """A training run stopped before its end for a reason inherent to the run."""
+
+
+class NonFiniteLossError(TrainingError):
+    """The loss became NaN or inf; the message names the step and the likely cause."""
+
+
+class DatasetError(ODEForgeError, ValueError):
+    """A data set is unknown, missing on disk, or fails validation (shape, finiteness, size)."""
+
+
+class CheckpointError(ODEForgeError, ValueError):
+    """A checkpoint is corrupted, tampered with, or does not match the model it is loaded into."""
