@@ -1,0 +1,33 @@
+"""node_engine: Neural ODE numerics on PyTorch — ODE solvers with error control and dense output,
+the adjoint method, and solver statistics (models, data sets and trainers live in subpackages and
+are imported on demand, not here)."""
+
+from .adjoint import odeint_adjoint
+from .errors import (
+    CheckpointError,
+    DatasetError,
+    MaxNumStepsError,
+    NonFiniteLossError,
+    NonFiniteStateError,
+    ODEForgeError,
+    SolverError,
+    StepSizeUnderflowError,
+    TrainingError,
+)
+from .odeint import odeint
+from .stats import SolverStats
+
+__all__ = [
+    "odeint",
+    "odeint_adjoint",
+    "SolverStats",
+    "ODEForgeError",
+    "SolverError",
+    "StepSizeUnderflowError",
+    "MaxNumStepsError",
+    "NonFiniteStateError",
+    "TrainingError",
+    "NonFiniteLossError",
+    "DatasetError",
+    "CheckpointError",
+]

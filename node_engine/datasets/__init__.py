@@ -1,0 +1,17 @@
+"""Data sets by name: 2-D toys, energy targets, digits, MNIST (IDX), uploaded arrays. See :mod:`.registry`."""
+
+from node_engine.datasets.registry import (
+    DATASETS,
+    ClassificationData,
+    Dataset,
+    DatasetEntry,
+    DensityData,
+    EnergyData,
+    get_entry,
+    load_dataset,
+)
+from node_engine.datasets.standardize import Standardization, split_indices
+from node_engine.errors import DatasetError
+
+__all__ = ["DATASETS", "ClassificationData", "Dataset", "DatasetEntry", "DatasetError", "DensityData",
+           "EnergyData", "Standardization", "get_entry", "load_dataset", "split_indices"]

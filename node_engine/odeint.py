@@ -1,0 +1,228 @@
+"""``odeint``: solve an initial value problem at given times (torchdiffeq-compatible signature).
+
+Method names, tolerances, options and the output layout follow torchdiffeq 0.2.5, so switching is
+one import; differences are documented in :func:`odeint`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .solvers import ADAPTIVE, DEFAULT_BETA, FIXED, METHODS
+from .solvers.adaptive import DEFAULT_MAX_NUM_STEPS, AdaptiveOptions, SolveInfo, StepRecord, integrate_adaptive
+from .solvers.controller import PIController
+from .solvers.fixed_grid import integrate_fixed, make_grid
+from .solvers.norms import ErrorNorm
+from .solvers.rk import RKStepper
+from .solvers.state import StateLayout, VectorField
+from .stats import SolverStats
+
+__all__ = ["odeint", "ADAPTIVE_OPTIONS", "FIXED_OPTIONS", "DEFAULT_MAX_NUM_STEPS"]
+
+ADAPTIVE_OPTIONS = ("first_step", "max_num_steps", "step_t", "jump_t", "safety", "ifactor", "dfactor", "beta")
+FIXED_OPTIONS = ("step_size", "grid")
+
+
+def check_method(method: str) -> None:
+    if not isinstance(method, str) or method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(sorted(METHODS))}")
+
+
+def check_options(method: str, options, allowed_extra: tuple[str, ...] = ()) -> dict:
+    """Validated copy of ``options``; unknown keys raise ValueError naming the valid ones."""
+    if options is None:
+        options = {}
+    if not isinstance(options, dict):
+        raise TypeError(f"options must be a dict, got {type(options).__name__}")
+    valid = (ADAPTIVE_OPTIONS if method in ADAPTIVE else FIXED_OPTIONS) + allowed_extra
+    bad = sorted(set(options) - set(valid))
+    if bad:
+        raise ValueError(
+            f"unknown option(s) {bad} for method {method!r}; valid options: {', '.join(valid)}"
+        )
+    if method in FIXED and options.get("step_size") is not None and options.get("grid") is not None:
+        raise ValueError("give either options['step_size'] or options['grid'], not both")
+    return dict(options)
+
+
+def check_t(t) -> tuple[list[float], torch.dtype]:
+    """t as a list of floats (strictly monotonic, finite), and the dtype ``func`` receives t in."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"t must be a 1-D torch.Tensor of times, got {type(t).__name__}")
+    if t.dim() != 1 or t.numel() < 1:
+        raise ValueError(f"t must be 1-D with at least one time, got shape {tuple(t.shape)}")
+    times = [float(x) for x in t.detach().cpu().double().tolist()]
+    if not all(math.isfinite(x) for x in times):
+        raise ValueError("t contains NaN or inf")
+    if len(times) > 1:
+        diffs = [b - a for a, b in zip(times[:-1], times[1:])]
+        if not (all(x > 0 for x in diffs) or all(x < 0 for x in diffs)):
+            raise ValueError("t must be strictly increasing or strictly decreasing (no repeats)")
+    return times, (t.dtype if t.is_floating_point() else torch.get_default_dtype())
+
+
+def flat_tolerance(tol, layout: StateLayout, name: str):
+    """rtol/atol as a float, or as an (N,) tensor of per-component tolerances."""
+
+    def one(x, shape):
+        if isinstance(x, torch.Tensor):
+            if (x < 0).any() or not torch.isfinite(x).all():
+                raise ValueError(f"{name} must be finite and >= 0")
+            try:
+                return torch.broadcast_to(x.to(layout.device, layout.dtype), shape).reshape(-1)
+            except RuntimeError:
+                raise ValueError(f"{name} of shape {tuple(x.shape)} does not broadcast to y's shape {shape}") from None
+        x = float(x)
+        if not (x >= 0 and math.isfinite(x)):
+            raise ValueError(f"{name} must be finite and >= 0, got {x}")
+        return x
+
+    if layout.is_tuple and isinstance(tol, (tuple, list)):
+        if len(tol) != len(layout.shapes):
+            raise ValueError(f"{name} as a tuple needs one entry per member of y0 ({len(layout.shapes)})")
+        parts = [one(x, s) for x, s in zip(tol, layout.shapes)]
+        if all(isinstance(p, float) for p in parts) and len(set(parts)) == 1:
+            return parts[0]
+        return torch.cat([
+            p if isinstance(p, torch.Tensor) else torch.full((n,), p, dtype=layout.dtype, device=layout.device)
+            for p, n in zip(parts, layout.sizes)
+        ])
+    if layout.is_tuple and isinstance(tol, torch.Tensor) and tol.numel() > 1:
+        raise ValueError(f"for a tuple y0 give {name} as a float or a tuple with one entry per member")
+    return one(tol, layout.shapes[0] if not layout.is_tuple else ())
+
+
+@dataclass
+class SolverConfig:
+    """Everything about a solve except the field and the initial state (shared with the adjoint)."""
+
+    method: str
+    rtol: object
+    atol: object
+    options: dict
+    segments: list[int] | None = None
+    used: list[bool] | None = None
+
+    def solve(self, vf, z0: torch.Tensor, times: list[float], info: SolveInfo,
+              record: StepRecord | None = None, grad: bool | None = None) -> torch.Tensor:
+        """(T, N) states at ``times`` of z' = vf(t, z), z(times[0]) = z0 (flat)."""
+        tab = METHODS[self.method]
+        if grad is None:
+            grad = torch.is_grad_enabled()
+        stepper = RKStepper(tab, vf.work_shape, z0.device, z0.dtype, reuse_buffer=not grad)
+        o = self.options
+        if self.method in FIXED:
+            grid = make_grid(times, o.get("step_size"), _floats(o.get("grid"), "grid"))
+            if o.get("step_size") is None and o.get("grid") is None:
+                raise ValueError(
+                    f"method {self.method!r} is fixed-step: pass options=dict(step_size=...) or dict(grid=...)"
+                )
+            return integrate_fixed(vf, z0, times, stepper, grid, info, record)
+        norm = ErrorNorm(self.rtol, self.atol, self.segments, self.used)
+        ctrl = PIController(
+            tab.error_order,
+            safety=float(o.get("safety", 0.9)),
+            ifactor=float(o.get("ifactor", 10.0)),
+            dfactor=float(o.get("dfactor", 0.2)),
+            beta=float(o.get("beta", DEFAULT_BETA[self.method])),
+        )
+        mns = o.get("max_num_steps", DEFAULT_MAX_NUM_STEPS)
+        if not (isinstance(mns, int) and mns > 0):
+            raise ValueError(f"options['max_num_steps'] must be a positive int, got {mns!r}")
+        fs = o.get("first_step")
+        if fs is not None and not (float(fs) != 0 and math.isfinite(float(fs))):
+            raise ValueError(f"options['first_step'] must be a nonzero finite number, got {fs}")
+        aopts = AdaptiveOptions(
+            first_step=fs, max_num_steps=mns,
+            step_t=tuple(_floats(o.get("step_t"), "step_t") or ()),
+            jump_t=tuple(_floats(o.get("jump_t"), "jump_t") or ()),
+        )
+        return integrate_adaptive(vf, z0, times, stepper, norm, ctrl, aopts, info, record)
+
+
+def _floats(x, name) -> list[float] | None:
+    if x is None:
+        return None
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().double().reshape(-1).tolist()
+    try:
+        return [float(v) for v in x]
+    except TypeError:
+        raise ValueError(f"options[{name!r}] must be a 1-D sequence or tensor of times") from None
+
+
+def make_config(method, rtol, atol, options, layout: StateLayout, allowed_extra=()) -> SolverConfig:
+    check_method(method)
+    opts = check_options(method, options, allowed_extra)
+    r = flat_tolerance(rtol, layout, "rtol")
+    a = flat_tolerance(atol, layout, "atol")
+    if method in ADAPTIVE and isinstance(r, float) and isinstance(a, float) and r == 0 and a == 0:
+        raise ValueError("rtol and atol cannot both be 0 for an adaptive method")
+    return SolverConfig(method, r, a, opts, segments=layout.member_segments())
+
+
+def add_info(stats: SolverStats | None, info: SolveInfo, nfe: int, *, backward: bool = False) -> None:
+    if stats is None:
+        return
+    if backward:
+        stats.nfe_backward += nfe
+    else:
+        stats.nfe_forward += nfe
+    stats.steps_accepted += info.accepted
+    stats.steps_rejected += info.rejected
+    if info.accepted:
+        stats.last_step_size = info.last_step
+
+
+def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method="dopri5", options=None,
+           stats: SolverStats | None = None):
+    """Solve dy/dt = func(t, y), y(t[0]) = y0, and return y at every time in ``t``.
+
+    Args:
+        func: callable ``func(t, y)``; t is a 0-d tensor (dtype of ``t``), y shaped like ``y0``;
+            returns dy/dt with y's shape and dtype (a tuple of such for a tuple ``y0``).
+        y0: initial state, a floating tensor of any shape ``(*S)``, or a tuple of tensors
+            (one dtype/device) as in torchdiffeq.
+        t: (T,) strictly increasing or strictly decreasing times (backwards integration works).
+        rtol, atol: relative/absolute tolerance; floats, or tensors broadcastable to ``y0``
+            (per component), or for a tuple ``y0`` a tuple with one entry per member. The step is
+            accepted when the RMS of err / (atol + rtol·max(|y_n|, |y_n+1|)) is <= 1 (a tuple
+            state takes the max over members of each member's RMS).
+        method: ``dopri5`` (default; None means it too, as in torchdiffeq), ``tsit5``, ``bosh3``, ``dopri8`` (adaptive) or ``euler``,
+            ``midpoint``, ``rk4`` (fixed grid; need ``step_size`` or ``grid``).
+        options: adaptive: ``first_step`` (default: Hairer's estimate), ``max_num_steps`` (trial
+            steps, default 100000), ``step_t`` (times to step on exactly), ``jump_t``
+            (discontinuities of func: stepped on, the field restarted on the far side), ``safety``
+            (0.9), ``ifactor`` (10), ``dfactor`` (0.2), ``beta`` (PI coefficient, default 0
+            = I controller; 0.04 = Hairer's dopri5.f PI controller). Fixed: ``step_size`` or ``grid`` (tensor of times covering t);
+            the grid always includes the times in ``t``.
+        stats: a :class:`SolverStats`; nfe_forward, steps and last step size are added to it.
+
+    Returns:
+        (T, *S) tensor with y0's dtype (tuple of such for tuple y0); ``out[0]`` is ``y0``. Outputs
+        between steps come from each method's dense output (its continuous extension); the
+        last step lands exactly on ``t[-1]``; the field is never evaluated outside [t0, t1].
+
+    Raises:
+        ValueError: bad ``t`` (not 1-D, not strictly monotonic), unknown method or option,
+            bad tolerances, func output of the wrong shape/dtype.
+        node_engine.errors.StepSizeUnderflowError, MaxNumStepsError, NonFiniteStateError.
+
+    Backpropagating through the result gives the exact gradient of the discrete solve (step
+    sizes are not differentiated); no gradient flows to ``t``. For O(1) memory use
+    :func:`node_engine.odeint_adjoint`.
+    """
+    layout = StateLayout(y0)
+    times, t_dtype = check_t(t)
+    cfg = make_config(method or "dopri5", rtol, atol, options, layout)
+    vf = VectorField(func, layout, t_dtype)
+    info = SolveInfo()
+    z0 = layout.flatten(y0)
+    try:
+        out = cfg.solve(vf, z0, times, info)
+    finally:
+        add_info(stats, info, vf.nfe)
+    return layout.unflatten(out)

@@ -1,0 +1,1 @@
+"""odeforge service: FastAPI job API, job and artifact stores, inference, CLI."""

@@ -1,0 +1,63 @@
+"""The FastAPI application factory.
+
+``create_app(settings)`` builds an app whose stores, broker publisher and model cache are created in
+its lifespan (schema created on start). ``uvicorn --factory service.app:create_app`` reads settings
+from the environment.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+from typing import AsyncIterator
+
+from fastapi import FastAPI, Request
+from starlette.responses import Response
+
+from service.container import Services
+from service.errors import install_handlers, problem_response
+from service.observability import ApiMetrics
+from service.routers import api_router
+from service.settings import Settings, get_settings
+
+API_DESCRIPTION = """Train Neural ODEs and continuous normalizing flows on request.
+
+POST a job (`/v1/jobs`), poll it, read its metrics and checkpoints, and query a trained CNF for
+log-densities and samples. Errors are `application/problem+json` (RFC 9457).
+"""
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """A configured app; ``settings`` defaults to the environment (``ODEFORGE_*``)."""
+    settings = settings or get_settings()
+    metrics_holder: dict[str, ApiMetrics] = {}
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        services = Services.build(settings)
+        services.metrics = metrics_holder.setdefault("m", services.metrics)
+        app.state.services = services
+        try:
+            yield
+        finally:
+            services.close()
+
+    app = FastAPI(title="odeforge", version="0.1.0", description=API_DESCRIPTION, lifespan=lifespan)
+    metrics_holder["m"] = ApiMetrics()
+    install_handlers(app)
+    app.include_router(api_router())
+
+    @app.middleware("http")
+    async def body_limit(request: Request, call_next):  # type: ignore[no-untyped-def]
+        # Refuse oversized bodies by their declared length before reading them.
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > settings.max_body_bytes:
+            return problem_response(request, 413, f"request body larger than {settings.max_body_bytes} bytes",
+                                    slug="body-too-large")
+        return await call_next(request)
+
+    app.middleware("http")(metrics_holder["m"].middleware)
+    return app
+
+
+logging.getLogger("odeforge").setLevel(logging.INFO)

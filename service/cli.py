@@ -1,0 +1,282 @@
+"""The ``odeforge`` command line.
+
+Run the service:
+  odeforge serve [--host H] [--port P] [--data-dir DIR]   embedded: API + worker + private broker, SQLite
+  odeforge api [--host H] [--port P]                       production API (ODEFORGE_* settings)
+  odeforge worker [--device cuda:0]                        production worker (one per device)
+Use it:
+  odeforge submit spec.json [--wait]    queue a job (and follow it with a progress bar)
+  odeforge status JOB_ID                print a job
+  odeforge demo                         the README's main job, start to finish
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import httpx
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+app = typer.Typer(help="odeforge: train Neural ODEs and CNFs on request.", no_args_is_help=True,
+                  add_completion=False)
+console = Console()
+
+DEFAULT_URL = os.environ.get("ODEFORGE_URL", "http://127.0.0.1:8000")
+UrlOpt = typer.Option(DEFAULT_URL, "--url", help="base URL of the API (env ODEFORGE_URL)")
+
+# The README's main job: a small FFJORD-style CNF on the two-moons data set.
+DEMO_SPEC: dict[str, Any] = {
+    "model": {"type": "cnf", "hidden_dims": [32, 32], "nonlinearity": "tanh"},
+    "dataset": {"name": "moons", "n_samples": 4000},
+    "solver": {"method": "dopri5", "rtol": 1e-4, "atol": 1e-4, "adjoint": True},
+    "training": {"iterations": 200, "batch_size": 256, "lr": 1e-2, "eval_every": 50, "checkpoint_every": 50},
+}
+
+
+# ---- running the service ------------------------------------------------------------------------
+@app.command()
+def serve(
+    host: str = typer.Option("127.0.0.1", help="interface to listen on"),
+    port: int = typer.Option(8000, help="TCP port of the API"),
+    data_dir: Path = typer.Option(Path("odeforge-data"), help="job store, artifacts and broker data"),
+) -> None:
+    """Embedded service: API, one worker and a private Redis broker; all data under DATA_DIR."""
+    from service.embedded import EmbeddedBroker, embedded_env, spawn, stop
+
+    data_dir = data_dir.resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    broker = EmbeddedBroker(data_dir)
+    broker.start()
+    os.environ.update(embedded_env(data_dir, broker.url))
+    worker = None
+    # uvicorn re-raises the SIGTERM/SIGINT it caught once it has shut down; turning that into
+    # SystemExit lets the `finally` below stop the worker and then the broker in order.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        worker = spawn([sys.executable, "-m", "service.cli", "worker"], dict(os.environ), data_dir / "worker.log")
+        console.print(f"[bold]odeforge[/] serving on http://{host}:{port}  (data: {data_dir}, worker log: "
+                      f"{data_dir / 'worker.log'})")
+        _run_api(host, port)
+    finally:
+        stop(worker)
+        broker.stop()
+
+
+def _run_api(host: str, port: int) -> None:
+    import uvicorn
+
+    from service.app import create_app
+    from service.settings import Settings
+
+    uvicorn.run(create_app(Settings()), host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
+
+
+@app.command()
+def api(
+    host: str = typer.Option("0.0.0.0", help="interface to listen on"),
+    port: int = typer.Option(8000, help="TCP port"),
+) -> None:
+    """The HTTP API alone (production: ODEFORGE_DATABASE_URL, ODEFORGE_BROKER_URL, ...)."""
+    _run_api(host, port)
+
+
+@app.command()
+def worker(
+    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda or cuda:N (default ODEFORGE_DEVICE)"),
+    queue: Optional[str] = typer.Option(None, help="queue to consume (default ODEFORGE_QUEUE)"),
+    name: Optional[str] = typer.Option(None, help="Celery node name"),
+    loglevel: str = typer.Option("INFO", help="log level"),
+) -> None:
+    """A training worker: one process, one job at a time (start one per GPU with --device cuda:N)."""
+    if device:
+        os.environ["ODEFORGE_DEVICE"] = device
+    if queue:
+        os.environ["ODEFORGE_QUEUE"] = queue
+    from service.settings import get_settings
+
+    get_settings.cache_clear()
+    settings = get_settings()
+    from worker.celery_app import celery_app
+
+    argv = ["worker", "--pool", "solo", "--concurrency", "1", "--queues", settings.queue, "--loglevel", loglevel,
+            "--without-gossip", "--without-mingle", "--hostname", name or f"odeforge-{settings.device}-{os.getpid()}@%h"]
+    celery_app.worker_main(argv)
+
+
+# ---- using the service --------------------------------------------------------------------------
+def _client(url: str) -> httpx.Client:
+    return httpx.Client(base_url=url, timeout=60.0)
+
+
+def _fail(resp: httpx.Response) -> None:
+    try:
+        body = resp.json()
+        msg = body.get("detail") or body
+    except ValueError:
+        msg = resp.text
+    console.print(f"[red]HTTP {resp.status_code}[/]: {msg}")
+    raise typer.Exit(1)
+
+
+def follow(client: httpx.Client, job_id: str, poll_s: float = 0.5) -> dict:
+    """Poll a job with a progress bar until it ends; returns the final job."""
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), TaskProgressColumn(),
+               TextColumn("{task.fields[info]}"), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task(f"job {job_id[:8]}", total=1.0, info="queued")
+        while True:
+            resp = client.get(f"/v1/jobs/{job_id}")
+            if resp.status_code != 200:
+                _fail(resp)
+            job = resp.json()
+            m = job["metrics"]
+            info = job["status"]
+            if "loss" in m:
+                info += f"  step {job['step']}/{job['total_steps']}  loss {m['loss']:.3f}"
+            if m.get("nfe_forward") is not None:
+                info += f"  NFE {m.get('nfe_forward')}/{m.get('nfe_backward')}"
+            progress.update(task, completed=job["progress"], info=info)
+            if job["status"] in ("succeeded", "failed", "cancelled"):
+                return job
+            time.sleep(poll_s)
+
+
+@app.command()
+def submit(
+    spec: Path = typer.Argument(..., exists=True, dir_okay=False, help="job spec (JSON)"),
+    wait: bool = typer.Option(False, "--wait", help="follow the job with a progress bar until it ends"),
+    idempotency_key: Optional[str] = typer.Option(None, help="Idempotency-Key header (safe retries)"),
+    url: str = UrlOpt,
+) -> None:
+    """Queue the job in SPEC; print its id (and with --wait its result)."""
+    body = json.loads(spec.read_text())
+    headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+    with _client(url) as client:
+        resp = client.post("/v1/jobs", json=body, headers=headers)
+        if resp.status_code != 202:
+            _fail(resp)
+        job = resp.json()
+        console.print(f"job [bold]{job['id']}[/] {job['status']}")
+        if wait:
+            job = follow(client, job["id"])
+            _print_job(job)
+            if job["status"] != "succeeded":
+                raise typer.Exit(1)
+
+
+_SHOWN_METRICS = ("num_parameters", "loss", "nfe_forward", "nfe_backward", "test_nll", "test_bits_per_dim",
+                  "test_accuracy", "elapsed_seconds")
+
+
+def _print_job(job: dict) -> None:
+    table = Table(title=f"job {job['id']}", show_header=False)
+    table.add_row("status", job["status"])
+    table.add_row("progress", f"{job['progress']:.0%} (step {job['step']}/{job['total_steps']})")
+    m = job["metrics"]
+    for k in _SHOWN_METRICS:
+        if m.get(k) is not None:
+            table.add_row(k, f"{m[k]:.5g}" if isinstance(m[k], float) else str(m[k]))
+    if job["error"]:
+        table.add_row("error", f"{job['error']['type']}: {job['error']['detail']}")
+    console.print(table)
+
+
+@app.command()
+def status(job_id: str, url: str = UrlOpt, as_json: bool = typer.Option(False, "--json", help="raw JSON")) -> None:
+    """Print a job's status, progress and latest metrics."""
+    with _client(url) as client:
+        resp = client.get(f"/v1/jobs/{job_id}")
+        if resp.status_code != 200:
+            _fail(resp)
+        if as_json:
+            console.print_json(resp.text)
+        else:
+            _print_job(resp.json())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@app.command()
+def demo(
+    data_dir: Path = typer.Option(Path("odeforge-data"), help="where the embedded service keeps its data"),
+    port: int = typer.Option(0, help="API port (0: a free one)"),
+    iterations: int = typer.Option(DEMO_SPEC["training"]["iterations"], help="training iterations"),
+) -> None:
+    """Start the embedded service, train a CNF on two moons, then query log-densities and samples."""
+    from service.embedded import spawn, stop
+
+    port = port or _free_port()
+    url = f"http://127.0.0.1:{port}"
+    data_dir = data_dir.resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    console.print(f"starting the embedded service on {url} (log: {data_dir / 'serve.log'})")
+    server = spawn([sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--data-dir", str(data_dir)],
+                   dict(os.environ), data_dir / "serve.log")
+    try:
+        with _client(url) as client:
+            _wait_ready(client, server)
+            spec = json.loads(json.dumps(DEMO_SPEC))
+            spec["training"]["iterations"] = iterations
+            console.print("submitting: " + json.dumps(spec))
+            resp = client.post("/v1/jobs", json=spec)
+            if resp.status_code != 202:
+                _fail(resp)
+            job = follow(client, resp.json()["id"])
+            _print_job(job)
+            if job["status"] != "succeeded":
+                raise typer.Exit(1)
+            points = [[0.0, 0.5], [1.0, -0.5], [-1.0, 0.5], [0.0, 0.0], [3.0, 3.0]]
+            resp = client.post(f"/v1/jobs/{job['id']}/log-density", json={"points": points})
+            if resp.status_code != 200:
+                _fail(resp)
+            dens = resp.json()
+            table = Table(title=f"log p(x) in nats (NFE {dens['nfe']})")
+            table.add_column("x")
+            table.add_column("log p(x)", justify="right")
+            for p, lp in zip(points, dens["log_density"]):
+                table.add_row(str(p), "-inf" if lp is None else f"{lp:.3f}")
+            console.print(table)
+            m = job["metrics"]
+            if "test_nll" in m:
+                console.print(f"test NLL: [bold]{m['test_nll']:.4f}[/] nats"
+                              + (f" ({m['test_bits_per_dim']:.4f} bits/dim)" if "test_bits_per_dim" in m else ""))
+            sample = client.post(f"/v1/jobs/{job['id']}/samples", json={"n": 3, "seed": 0}).json()
+            console.print(f"3 samples: {sample.get('samples')}")
+            console.print(f"plots: {url}/v1/jobs/{job['id']}/plots/training.png, .../density.png, .../samples.png "
+                          f"(while the service runs: odeforge serve --data-dir {data_dir})")
+    finally:
+        stop(server)
+
+
+def _wait_ready(client: httpx.Client, server: Any, timeout: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            console.print("[red]the service exited during start-up; see serve.log[/]")
+            raise typer.Exit(1)
+        try:
+            if client.get("/readyz").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.3)
+    console.print("[red]the service did not become ready[/]")
+    raise typer.Exit(1)
+
+
+if __name__ == "__main__":
+    app()

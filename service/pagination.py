@@ -1,0 +1,27 @@
+"""Opaque page tokens for keyset pagination (a cursor, not an offset: stable while rows are added)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+
+from service.errors import ProblemError
+
+
+def encode(kind: str, value: int) -> str:
+    return base64.urlsafe_b64encode(f"{kind}:{value}".encode()).decode().rstrip("=")
+
+
+def decode(kind: str, token: str | None) -> int | None:
+    """The integer cursor in ``token`` (None for no token); 422 problem for a malformed token."""
+    if token is None:
+        return None
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+        got_kind, value = raw.split(":", 1)
+        if got_kind != kind:
+            raise ValueError(kind)
+        return int(value)
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise ProblemError(422, "invalid-request", "page_token is not a token this endpoint returned",
+                           errors=[{"field": "page_token", "reason": "malformed or from another endpoint"}]) from None

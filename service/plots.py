@@ -1,0 +1,107 @@
+"""PNG figures of a job, drawn headless with matplotlib's Agg canvas (no pyplot state: thread-safe).
+
+- ``training``: loss, the test metric and NFE (forward and backward) against the training step — the
+  "NFE over training" figure of Chen et al. 2018 (Fig. 3d) / Grathwohl et al. 2019.
+- ``density``: heat map of p(x) = exp(log p(x)) on a grid over the data, training points on top (2-D).
+- ``samples``: samples of the model next to training points (2-D).
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any, Sequence
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+PLOTS = ("training", "density", "samples")
+
+
+def _png(fig: Figure) -> bytes:
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def training_png(history: Sequence[dict[str, Any]], title: str) -> bytes:
+    """Loss / test metric / NFE against step from the job's metric rows."""
+    fig = Figure(figsize=(12, 3.6))
+    axes = fig.subplots(1, 3)
+    def series(key: str) -> tuple[list[int], list[float]]:
+        pts = [(r["step"], r[key]) for r in history if isinstance(r.get(key), (int, float))]
+        return [p[0] for p in pts], [p[1] for p in pts]
+
+    axes[0].plot(*series("loss"), lw=1)
+    axes[0].set(xlabel="step", ylabel="training loss", title="loss")
+    for key in ("test_nll", "test_bits_per_dim", "test_accuracy"):
+        xs, ys = series(key)
+        if xs:
+            axes[1].plot(xs, ys, marker="o", ms=3, label=key)
+    axes[1].set(xlabel="step", title="test metric")
+    if axes[1].has_data():
+        axes[1].legend()
+    for key, label in (("nfe_forward", "NFE forward"), ("nfe_backward", "NFE backward")):
+        xs, ys = series(key)
+        if xs:
+            axes[2].plot(xs, ys, lw=1, label=label)
+    axes[2].set(xlabel="step", ylabel="function evaluations", title="NFE over training")
+    if axes[2].has_data():
+        axes[2].legend()
+    fig.suptitle(title)
+    return _png(fig)
+
+
+def _bounds(points: np.ndarray | None, fallback: np.ndarray) -> tuple[float, float, float, float]:
+    ref = points if points is not None and len(points) else fallback
+    lo, hi = np.percentile(ref, 0.5, axis=0), np.percentile(ref, 99.5, axis=0)
+    pad = 0.25 * (hi - lo) + 1e-3
+    return float(lo[0] - pad[0]), float(hi[0] + pad[0]), float(lo[1] - pad[1]), float(hi[1] + pad[1])
+
+
+def density_png(model: Any, train_points: np.ndarray | None, title: str, resolution: int = 80) -> bytes:
+    """Heat map of exp(log p) over the data's range. ``model``: a 2-D node_engine DensityModel."""
+    x0, x1, y0, y1 = _bounds(train_points, model.sample(2000, 0))
+    xs, ys = np.linspace(x0, x1, resolution), np.linspace(y0, y1, resolution)
+    gx, gy = np.meshgrid(xs, ys)
+    grid = np.stack([gx.ravel(), gy.ravel()], axis=1)
+    logp, _ = model.log_density(grid)
+    fig = Figure(figsize=(5.5, 5))
+    ax = fig.subplots()
+    ax.imshow(np.exp(logp).reshape(resolution, resolution), origin="lower", extent=(x0, x1, y0, y1),
+              cmap="viridis", aspect="auto")
+    if train_points is not None:
+        pts = train_points[:2000]
+        ax.scatter(pts[:, 0], pts[:, 1], s=1, c="white", alpha=0.35)
+    ax.set(title=title, xlabel="$x_1$", ylabel="$x_2$")
+    return _png(fig)
+
+
+def samples_png(model: Any, train_points: np.ndarray | None, title: str, n: int = 2000) -> bytes:
+    """Model samples (orange) beside training points (grey)."""
+    samples = model.sample(n, 0)
+    fig = Figure(figsize=(5.5, 5))
+    ax = fig.subplots()
+    if train_points is not None:
+        pts = train_points[:n]
+        ax.scatter(pts[:, 0], pts[:, 1], s=2, c="0.6", label="data")
+    ax.scatter(samples[:, 0], samples[:, 1], s=2, c="tab:orange", label="samples")
+    x0, x1, y0, y1 = _bounds(train_points, samples)
+    ax.set(xlim=(x0, x1), ylim=(y0, y1), title=title, xlabel="$x_1$", ylabel="$x_2$")
+    ax.legend(loc="upper right", markerscale=4)
+    return _png(fig)
+
+
+def training_points(spec: dict, upload_path: str | None = None) -> np.ndarray | None:
+    """Training points of a density job in original coordinates, or None (energy targets have none)."""
+    from node_engine.datasets import load_dataset
+
+    ds_spec = dict(spec["dataset"])
+    ds_spec["n_samples"] = min(int(ds_spec.get("n_samples", 2000)), 5000)
+    if upload_path is not None:
+        ds_spec["path"] = upload_path
+    data = load_dataset(ds_spec)
+    if getattr(data, "kind", None) != "density":
+        return None
+    return data.standardization.inverse(data.train.double().numpy())

@@ -1,0 +1,38 @@
+"""``/v1/jobs/{id}/checkpoints``: list and download safetensors checkpoints."""
+
+from __future__ import annotations
+
+import re
+
+from fastapi import APIRouter, Response
+
+from service.artifacts import checkpoint_prefix
+from service.deps import ArtifactsDep, JobDep
+from service.errors import ProblemError
+from service.routers.jobs import PROBLEMS
+from service.schemas import CheckpointInfo, CheckpointsPublic
+
+router = APIRouter(prefix="/jobs", tags=["checkpoints"])
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,100}\.safetensors$")
+
+
+@router.get("/{job_id}/checkpoints", response_model=CheckpointsPublic, responses=PROBLEMS)
+def list_checkpoints(job: JobDep, artifacts: ArtifactsDep) -> CheckpointsPublic:
+    """Checkpoints of a job (``step-000100.safetensors``, ..., ``final.safetensors``)."""
+    items = [
+        CheckpointInfo(name=name, size_bytes=size, url=f"/v1/jobs/{job.id}/checkpoints/{name}")
+        for name, size in artifacts.list(checkpoint_prefix(job.id))
+        if _NAME.match(name)
+    ]
+    return CheckpointsPublic(checkpoints=items)
+
+
+@router.get("/{job_id}/checkpoints/{name}", responses={**PROBLEMS, 200: {"content": {"application/octet-stream": {}}}})
+def download_checkpoint(job: JobDep, name: str, artifacts: ArtifactsDep) -> Response:
+    """The checkpoint file (safetensors: tensors + JSON metadata, loadable without pickle)."""
+    if not _NAME.match(name) or not artifacts.exists(f"{checkpoint_prefix(job.id)}/{name}"):
+        raise ProblemError(404, "checkpoint-not-found", f"job {job.id} has no checkpoint {name!r}")
+    data = artifacts.get(f"{checkpoint_prefix(job.id)}/{name}")
+    return Response(data, media_type="application/octet-stream",
+                    headers={"Content-Disposition": f'attachment; filename="{job.id}-{name}"'})

@@ -1,0 +1,139 @@
+"""Queries of trained models: ``log-density`` and ``samples`` (CNF, planar), ``predict`` (classifiers).
+
+These are sync routes, so FastAPI runs them in its threadpool: the event loop keeps serving other
+requests (``/healthz``) while a model integrates an ODE.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import contextmanager
+from typing import Iterator
+
+import numpy as np
+from fastapi import APIRouter
+
+from service.db import Job
+from service.deps import JobDep, MetricsDep, ModelsDep, SettingsDep
+from service.errors import ProblemError
+from service.inference import LoadedModel, ModelCache, NoCheckpoint
+from service.routers.jobs import PROBLEMS
+from service.schemas import (
+    CLASSIFIER_MODELS,
+    DENSITY_MODELS,
+    LogDensityRequest,
+    LogDensityResponse,
+    PredictRequest,
+    PredictResponse,
+    Problem,
+    SamplesRequest,
+    SamplesResponse,
+)
+
+router = APIRouter(prefix="/jobs", tags=["inference"])
+
+RESPONSES = {**PROBLEMS, 409: {"model": Problem, "description": "wrong model type or no checkpoint yet"}}
+
+
+def _model(job: Job, models: ModelCache, kinds: tuple[str, ...], what: str) -> LoadedModel:
+    from node_engine.errors import CheckpointError
+
+    if job.model_type not in kinds:
+        raise ProblemError(409, "wrong-model-type", f"{what} needs a {' or '.join(kinds)} job; job {job.id} trains "
+                           f"a {job.model_type!r} model")
+    try:
+        return models.get(job.id)
+    except NoCheckpoint:
+        raise ProblemError(409, "no-checkpoint", f"job {job.id} ({job.status}) has no checkpoint yet") from None
+    except CheckpointError as exc:
+        raise ProblemError(409, "checkpoint-invalid", f"job {job.id}'s checkpoint cannot be loaded: {exc}") from None
+
+
+@contextmanager
+def _solver_errors(field: str) -> Iterator[None]:
+    from node_engine.errors import ODEForgeError
+
+    try:
+        yield
+    except ODEForgeError as exc:
+        raise ProblemError(422, "evaluation-failed", f"{type(exc).__name__}: {exc}",
+                           errors=[{"field": field, "reason": f"{type(exc).__name__}: {exc}"}]) from None
+
+
+def _finite_or_none(values: np.ndarray) -> list[float | None]:
+    # JSON has no inf/NaN; -inf log-density (zero probability) is reported as null.
+    return [float(v) if math.isfinite(v) else None for v in values.tolist()]
+
+
+@router.post("/{job_id}/log-density", response_model=LogDensityResponse, responses=RESPONSES)
+def log_density(job: JobDep, body: LogDensityRequest, models: ModelsDep, settings: SettingsDep,
+                metrics: MetricsDep) -> LogDensityResponse:
+    """log p(x) in nats at ``points`` (N, D), in the data set's original coordinates.
+
+    Uses the job's newest checkpoint (also while it still trains). 409: not a density job or no
+    checkpoint; 422: wrong dimension, non-finite values, more than ``ODEFORGE_MAX_POINTS`` points.
+    """
+    if len(body.points) > settings.max_points:
+        raise ProblemError(422, "invalid-request", f"{len(body.points)} points; at most {settings.max_points}",
+                           errors=[{"field": "points", "reason": f"at most {settings.max_points} points per request"}])
+    entry = _model(job, models, DENSITY_MODELS, "log-density")
+    dim = int(entry.model.dim)
+    for i, p in enumerate(body.points):
+        if len(p) != dim:
+            raise ProblemError(422, "invalid-request", f"points[{i}] has {len(p)} coordinates; the model is {dim}-D",
+                               errors=[{"field": f"points[{i}]", "reason": f"expected {dim} coordinates, got {len(p)}"}])
+    x = np.asarray(body.points, dtype=np.float64)
+    start = time.perf_counter()
+    with _solver_errors("points"), entry.lock:
+        logp, nfe = entry.model.log_density(x)
+    metrics.inference_seconds.labels("log_density").observe(time.perf_counter() - start)
+    metrics.inference_points.labels("log_density").inc(len(x))
+    return LogDensityResponse(log_density=_finite_or_none(np.asarray(logp)), nfe=int(nfe), checkpoint=entry.checkpoint)
+
+
+@router.post("/{job_id}/samples", response_model=SamplesResponse, responses=RESPONSES)
+def samples(job: JobDep, body: SamplesRequest, models: ModelsDep, settings: SettingsDep,
+            metrics: MetricsDep) -> SamplesResponse:
+    """``n`` samples x ~ p (n, D) in original coordinates, reproducible for a given ``seed``."""
+    if body.n > settings.max_samples:
+        raise ProblemError(422, "invalid-request", f"n={body.n}; at most {settings.max_samples}",
+                           errors=[{"field": "n", "reason": f"at most {settings.max_samples} samples per request"}])
+    entry = _model(job, models, DENSITY_MODELS, "samples")
+    start = time.perf_counter()
+    with _solver_errors("n"), entry.lock:
+        x = np.asarray(entry.model.sample(body.n, body.seed), dtype=np.float64)
+    metrics.inference_seconds.labels("samples").observe(time.perf_counter() - start)
+    metrics.inference_points.labels("samples").inc(body.n)
+    if not np.isfinite(x).all():
+        raise ProblemError(422, "evaluation-failed", "the model produced non-finite samples",
+                           errors=[{"field": "seed", "reason": "non-finite samples"}])
+    return SamplesResponse(samples=x.tolist(), checkpoint=entry.checkpoint)
+
+
+@router.post("/{job_id}/predict", response_model=PredictResponse, responses=RESPONSES)
+def predict(job: JobDep, body: PredictRequest, models: ModelsDep, settings: SettingsDep,
+            metrics: MetricsDep) -> PredictResponse:
+    """Class probabilities (N, 10) for images ``inputs`` (N, C, H, W) or (N, H, W), raw pixel scale."""
+    if len(body.inputs) > settings.max_predict_inputs:
+        raise ProblemError(422, "invalid-request", f"{len(body.inputs)} inputs; at most {settings.max_predict_inputs}",
+                           errors=[{"field": "inputs", "reason": f"at most {settings.max_predict_inputs} inputs"}])
+    entry = _model(job, models, CLASSIFIER_MODELS, "predict")
+    shape = tuple(int(s) for s in entry.model.input_shape)
+    try:
+        x = np.asarray(body.inputs, dtype=np.float64)
+    except (ValueError, TypeError):
+        x = None
+    if x is None or x.shape[1:] not in (shape, shape[1:] if shape[0] == 1 else shape):
+        got = "ragged or non-numeric" if x is None else f"shape {x.shape}"
+        raise ProblemError(422, "invalid-request", f"inputs: expected N x {' x '.join(map(str, shape))}, got {got}",
+                           errors=[{"field": "inputs", "reason": f"expected N x {shape} (or N x H x W), got {got}"}])
+    if not np.isfinite(x).all():
+        raise ProblemError(422, "invalid-request", "inputs contain NaN or inf",
+                           errors=[{"field": "inputs", "reason": "non-finite values"}])
+    start = time.perf_counter()
+    with _solver_errors("inputs"), entry.lock:
+        probs = np.asarray(entry.model.predict(x))
+    metrics.inference_seconds.labels("predict").observe(time.perf_counter() - start)
+    metrics.inference_points.labels("predict").inc(len(x))
+    return PredictResponse(probabilities=probs.tolist(), checkpoint=entry.checkpoint)

@@ -1,0 +1,82 @@
+"""Configuration: one pydantic-settings class, read from ``ODEFORGE_*`` environment variables.
+
+Every process (API, worker, CLI) reads the same class, so an embedded ``odeforge serve`` and a
+production deployment differ only in environment variables. ``get_settings()`` is cached; tests
+build a ``Settings(...)`` directly and hand it to ``create_app`` / the worker's environment.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+class Settings(BaseSettings):
+    """All knobs of the service and workers (env prefix ``ODEFORGE_``, e.g. ``ODEFORGE_DATABASE_URL``)."""
+
+    model_config = SettingsConfigDict(env_prefix="ODEFORGE_", extra="ignore")
+
+    environment: Literal["development", "production"] = "development"
+    # Job store (SQLAlchemy URL). SQLite by default; PostgreSQL in production.
+    database_url: str = "sqlite:///odeforge-data/jobs.db"
+    # Celery broker. Redis in production; `odeforge serve` points this at its own redis-server socket.
+    broker_url: str = "redis://127.0.0.1:6379/0"
+    # Queue the API publishes to and the workers consume (one name per deployment).
+    queue: str = "odeforge"
+    # Local artifact store root (checkpoints, uploaded data sets).
+    artifact_dir: Path = Path("odeforge-data/artifacts")
+    # Worker device: auto picks cuda when available, else cpu.
+    device: str = "auto"
+
+    # Longest job we plan for; the broker's visibility timeout is set above it so an unacked
+    # long job is never handed to a second worker while the first one still trains it.
+    max_job_seconds: int = Field(7 * 24 * 3600, ge=60)
+    # How long the API waits for the broker before answering 503.
+    broker_timeout_s: float = Field(3.0, gt=0, le=60)
+
+    # Request limits.
+    max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
+    max_points: int = Field(10_000, ge=1)
+    max_samples: int = Field(10_000, ge=1)
+    max_predict_inputs: int = Field(256, ge=1)
+    max_upload_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    page_limit_default: int = Field(50, ge=1)
+    page_limit_max: int = Field(500, ge=1)
+
+    # Inference: how many loaded checkpoints the API keeps in memory (LRU).
+    inference_cache_size: int = Field(8, ge=1, le=1024)
+
+    # Worker: how often (seconds) the training loop re-reads the job row for a cancel request.
+    cancel_poll_s: float = Field(0.5, ge=0.0, le=60)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not _DEVICE.match(v):
+            raise ValueError("device must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
+        return v
+
+    @model_validator(mode="after")
+    def _production_is_not_sqlite(self) -> "Settings":
+        # SQLite is the embedded default; several API/worker hosts need a real database server.
+        if self.environment == "production" and self.database_url.startswith("sqlite"):
+            raise ValueError("ODEFORGE_DATABASE_URL must be a server database (PostgreSQL) in production")
+        return self
+
+    @property
+    def visibility_timeout(self) -> int:
+        """Broker visibility timeout in seconds (longer than the longest job)."""
+        return self.max_job_seconds + 3600
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process-wide settings, read once from the environment."""
+    return Settings()

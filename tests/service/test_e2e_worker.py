@@ -1,0 +1,186 @@
+"""End to end with real processes: the API (in-process), a real Celery worker subprocess
+(`odeforge worker`), the real Redis broker, and the real PostgreSQL (or SQLite) job store.
+
+Right values come from outside the code under test: a trained CNF is a normalized density, so
+exp(log p) integrates to 1 over the plane (trapezoid rule on a grid); its samples' mean must match
+the mean of that density computed by the same quadrature (sampling and log-density are different
+ODE solves); bits/dim = NLL / (D ln 2); checkpoints are read back with the safetensors library.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from tests.conftest import wait_for_job
+
+pytestmark = pytest.mark.slow
+
+TINY_CNF = {
+    "model": {"type": "cnf", "hidden_dims": [8, 8]},
+    "dataset": {"name": "moons", "n_samples": 256},
+    "solver": {"rtol": 1e-5, "atol": 1e-5},
+    "training": {"iterations": 5, "batch_size": 64, "eval_every": 5, "checkpoint_every": 2, "lr": 1e-2},
+}
+
+
+def _grid(samples: np.ndarray, n: int = 121) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    mean, std = samples.mean(0), samples.std(0)
+    xs = np.linspace(mean[0] - 8 * std[0], mean[0] + 8 * std[0], n)
+    ys = np.linspace(mean[1] - 8 * std[1], mean[1] + 8 * std[1], n)
+    gx, gy = np.meshgrid(xs, ys, indexing="ij")
+    return xs, ys, np.stack([gx.ravel(), gy.ravel()], axis=1)
+
+
+def _log_density(client, job_id: str, points: np.ndarray) -> np.ndarray:
+    out = []
+    for start in range(0, len(points), 5000):
+        resp = client.post(f"/v1/jobs/{job_id}/log-density", json={"points": points[start:start + 5000].tolist()})
+        assert resp.status_code == 200, resp.text
+        body = resp.json()
+        assert body["nfe"] > 0 and body["checkpoint"] == "final.safetensors"
+        out += [-math.inf if v is None else v for v in body["log_density"]]
+    return np.asarray(out)
+
+
+def test_cnf_trains_on_a_real_worker_then_answers_queries_and_a_failing_solve_is_recorded(
+    make_settings, pg_url, start_worker
+):
+    settings = make_settings(database_url=pg_url)
+    with TestClient(create_app(settings)) as client:
+        # A solve that cannot finish in 2 steps fails with the solver's named error ...
+        bad_spec = {**TINY_CNF, "solver": {"rtol": 1e-9, "atol": 1e-9, "max_num_steps": 2}}
+        bad = client.post("/v1/jobs", json=bad_spec).json()["id"]
+        good = client.post("/v1/jobs", json=TINY_CNF).json()["id"]
+        classifier = client.post("/v1/jobs", json={
+            "model": {"type": "mlp", "hidden": 16}, "dataset": {"name": "digits", "n_samples": 300},
+            "training": {"iterations": 3, "batch_size": 32, "eval_every": 3, "checkpoint_every": 3}}).json()["id"]
+        worker = start_worker(settings)
+
+        failed = wait_for_job(client, bad, ("failed",), timeout=120)
+        assert failed["error"]["type"] == "MaxNumStepsError", failed
+        assert failed["error"]["detail"] and failed["finished_at"] is not None
+        # ... and the worker goes on to the next job.
+        job = wait_for_job(client, good, ("succeeded",), timeout=180)
+        assert worker.poll() is None
+
+        assert job["progress"] == 1.0 and job["step"] == job["total_steps"] == 5
+        assert job["started_at"] <= job["finished_at"]
+        m = job["metrics"]
+        assert m["num_parameters"] > 0 and math.isfinite(m["test_nll"])
+        assert m["test_bits_per_dim"] == pytest.approx(m["test_nll"] / (2 * math.log(2)), rel=1e-9)
+
+        history = client.get(f"/v1/jobs/{good}/metrics").json()["history"]
+        assert [r["step"] for r in history] == [1, 2, 3, 4, 5]
+        assert all(r["nfe_forward"] > 0 and r["nfe_backward"] > 0 and math.isfinite(r["loss"]) for r in history)
+        assert "test_nll" in history[-1] and "test_nll" not in history[0]
+        assert client.get(f"/v1/jobs/{good}/metrics", params={"since_step": 3}).json()["history"] == history[3:]
+
+        names = [c["name"] for c in client.get(f"/v1/jobs/{good}/checkpoints").json()["checkpoints"]]
+        assert names == ["final.safetensors", "step-000002.safetensors", "step-000004.safetensors"]
+        from safetensors.numpy import load
+
+        tensors = load(client.get(f"/v1/jobs/{good}/checkpoints/final.safetensors").content)
+        assert tensors and all(np.isfinite(t).all() for t in tensors.values())
+
+        samples = np.asarray(client.post(f"/v1/jobs/{good}/samples", json={"n": 2000, "seed": 1}).json()["samples"])
+        assert samples.shape == (2000, 2) and np.isfinite(samples).all()
+        again = client.post(f"/v1/jobs/{good}/samples", json={"n": 2000, "seed": 1}).json()["samples"]
+        assert np.array_equal(samples, np.asarray(again))
+
+        xs, ys, grid = _grid(samples)
+        density = np.exp(_log_density(client, good, grid)).reshape(len(xs), len(ys))
+        total = np.trapezoid(np.trapezoid(density, ys, axis=1), xs)
+        assert total == pytest.approx(1.0, abs=0.02)
+        mean = [np.trapezoid(np.trapezoid(density * w, ys, axis=1), xs) / total
+                for w in (grid[:, 0].reshape(density.shape), grid[:, 1].reshape(density.shape))]
+        stderr = samples.std(0) / math.sqrt(len(samples))
+        np.testing.assert_array_less(np.abs(samples.mean(0) - mean), 5 * stderr)
+
+        bad_dim = client.post(f"/v1/jobs/{good}/log-density", json={"points": [[0.0, 0.0, 0.0]]})
+        assert bad_dim.status_code == 422 and bad_dim.json()["errors"][0]["field"] == "points[0]"
+        assert client.post(f"/v1/jobs/{good}/predict", json={"inputs": [[[0.0]]]}).status_code == 409
+
+        # Every query above used one checkpoint, loaded once into the API's cache.
+        cache = client.app.state.services.models
+        assert cache.misses == 1 and cache.hits >= 4 and len(cache) == 1
+
+        # A classifier answers `predict` with a probability row per image (sklearn's digits, 8 x 8).
+        from sklearn.datasets import load_digits
+
+        wait_for_job(client, classifier, ("succeeded",), timeout=120)
+        images = load_digits().images[:5]
+        for inputs in (images, images[:, None]):  # N x H x W and N x C x H x W
+            resp = client.post(f"/v1/jobs/{classifier}/predict", json={"inputs": inputs.tolist()})
+            assert resp.status_code == 200, resp.text
+            probs = np.asarray(resp.json()["probabilities"])
+            assert probs.shape == (5, 10) and (probs >= 0).all()
+            np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
+        wrong = client.post(f"/v1/jobs/{classifier}/predict", json={"inputs": np.zeros((2, 7, 7)).tolist()})
+        assert wrong.status_code == 422 and wrong.json()["errors"][0]["field"] == "inputs"
+        assert client.post(f"/v1/jobs/{classifier}/log-density", json={"points": [[0.0, 0.0]]}).status_code == 409
+
+        import matplotlib.image
+
+        for name in ("training", "density", "samples"):
+            resp = client.get(f"/v1/jobs/{good}/plots/{name}.png")
+            assert resp.status_code == 200 and resp.headers["content-type"] == "image/png"
+            image = matplotlib.image.imread(io.BytesIO(resp.content), format="png")
+            assert image.shape[0] > 100 and image.shape[1] > 100 and image.std() > 0.01
+
+
+def test_cancel_a_running_and_a_queued_job(make_settings, start_worker):
+    settings = make_settings()  # SQLite job store shared by API and worker
+    with TestClient(create_app(settings)) as client:
+        long_spec = {**TINY_CNF, "training": {**TINY_CNF["training"], "iterations": 100_000, "eval_every": 100_000,
+                                              "checkpoint_every": 3}}
+        running = client.post("/v1/jobs", json=long_spec).json()["id"]
+        start_worker(settings)
+        wait_for_job(client, running, ("running",), timeout=120, pred=lambda j: j["step"] >= 4)
+        queued = client.post("/v1/jobs", json=TINY_CNF).json()["id"]
+
+        resp = client.post(f"/v1/jobs/{queued}/cancel")
+        assert resp.status_code == 200 and resp.json()["status"] == "cancelled"
+        resp = client.post(f"/v1/jobs/{running}/cancel")
+        assert resp.status_code == 202
+
+        job = wait_for_job(client, running, ("cancelled",), timeout=60)
+        assert 4 <= job["step"] < 100 and job["error"] is None and job["finished_at"] is not None
+        steps = [r["step"] for r in client.get(f"/v1/jobs/{running}/metrics", params={"limit": 10_000}).json()["history"]]
+        assert steps == list(range(1, job["step"] + 1))
+        assert client.get(f"/v1/jobs/{running}/checkpoints").json()["checkpoints"]
+
+        # The cancelled queued job is never started by the worker that later receives it.
+        follow_up = client.post("/v1/jobs", json=TINY_CNF).json()["id"]
+        wait_for_job(client, follow_up, ("succeeded",), timeout=120)
+        job = client.get(f"/v1/jobs/{queued}").json()
+        assert job["status"] == "cancelled" and job["started_at"] is None and job["step"] == 0
+
+
+def test_sigterm_requeues_the_running_job_which_resumes_on_the_next_worker(make_settings, start_worker):
+    settings = make_settings()
+    with TestClient(create_app(settings)) as client:
+        spec = {**TINY_CNF, "training": {**TINY_CNF["training"], "iterations": 14, "eval_every": 14,
+                                         "checkpoint_every": 5}}
+        job_id = client.post("/v1/jobs", json=spec).json()["id"]
+        first = start_worker(settings)
+        wait_for_job(client, job_id, ("running",), timeout=120, pred=lambda j: j["step"] >= 2)
+        first.terminate()  # SIGTERM: warm shutdown
+        first.wait(60)
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        assert job["status"] == "queued" and 2 <= job["step"] < 14, job
+        stopped_at = job["step"]
+        names = [c["name"] for c in client.get(f"/v1/jobs/{job_id}/checkpoints").json()["checkpoints"]]
+        assert f"step-{stopped_at:06d}.safetensors" in names  # checkpointed where it stopped
+
+        second = start_worker(settings)
+        job = wait_for_job(client, job_id, ("succeeded",), timeout=180)
+        assert job["step"] == 14
+        history = client.get(f"/v1/jobs/{job_id}/metrics").json()["history"]
+        assert [r["step"] for r in history] == list(range(1, 15))  # no gap, no duplicate at the resume
+        assert f"resuming from step-{stopped_at:06d}.safetensors" in second.log_path.read_text()

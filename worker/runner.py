@@ -1,0 +1,201 @@
+"""Run one training job: job store -> node_engine trainer -> job store + artifact store.
+
+``run_job`` is what the Celery task calls; it is idempotent per job id: a finished or cancelled job
+is skipped, a redelivered job resumes from its newest checkpoint (its metric rows past that step are
+dropped first, so the history has neither gaps nor duplicated steps), and every write is fenced by
+the token ``claim`` returned.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+from service.artifacts import ArtifactStore, LocalArtifactStore, checkpoint_prefix, latest_checkpoint
+from service.db import Job, init_db, make_engine, make_sessionmaker
+from service.settings import Settings, get_settings
+from service.store import JobStore
+
+log = logging.getLogger("odeforge.worker")
+
+FLUSH_SECONDS = 1.0  # metric rows are written in batches at most this far apart
+FLUSH_ROWS = 200
+
+# Set when this worker process is asked to shut down (SIGTERM): the running job stops at its next
+# step, saves a checkpoint and goes back to the queue instead of being lost or run to its end.
+_shutdown = threading.Event()
+
+
+def request_shutdown() -> None:
+    _shutdown.set()
+
+
+@dataclass
+class WorkerContext:
+    settings: Settings
+    store: JobStore
+    artifacts: ArtifactStore
+
+    @property
+    def device(self) -> str:
+        if self.settings.device != "auto":
+            return self.settings.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@lru_cache
+def worker_context() -> WorkerContext:
+    """Stores of this worker process, built once from the environment (schema created on start)."""
+    settings = get_settings()
+    engine = make_engine(settings.database_url)
+    init_db(engine)
+    return WorkerContext(settings, JobStore(make_sessionmaker(engine)), LocalArtifactStore(settings.artifact_dir))
+
+
+def _jsonable(value: Any) -> Any:
+    """Python scalars for the JSON columns: tensors/numpy -> float/int, NaN/inf -> None."""
+    if hasattr(value, "item") and getattr(value, "ndim", 0) == 0:
+        value = value.item()
+    if isinstance(value, bool) or value is None or isinstance(value, (int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    try:
+        return _jsonable(float(value))
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def _make_callbacks(ctx: WorkerContext, job: Job, token: int, trainer: Any) -> Any:
+    from node_engine.training import TrainingCallbacks
+
+    class JobCallbacks(TrainingCallbacks):
+        """Streams step records and eval results into the job store, checkpoints into the artifact store."""
+
+        def __init__(self) -> None:
+            self.pending: dict[int, dict] = {}
+            self.latest: dict[str, Any] = {"num_parameters": int(trainer.num_parameters)}
+            self.last_flush = self.last_poll = time.monotonic()
+            self.stop = False  # cancel requested or claim lost: the trainer stops before its next step
+            self.lost = False  # another claim superseded ours: write nothing more
+            self.interrupted = False  # this worker is shutting down
+
+        def on_step(self, record: dict) -> None:
+            row = _jsonable(dict(record))
+            self.pending.setdefault(int(row["step"]), {}).update(row)
+            self.latest.update({k: v for k, v in row.items() if k != "wall_seconds"})
+            if time.monotonic() - self.last_flush > FLUSH_SECONDS or len(self.pending) >= FLUSH_ROWS:
+                self.flush()
+
+        def on_eval(self, metrics: dict) -> None:
+            row = _jsonable(dict(metrics))
+            # Evaluation NFE is kept apart from the training step's NFE at the same step.
+            row = {("eval_" + k if k.startswith("nfe") else k): v for k, v in row.items()}
+            self.pending.setdefault(int(row["step"]), {}).update(row)
+            self.latest.update({k: v for k, v in row.items() if k != "step"})
+            self.flush()
+
+        def on_checkpoint(self, name: str, data: bytes) -> None:
+            self.flush()  # the history must reach the checkpoint's step before the checkpoint exists
+            if not self.lost:  # a cancelled job keeps its last checkpoint; a superseded one writes nothing
+                ctx.artifacts.put(f"{checkpoint_prefix(job.id)}/{name}", data)
+
+        def should_stop(self) -> bool:
+            if _shutdown.is_set():
+                self.stop = self.interrupted = True
+            if not self.stop and time.monotonic() - self.last_poll >= ctx.settings.cancel_poll_s:
+                self.last_poll = time.monotonic()
+                self.stop = ctx.store.should_stop(job, token)
+            return self.stop
+
+        def flush(self) -> None:
+            rows = [{**values, "step": step} for step, values in sorted(self.pending.items())]
+            self.pending.clear()
+            self.last_flush = time.monotonic()
+            ok = ctx.store.record(job, token, rows, step=int(trainer.step), total_steps=int(trainer.total_steps),
+                                  latest=self.latest)
+            if not ok:
+                self.stop = self.lost = True
+
+    return JobCallbacks()
+
+
+def _engine_spec(job: Job, ctx: WorkerContext, stack: ExitStack) -> dict:
+    spec = {k: dict(v) for k, v in job.spec.items()}
+    spec["dataset"].setdefault("path", None)
+    if spec["dataset"]["name"] == "upload":
+        key = f"datasets/{spec['dataset']['id']}.npy"
+        spec["dataset"]["path"] = str(stack.enter_context(ctx.artifacts.local_path(key)))
+    return spec
+
+
+def run_job(job_id: str, ctx: WorkerContext | None = None) -> str:
+    """Train job ``job_id`` to its end.
+
+    Returns the status written: succeeded, failed, cancelled, ``requeued`` (the worker is shutting
+    down; the job is queued again and resumes from its checkpoint), ``skipped`` (not claimable) or
+    ``superseded`` (another claim took the job over).
+    """
+    ctx = ctx or worker_context()
+    claimed = ctx.store.claim(job_id)
+    if claimed is None:
+        log.info("job %s: not claimable (finished, cancelled or unknown); skipped", job_id)
+        return "skipped"
+    job, token = claimed
+    log.info("job %s: claimed (attempt %d, token %d)", job_id, job.attempts, token)
+    callbacks = None
+    try:
+        from node_engine.training import Trainer, build_trainer
+
+        with ExitStack() as stack:
+            spec = _engine_spec(job, ctx, stack)
+            resume = latest_checkpoint(ctx.artifacts, job.id)
+            if resume is not None:
+                data = ctx.artifacts.get(f"{checkpoint_prefix(job.id)}/{resume}")
+                trainer = Trainer.from_checkpoint(data, device=ctx.device)
+                ctx.store.truncate_metrics_after(job, token, int(trainer.step))
+                log.info("job %s: resuming from %s at step %d", job_id, resume, trainer.step)
+            else:
+                trainer = build_trainer(spec, device=ctx.device)
+            callbacks = _make_callbacks(ctx, job, token, trainer)
+            final = trainer.run(callbacks)
+        callbacks.flush()
+        # The final summary adds what the step records lacked; its "status" is the trainer's own word.
+        final = _jsonable(dict(final or {}))
+        stopped_early = final.pop("status", None) == "cancelled" or int(trainer.step) < int(trainer.total_steps)
+        latest = {**final, **callbacks.latest}
+        if callbacks.lost:
+            status = "superseded"
+        elif stopped_early and ctx.store.should_stop(job, token):  # cancel requested
+            status = "cancelled" if ctx.store.finish(job, token, "cancelled", latest=latest) else "superseded"
+        elif stopped_early and callbacks.interrupted:
+            status = "requeued" if ctx.store.release(job, token) else "superseded"
+        else:
+            status = "succeeded" if ctx.store.finish(job, token, "succeeded", latest=latest) else "superseded"
+    except Exception as exc:  # solver, data, checkpoint or programming error: the job fails, the worker goes on
+        from node_engine.errors import ODEForgeError
+
+        if not isinstance(exc, ODEForgeError):
+            log.exception("job %s: unexpected error", job_id)
+        latest = callbacks.latest if callbacks is not None else None
+        if callbacks is not None:
+            try:
+                callbacks.flush()
+            except Exception:
+                log.exception("job %s: could not write the last metric rows", job_id)
+        ok = ctx.store.finish(job, token, "failed", latest=latest, error=(type(exc).__name__, str(exc)))
+        status = "failed" if ok else "superseded"
+    log.info("job %s: %s", job_id, status)
+    return status

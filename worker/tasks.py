@@ -1,0 +1,32 @@
+"""Celery tasks. Thin: the job id is the whole message; the job store holds everything else."""
+
+from __future__ import annotations
+
+from celery.exceptions import Reject
+from celery.signals import worker_ready, worker_shutting_down
+
+from worker.celery_app import TRAIN_TASK, celery_app
+from worker.runner import request_shutdown, run_job, worker_context
+
+
+@celery_app.task(name=TRAIN_TASK, acks_late=True, ignore_result=True)
+def train(job_id: str) -> str:
+    """Train job ``job_id`` (see :func:`worker.runner.run_job`); returns its final status.
+
+    When the worker shuts down mid-job, the job has been checkpointed and set back to queued; the
+    message is rejected with requeue so the next worker picks it up and resumes.
+    """
+    status = run_job(job_id)
+    if status == "requeued":
+        raise Reject(f"worker shutting down; job {job_id} requeued", requeue=True)
+    return status
+
+
+@worker_ready.connect
+def _open_stores(**_: object) -> None:
+    worker_context()  # create the schema and connect before the first job arrives
+
+
+@worker_shutting_down.connect
+def _stop_training(**_: object) -> None:
+    request_shutdown()
