@@ -25,11 +25,10 @@ import torch
 from torch import nn
 
 from .odeint import SolverConfig, add_info, check_t, make_config
-from .solvers import ADAPTIVE
 from .solvers.adaptive import SolveInfo, StepRecord
 from .solvers.rk import RKStepper
-from .solvers.state import StateLayout, VectorField
 from .solvers import METHODS
+from .solvers.state import StateLayout, VectorField
 from .stats import SolverStats
 
 __all__ = ["odeint_adjoint"]
@@ -80,10 +79,6 @@ class _Run:
         self.params = params
         self.stats = stats
         self.record: StepRecord | None = None
-
-
-def _flat_params_grad(grads, params, dtype, device):
-    return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
 
 
 class _OdeintAdjoint(torch.autograd.Function):
@@ -277,6 +272,15 @@ def odeint_adjoint(
         raise ValueError("adjoint_method is not used in checkpoint mode (the backward replays the forward steps)")
     run = _Run(func, layout, times, t_dtype, cfg, adj_cfg, adjoint_mode, params, stats)
     z0 = layout.flatten(y0)
+    if not (torch.is_grad_enabled() and (z0.requires_grad or params or t.requires_grad)):
+        # nothing to differentiate (e.g. evaluation): a plain solve, no checkpoints kept
+        vf = VectorField(func, layout, t_dtype)
+        info = SolveInfo()
+        try:
+            out = cfg.solve(vf, z0, times, info, grad=False)
+        finally:
+            add_info(stats, info, vf.nfe)
+        return layout.unflatten(out)
     out = _OdeintAdjoint.apply(run, t, z0, *params)
     return layout.unflatten(out)
 

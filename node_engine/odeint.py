@@ -183,7 +183,9 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method="dopri5", options=None,
 
     Args:
         func: callable ``func(t, y)``; t is a 0-d tensor (dtype of ``t``), y shaped like ``y0``;
-            returns dy/dt with y's shape and dtype (a tuple of such for a tuple ``y0``).
+            returns dy/dt with y's shape and dtype (a tuple of such for a tuple ``y0``). Without
+            autograd, y may be a view of a solver buffer: func must not modify it in place or
+            keep it past the call.
         y0: initial state, a floating tensor of any shape ``(*S)``, or a tuple of tensors
             (one dtype/device) as in torchdiffeq.
         t: (T,) strictly increasing or strictly decreasing times (backwards integration works).

@@ -30,12 +30,11 @@ log-densities and samples. Errors are `application/problem+json` (RFC 9457).
 def create_app(settings: Settings | None = None) -> FastAPI:
     """A configured app; ``settings`` defaults to the environment (``ODEFORGE_*``)."""
     settings = settings or get_settings()
-    metrics_holder: dict[str, ApiMetrics] = {}
+    metrics = ApiMetrics()  # built with the app: the middleware needs it before the lifespan runs
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        services = Services.build(settings)
-        services.metrics = metrics_holder.setdefault("m", services.metrics)
+        services = Services.build(settings, metrics)
         app.state.services = services
         try:
             yield
@@ -43,7 +42,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             services.close()
 
     app = FastAPI(title="odeforge", version="0.1.0", description=API_DESCRIPTION, lifespan=lifespan)
-    metrics_holder["m"] = ApiMetrics()
     install_handlers(app)
     app.include_router(api_router())
 
@@ -56,7 +54,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                     slug="body-too-large")
         return await call_next(request)
 
-    app.middleware("http")(metrics_holder["m"].middleware)
+    app.middleware("http")(metrics.middleware)
     return app
 
 

@@ -26,19 +26,19 @@ class Services:
     metrics: ApiMetrics
 
     @classmethod
-    def build(cls, settings: Settings) -> "Services":
+    def build(cls, settings: Settings, metrics: ApiMetrics) -> "Services":
         engine = make_engine(settings.database_url)
         init_db(engine)
         artifacts = LocalArtifactStore(settings.artifact_dir)
         return cls(
             settings=settings,
             engine=engine,
-            store=JobStore(make_sessionmaker(engine)),
+            store=JobStore(make_sessionmaker(engine), lease_s=settings.lease_s),
             artifacts=artifacts,
             broker=Broker(settings),
             # The API answers queries on CPU; GPUs belong to the workers.
             models=ModelCache(artifacts, settings.inference_cache_size, device="cpu"),
-            metrics=ApiMetrics(),
+            metrics=metrics,
         )
 
     def close(self) -> None:

@@ -85,6 +85,8 @@ class Job(Base):
     # on it, so a stale worker (one whose claim was superseded) cannot overwrite a newer one.
     token: Mapped[int] = mapped_column(Integer, default=0)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # Renewed by every worker write; a running job whose lease has expired has lost its worker.
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True, index=True)
     owner: Mapped[str | None] = mapped_column(String(128), nullable=True, index=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)

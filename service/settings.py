@@ -42,7 +42,7 @@ class Settings(BaseSettings):
     broker_timeout_s: float = Field(3.0, gt=0, le=60)
 
     # Request limits.
-    max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
+    max_body_bytes: int = Field(80 * 1024 * 1024, ge=1024)  # above max_upload_bytes (multipart overhead)
     max_points: int = Field(10_000, ge=1)
     max_samples: int = Field(10_000, ge=1)
     max_predict_inputs: int = Field(256, ge=1)
@@ -53,6 +53,8 @@ class Settings(BaseSettings):
     # Inference: how many loaded checkpoints the API keeps in memory (LRU).
     inference_cache_size: int = Field(8, ge=1, le=1024)
 
+    # Worker lease: a claim is valid this long and renewed with each progress write (seconds).
+    lease_s: float = Field(600.0, ge=5.0, le=86_400.0)
     # Worker: how often (seconds) the training loop re-reads the job row for a cancel request.
     cancel_poll_s: float = Field(0.5, ge=0.0, le=60)
 
@@ -68,6 +70,12 @@ class Settings(BaseSettings):
         # SQLite is the embedded default; several API/worker hosts need a real database server.
         if self.environment == "production" and self.database_url.startswith("sqlite"):
             raise ValueError("ODEFORGE_DATABASE_URL must be a server database (PostgreSQL) in production")
+        return self
+
+    @model_validator(mode="after")
+    def _body_fits_upload(self) -> "Settings":
+        if self.max_body_bytes < self.max_upload_bytes:
+            raise ValueError("ODEFORGE_MAX_BODY_BYTES must be at least ODEFORGE_MAX_UPLOAD_BYTES")
         return self
 
     @property

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, Iterable
 
 from sqlalchemy import delete, func, select, update
@@ -35,8 +36,9 @@ class CancelResult:
 class JobStore:
     """Job rows, metrics rows and uploaded-dataset rows behind one small API (thread-safe)."""
 
-    def __init__(self, sessions: sessionmaker):
+    def __init__(self, sessions: sessionmaker, *, lease_s: float = 600.0):
         self._sessions = sessions
+        self.lease = timedelta(seconds=lease_s)
 
     # ---- jobs: API side -------------------------------------------------------------------------
     def create_job(
@@ -161,6 +163,7 @@ class JobStore:
                     attempts=Job.attempts + 1,
                     started_at=func.coalesce(Job.started_at, now),
                     updated_at=now,
+                    lease_expires_at=now + self.lease,
                 )
                 .returning(Job.token)
             )
@@ -188,7 +191,8 @@ class JobStore:
             res = s.execute(
                 update(Job)
                 .where(Job.seq == job.seq, Job.token == token, Job.status == "running")
-                .values(step=step, total_steps=total_steps, progress=progress, metrics=latest, updated_at=utcnow())
+                .values(step=step, total_steps=total_steps, progress=progress, metrics=latest, updated_at=utcnow(),
+                        lease_expires_at=utcnow() + self.lease)
             )
             if res.rowcount != 1:
                 return False
@@ -234,7 +238,8 @@ class JobStore:
         error: tuple[str, str] | None = None,
     ) -> bool:
         """Set the final status (succeeded/failed/cancelled); fenced like ``record``."""
-        values: dict[str, Any] = {"status": status, "finished_at": utcnow(), "updated_at": utcnow()}
+        values: dict[str, Any] = {"status": status, "finished_at": utcnow(), "updated_at": utcnow(),
+                                  "lease_expires_at": None}
         if latest is not None:
             values["metrics"] = latest
         if status == "succeeded":
@@ -253,7 +258,7 @@ class JobStore:
             res = s.execute(
                 update(Job)
                 .where(Job.seq == job.seq, Job.token == token, Job.status == "running")
-                .values(status="queued", updated_at=utcnow())
+                .values(status="queued", updated_at=utcnow(), lease_expires_at=None)
             )
             return res.rowcount == 1
 

@@ -57,7 +57,8 @@ def worker_context() -> WorkerContext:
     settings = get_settings()
     engine = make_engine(settings.database_url)
     init_db(engine)
-    return WorkerContext(settings, JobStore(make_sessionmaker(engine)), LocalArtifactStore(settings.artifact_dir))
+    store = JobStore(make_sessionmaker(engine), lease_s=settings.lease_s)
+    return WorkerContext(settings, store, LocalArtifactStore(settings.artifact_dir))
 
 
 def _jsonable(value: Any) -> Any:

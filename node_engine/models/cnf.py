@@ -185,6 +185,7 @@ class _AugmentedDynamics(nn.Module):
         self.regularizers = regularizers
         self.trace_estimator = trace_estimator
         self.eps = eps
+        self._params_need_grad = any(p.requires_grad for p in block.parameters())
 
     def forward(self, s: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         z = state[0]
@@ -194,7 +195,9 @@ class _AugmentedDynamics(nn.Module):
         if not self.with_logdet and not self.regularizers:
             return (sign * T * self.block.field(t, z),)
 
-        keep_graph = torch.is_grad_enabled()  # False in a no-grad forward (eval, adjoint forward)
+        # A graph is needed only to differentiate the solve (backprop, adjoint backward); never for
+        # the internal leaf below alone (a no-grad forward: eval, the adjoint's forward solve).
+        keep_graph = torch.is_grad_enabled() and (z.requires_grad or self._params_need_grad)
         with torch.enable_grad():
             if not (keep_graph and z.requires_grad):
                 # a fresh leaf: without grad mode z may be a no-grad view autograd cannot trace

@@ -44,8 +44,9 @@ class StepRecord:
     """Accepted steps of a forward solve, for the checkpoint adjoint.
 
     ``bounds[n], bounds[n+1]`` are step n's start/end times, ``starts[n]`` its start state (N,),
-    ``eval_end[n]`` the time its c=1 stages used; ``outputs[i]`` = (n, θ) places output i >= 1 in
-    step n (θ = None: exactly at the step's end); ``k1_right[n]``: step n began after a jump.
+    ``eval_end[n]`` the time its c=1 stages used; ``k1_time[n]`` the time its first stage used
+    (just after t_n when step n starts at a jump); ``outputs[i-1]`` = (n, θ) places output i >= 1
+    in step n (θ = None: exactly at the step's end).
     """
 
     bounds: list[float] = field(default_factory=list)
@@ -163,7 +164,6 @@ def integrate_adaptive(
             record.eval_end.append(t_eval_end)
         if i_out < T and d * (times[i_out] - t_new) <= 0:
             thetas = []
-            first = i_out
             while i_out < T and d * (times[i_out] - t_new) < 0:
                 thetas.append((times[i_out] - t) / hs)
                 i_out += 1
@@ -177,7 +177,6 @@ def integrate_adaptive(
                 if record is not None:
                     record.outputs.append((len(record.starts) - 1, None))
                 i_out += 1
-            del first
         h = ctrl.accept(abs(hs), ratio)
         t, z = t_new, z_new
         if landing:

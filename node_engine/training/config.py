@@ -7,6 +7,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from node_engine.solvers import METHODS
+
 DEFAULT_SOLVER: dict[str, Any] = {"method": "dopri5", "rtol": 1e-5, "atol": 1e-5, "adjoint": True,
                                   "adjoint_norm": "seminorm", "adjoint_mode": "backsolve", "step_size": None,
                                   "max_num_steps": 10000, "eval_rtol": None, "eval_atol": None}
@@ -80,7 +82,11 @@ def normalize_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
         if not isinstance(out.get(section), Mapping):
             raise ValueError(f"job spec needs a '{section}' mapping")
     out["model"] = dict(out["model"])
-    out["dataset"] = {**DEFAULT_DATASET, **dict(out["dataset"])}
-    out["solver"] = {**DEFAULT_SOLVER, **dict(out.get("solver") or {})}
+    # null means "the default" (pydantic schemas send explicit nulls)
+    out["dataset"] = {**DEFAULT_DATASET, **{k: v for k, v in dict(out["dataset"]).items() if v is not None}}
+    out["solver"] = {**DEFAULT_SOLVER, **{k: v for k, v in dict(out.get("solver") or {}).items() if v is not None}}
+    method = out["solver"]["method"]
+    if method not in METHODS:
+        raise ValueError(f"unknown solver.method {method!r}; expected one of {', '.join(sorted(METHODS))}")
     out["training"] = TrainingConfig.from_spec(out.get("training")).to_json()
     return out

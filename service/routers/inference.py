@@ -36,7 +36,9 @@ router = APIRouter(prefix="/jobs", tags=["inference"])
 RESPONSES = {**PROBLEMS, 409: {"model": Problem, "description": "wrong model type or no checkpoint yet"}}
 
 
-def _model(job: Job, models: ModelCache, kinds: tuple[str, ...], what: str) -> LoadedModel:
+def load_job_model(job: Job, models: ModelCache, kinds: tuple[str, ...], what: str) -> LoadedModel:
+    """The cached model of the job's newest checkpoint; 409 problem for a wrong model type, no
+    checkpoint yet, or a checkpoint node_engine refuses (``CheckpointError``: corrupted, tampered)."""
     from node_engine.errors import CheckpointError
 
     if job.model_type not in kinds:
@@ -77,7 +79,7 @@ def log_density(job: JobDep, body: LogDensityRequest, models: ModelsDep, setting
     if len(body.points) > settings.max_points:
         raise ProblemError(422, "invalid-request", f"{len(body.points)} points; at most {settings.max_points}",
                            errors=[{"field": "points", "reason": f"at most {settings.max_points} points per request"}])
-    entry = _model(job, models, DENSITY_MODELS, "log-density")
+    entry = load_job_model(job, models, DENSITY_MODELS, "log-density")
     dim = int(entry.model.dim)
     for i, p in enumerate(body.points):
         if len(p) != dim:
@@ -99,7 +101,7 @@ def samples(job: JobDep, body: SamplesRequest, models: ModelsDep, settings: Sett
     if body.n > settings.max_samples:
         raise ProblemError(422, "invalid-request", f"n={body.n}; at most {settings.max_samples}",
                            errors=[{"field": "n", "reason": f"at most {settings.max_samples} samples per request"}])
-    entry = _model(job, models, DENSITY_MODELS, "samples")
+    entry = load_job_model(job, models, DENSITY_MODELS, "samples")
     start = time.perf_counter()
     with _solver_errors("n"), entry.lock:
         x = np.asarray(entry.model.sample(body.n, body.seed), dtype=np.float64)
@@ -118,7 +120,7 @@ def predict(job: JobDep, body: PredictRequest, models: ModelsDep, settings: Sett
     if len(body.inputs) > settings.max_predict_inputs:
         raise ProblemError(422, "invalid-request", f"{len(body.inputs)} inputs; at most {settings.max_predict_inputs}",
                            errors=[{"field": "inputs", "reason": f"at most {settings.max_predict_inputs} inputs"}])
-    entry = _model(job, models, CLASSIFIER_MODELS, "predict")
+    entry = load_job_model(job, models, CLASSIFIER_MODELS, "predict")
     shape = tuple(int(s) for s in entry.model.input_shape)
     try:
         x = np.asarray(body.inputs, dtype=np.float64)

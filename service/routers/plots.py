@@ -9,7 +9,7 @@ from service.artifacts import ArtifactStore
 from service.db import Job
 from service.deps import ArtifactsDep, JobDep, ModelsDep, StoreDep
 from service.errors import ProblemError
-from service.routers.inference import RESPONSES, _model
+from service.routers.inference import RESPONSES, load_job_model
 from service.schemas import DENSITY_MODELS
 
 router = APIRouter(prefix="/jobs", tags=["plots"])
@@ -34,7 +34,7 @@ def plot(job: JobDep, name: str, store: StoreDep, models: ModelsDep, artifacts: 
         history, _ = store.metrics_history(job, after_step=-1, limit=1_000_000)
         png = plots.training_png(history, title)
     else:
-        entry = _model(job, models, DENSITY_MODELS, f"plot {name!r}")
+        entry = load_job_model(job, models, DENSITY_MODELS, f"plot {name!r}")
         if int(entry.model.dim) != 2:
             raise ProblemError(409, "not-2d", f"plot {name!r} needs a 2-D model; this one is {entry.model.dim}-D")
         points = _upload_points(job, artifacts)

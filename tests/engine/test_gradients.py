@@ -249,3 +249,16 @@ def test_backsolve_memory_is_constant_in_steps():
         grow[rtol] = _saved_bytes(lambda: odeint_adjoint(
             field, y0, t, rtol=rtol, atol=rtol, method="bosh3", adjoint_mode="checkpoint").sum())
     assert grow[tols[1]] > 5 * grow[tols[0]]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_adjoint_backwards_in_time_and_jump(mode):
+    field = MLPField(dim=2, hidden=5, seed=7)
+    y0 = torch.tensor([[0.3, -0.4]], dtype=f64)
+    t = torch.tensor([1.5, 0.9, 0.0], dtype=f64)
+    w = torch.randn(3, 1, 2, generator=torch.Generator().manual_seed(8), dtype=f64)
+    kw = dict(rtol=1e-9, atol=1e-9, options=dict(jump_t=[0.5], step_t=[1.2]))
+    g_bp = _grads(odeint, field, y0, t, w, **kw)
+    g = _grads(odeint_adjoint, field, y0, t, w, adjoint_mode=mode, **kw)
+    tol = 1e-9 if mode == "checkpoint" else 1e-6
+    assert _rel(g, g_bp) < tol

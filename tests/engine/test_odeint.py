@@ -98,7 +98,8 @@ def test_field_never_evaluated_outside_interval_and_out0_is_y0(method, direction
     assert lo <= min(seen) and max(seen) <= hi
 
 
-def test_tuple_state_with_per_member_tolerances():
+@pytest.mark.parametrize("method", ADAPTIVE_METHODS)
+def test_tuple_state_with_per_member_tolerances(method):
     # harmonic oscillator q' = p, p' = -q as a tuple with different shapes
     q0 = torch.tensor([1.0, 0.0], dtype=f64)
     p0 = torch.tensor([[0.0], [1.0]], dtype=f64)
@@ -108,7 +109,8 @@ def test_tuple_state_with_per_member_tolerances():
         return p.reshape(2), -q.reshape(2, 1)
 
     t = torch.linspace(0, 2, 5, dtype=f64)
-    q, p = odeint(f, (q0, p0), t, rtol=(1e-9, 1e-9), atol=(1e-10, torch.full((2, 1), 1e-10, dtype=f64)))
+    q, p = odeint(f, (q0, p0), t, rtol=(1e-9, 1e-9), atol=(1e-10, torch.full((2, 1), 1e-10, dtype=f64)),
+                  method=method)
     assert q.shape == (5, 2) and p.shape == (5, 2, 1)
     tt = t[:, None]
     q_exact = torch.cat([torch.cos(tt), torch.sin(tt)], 1)
@@ -181,3 +183,12 @@ def test_fixed_grid_includes_output_times_and_grid_option():
     exact = 1 / (1 + t**2)
     assert (y[:, 0] - exact).abs().max() < 1e-5
     assert torch.allclose(y, y_grid, rtol=0, atol=1e-12)
+
+
+def test_torchdiffeq_style_call_and_single_time():
+    f = lambda t, y: -y
+    y0 = torch.ones(3, dtype=f64)
+    y = odeint(f, y0, torch.tensor([0.0, 1.0], dtype=f64), rtol=1e-8, atol=1e-9, method=None, options=None)
+    assert torch.allclose(y[-1], torch.full((3,), math.exp(-1), dtype=f64), atol=1e-8)
+    y1 = odeint(f, y0, torch.tensor([0.5], dtype=f64))
+    assert y1.shape == (1, 3) and torch.equal(y1[0], y0)

@@ -185,6 +185,10 @@ def test_spec_errors():
         build_trainer(_spec({"type": "cnf"}, {"name": "mnist8"}))
     with pytest.raises(ValueError, match="batch_size"):
         build_trainer(_spec({"type": "mlp"}, {"name": "digits"}, batch_size=0))
+    bad_solver = _spec({"type": "odenet"}, {"name": "digits"})
+    bad_solver["solver"]["method"] = "dopri7"
+    with pytest.raises(ValueError, match="unknown solver.method 'dopri7'"):
+        build_trainer(bad_solver)
     with pytest.raises(ValueError, match="unknown training option"):
         build_trainer(_spec({"type": "mlp"}, {"name": "digits"}, learning_rate=0.1))
 

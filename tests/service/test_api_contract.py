@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+from datetime import datetime, timezone
 
 import numpy as np
 import pytest
@@ -203,6 +204,10 @@ def test_stale_worker_writes_are_fenced(client, store):
     hist = client.get(f"/v1/jobs/{job_id}/metrics").json()["history"]
     assert hist == [{"step": 1, "loss": 1.0}]
     assert client.get(f"/v1/jobs/{job_id}").json()["progress"] == pytest.approx(1 / 3)
+    assert store.get_job(job_id).lease_expires_at > datetime.now(timezone.utc)  # held, renewed by writes
+    assert store.release(row, new) and not store.release(row, old)
+    job = store.get_job(job_id)
+    assert job.status == "queued" and job.lease_expires_at is None and job.attempts == 2
 
 
 # ---- metrics ------------------------------------------------------------------------------------
@@ -315,10 +320,14 @@ def test_bad_uploads_are_422_and_store_nothing(client, settings, name, content):
     assert not (settings.artifact_dir / "datasets").exists() or not any((settings.artifact_dir / "datasets").iterdir())
 
 
-def test_upload_over_the_size_limit_is_413(make_settings, database_url):
-    with TestClient(create_app(make_settings(database_url=database_url, max_upload_bytes=2048))) as client:
-        big = _npy(np.random.default_rng(0).normal(size=(400, 2)))
+def test_upload_or_body_over_the_size_limit_is_413(make_settings, database_url):
+    settings = make_settings(database_url=database_url, max_upload_bytes=2048, max_body_bytes=8192)
+    with TestClient(create_app(settings)) as client:
+        big = _npy(np.random.default_rng(0).normal(size=(200, 2)))  # 3.3 kB: over the upload limit only
         assert_problem(client.post("/v1/datasets", files={"file": ("big.npy", big)}), 413)
+        huge = {**TINY, "training": {"iterations": 3, "padding": "x" * 10_000}}
+        assert_problem(client.post("/v1/jobs", json=huge), 413)
+        assert client.get("/v1/jobs").json()["jobs"] == []
 
 
 # ---- broker down, health, metrics ---------------------------------------------------------------
