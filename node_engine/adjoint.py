@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .odeint import SolverConfig, add_info, check_t, make_config
+from .odeint import SolverConfig, add_info, check_t, is_per_sample, make_config, odeint_per_sample
 from .solvers.adaptive import SolveInfo, StepRecord
 from .solvers.rk import RKStepper
 from .solvers import METHODS
@@ -247,6 +247,16 @@ def odeint_adjoint(
     """
     if adjoint_mode not in ADJOINT_MODES:
         raise ValueError(f"unknown adjoint_mode {adjoint_mode!r}; valid: {', '.join(ADJOINT_MODES)}")
+    if is_per_sample(options):
+        y_members = tuple(y0) if isinstance(y0, (tuple, list)) else (y0,)
+        if torch.is_grad_enabled() and (any(m.requires_grad for m in y_members) or t.requires_grad or any(
+                p.requires_grad for p in (adjoint_params if adjoint_params is not None else
+                                          (func.parameters() if isinstance(func, nn.Module) else ())))):
+            raise ValueError(
+                "step_control='per_sample' is supported by odeint_adjoint only without gradients (inference, "
+                "e.g. log-densities); for gradients use odeint with per_sample (backprop through the solve) "
+                "or joint step control")
+        return odeint_per_sample(func, y0, t, rtol, atol, method, options, stats)
     layout = StateLayout(y0)
     times, t_dtype = check_t(t)
     method = method or "dopri5"

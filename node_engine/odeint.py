@@ -16,13 +16,16 @@ from .solvers.adaptive import DEFAULT_MAX_NUM_STEPS, AdaptiveOptions, SolveInfo,
 from .solvers.controller import PIController
 from .solvers.fixed_grid import integrate_fixed, make_grid
 from .solvers.norms import ErrorNorm
-from .solvers.rk import RKStepper
+from .solvers.per_sample import solve_per_sample
+from .solvers.rk import RKStepper, acquire_stepper, release_stepper
 from .solvers.state import StateLayout, VectorField
 from .stats import SolverStats
 
 __all__ = ["odeint", "ADAPTIVE_OPTIONS", "FIXED_OPTIONS", "DEFAULT_MAX_NUM_STEPS"]
 
-ADAPTIVE_OPTIONS = ("first_step", "max_num_steps", "step_t", "jump_t", "safety", "ifactor", "dfactor", "beta")
+ADAPTIVE_OPTIONS = ("first_step", "max_num_steps", "step_t", "jump_t", "safety", "ifactor", "dfactor", "beta",
+                    "step_control")
+STEP_CONTROLS = ("joint", "per_sample")
 FIXED_OPTIONS = ("step_size", "grid")
 
 
@@ -45,7 +48,26 @@ def check_options(method: str, options, allowed_extra: tuple[str, ...] = ()) -> 
         )
     if method in FIXED and options.get("step_size") is not None and options.get("grid") is not None:
         raise ValueError("give either options['step_size'] or options['grid'], not both")
+    if options.get("step_control", "joint") not in STEP_CONTROLS:
+        raise ValueError(f"options['step_control'] must be one of {', '.join(STEP_CONTROLS)}; "
+                         f"got {options['step_control']!r}")
     return dict(options)
+
+
+def is_per_sample(options) -> bool:
+    return isinstance(options, dict) and options.get("step_control", "joint") == "per_sample"
+
+
+def odeint_per_sample(func, y0, t, rtol, atol, method, options, stats):
+    """The ``step_control="per_sample"`` solve (see :mod:`node_engine.solvers.per_sample`)."""
+    method = method or "dopri5"
+    check_method(method)
+    if method not in ADAPTIVE:
+        raise ValueError(f"step_control='per_sample' needs an adaptive method, got {method!r}")
+    opts = check_options(method, options)
+    opts.pop("step_control")
+    times, t_dtype = check_t(t)
+    return solve_per_sample(func, y0, times, t_dtype, METHODS[method], rtol, atol, opts, stats)
 
 
 def check_t(t) -> tuple[list[float], torch.dtype]:
@@ -112,7 +134,16 @@ class SolverConfig:
         tab = METHODS[self.method]
         if grad is None:
             grad = torch.is_grad_enabled()
-        stepper = RKStepper(tab, vf.work_shape, z0.device, z0.dtype, reuse_buffer=not grad)
+        if grad:
+            stepper = RKStepper(tab, vf.work_shape, z0.device, z0.dtype, reuse_buffer=False)
+            return self._solve(vf, z0, times, info, record, tab, stepper)
+        stepper = acquire_stepper(tab, vf.work_shape, z0.device, z0.dtype)
+        try:
+            return self._solve(vf, z0, times, info, record, tab, stepper)
+        finally:
+            release_stepper(stepper)
+
+    def _solve(self, vf, z0, times, info, record, tab, stepper) -> torch.Tensor:
         o = self.options
         if self.method in FIXED:
             grid = make_grid(times, o.get("step_size"), _floats(o.get("grid"), "grid"))
@@ -201,6 +232,14 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method="dopri5", options=None,
             (0.9), ``ifactor`` (10), ``dfactor`` (0.2), ``beta`` (PI coefficient, default 0
             = I controller; 0.04 = Hairer's dopri5.f PI controller). Fixed: ``step_size`` or ``grid`` (tensor of times covering t);
             the grid always includes the times in ``t``.
+            ``step_control``: ``"joint"`` (default; one step size for the whole state) or
+            ``"per_sample"``: dim 0 of y0 (of every tuple member) is a batch, and every sample
+            gets its own time, step size and accept/reject decision; finished samples leave the
+            active set. func then receives t as a (B_active,) tensor (each sample's own time)
+            and the active rows of y; it must treat rows independently. A sample's result does
+            not depend on its batch-mates. Adaptive methods dopri5/tsit5/bosh3; rtol/atol as
+            floats (or one per tuple member); no step_t/jump_t. Backprop through the solve
+            works; ``stats.sample_evaluations`` counts rows evaluated (the work).
         stats: a :class:`SolverStats`; nfe_forward, steps and last step size are added to it.
 
     Returns:
@@ -217,6 +256,8 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method="dopri5", options=None,
     sizes are not differentiated); no gradient flows to ``t``. For O(1) memory use
     :func:`node_engine.odeint_adjoint`.
     """
+    if is_per_sample(options):
+        return odeint_per_sample(func, y0, t, rtol, atol, method, options, stats)
     layout = StateLayout(y0)
     times, t_dtype = check_t(t)
     cfg = make_config(method or "dopri5", rtol, atol, options, layout)

@@ -23,6 +23,9 @@ class SolverStats:
         steps_accepted: accepted steps over all forward and backward solves (int).
         steps_rejected: rejected trial steps over all solves (int).
         last_step_size: absolute size of the last accepted step of the last solve (float, in units of t).
+        sample_evaluations: batch rows evaluated by the field in ``step_control="per_sample"``
+            solves (the vector-field work; a joint solve's equivalent is nfe × batch). Per-sample
+            solves count steps_accepted/steps_rejected per sample.
     """
 
     nfe_forward: int = 0
@@ -30,11 +33,13 @@ class SolverStats:
     steps_accepted: int = 0
     steps_rejected: int = 0
     last_step_size: float = float("nan")
+    sample_evaluations: int = 0
 
     def reset(self) -> None:
         """Set every counter back to zero."""
         self.nfe_forward = self.nfe_backward = self.steps_accepted = self.steps_rejected = 0
         self.last_step_size = float("nan")
+        self.sample_evaluations = 0
 
     def as_dict(self) -> dict[str, float]:
         """The counters as a JSON-ready dict (the keys above)."""

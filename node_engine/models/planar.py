@@ -106,7 +106,8 @@ class PlanarFlow(nn.Module):
     def from_spec(cls, model_spec: Mapping[str, Any], solver_spec: Mapping[str, Any] | None, dim: int) -> "PlanarFlow":
         """Build from the job spec's ``model`` dict (type "planar"; num_layers, default 8).
         ``solver_spec`` is accepted for a uniform interface and unused."""
-        return cls(dim, int(dict(model_spec).get("num_layers") or 8))
+        num_layers = dict(model_spec).get("num_layers")
+        return cls(dim, 8 if num_layers is None else int(num_layers))
 
     def set_tolerances(self, rtol: float, atol: float) -> None:
         """No-op (no ODE solve); kept for the common flow interface."""

@@ -67,6 +67,9 @@ def rooted_tree_conditions(a: np.ndarray, max_order: int) -> tuple[np.ndarray, n
     return phi, np.array(order), np.array(gamma)
 
 
+_TENSOR_CACHE: dict = {}
+
+
 @dataclass(frozen=True)
 class TableauTensors:
     """A tableau's constants on one device/dtype (built once per solve by ``ButcherTableau.to``).
@@ -183,8 +186,17 @@ class ButcherTableau:
         return A
 
     def to(self, device: torch.device | str | None, dtype: torch.dtype) -> TableauTensors:
-        """The tableau's weights as tensors on ``device`` with ``dtype`` (once per solve)."""
+        """The tableau's weights as tensors on ``device`` with ``dtype`` (made once per
+        device/dtype and cached: read-only constants, so solves can share them)."""
+        key = (self.name, str(torch.device(device) if device is not None else "cpu"), dtype)
+        hit = _TENSOR_CACHE.get(key)
+        if hit is not None and hit[0] is self:
+            return hit[1]
+        tt = self._to(device, dtype)
+        _TENSOR_CACHE[key] = (self, tt)
+        return tt
 
+    def _to(self, device, dtype) -> TableauTensors:
         def t(x):
             return torch.tensor(x, dtype=dtype, device=device)
 

@@ -89,7 +89,7 @@ def test_planar_flow_density_integrates_to_one():
 def test_planar_from_spec_defaults_and_errors():
     assert len(PlanarFlow.from_spec({"type": "planar"}, {}, 2).layers) == 8
     with pytest.raises(ValueError, match="num_layers"):
-        PlanarFlow(2, num_layers=0)
+        PlanarFlow.from_spec({"type": "planar", "num_layers": 0}, None, 2)
     flow = PlanarFlow(2, 2)
     with pytest.raises(ValueError, match=r"\(N, 2\)"):
         flow.log_prob(torch.zeros(4, 3))

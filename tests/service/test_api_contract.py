@@ -20,6 +20,8 @@ from service.artifacts import LocalArtifactStore
 from service.db import make_engine, make_sessionmaker
 from service.store import JobStore
 
+pytestmark = pytest.mark.redis
+
 MINIMAL = {"model": {"type": "cnf"}, "dataset": {"name": "moons"}}
 TINY = {"model": {"type": "cnf", "hidden_dims": [8, 8]}, "dataset": {"name": "moons", "n_samples": 256},
         "training": {"iterations": 3}}

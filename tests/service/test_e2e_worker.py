@@ -19,7 +19,7 @@ from fastapi.testclient import TestClient
 from service.app import create_app
 from tests.conftest import wait_for_job
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.redis]
 
 TINY_CNF = {
     "model": {"type": "cnf", "hidden_dims": [8, 8]},
@@ -48,6 +48,7 @@ def _log_density(client, job_id: str, points: np.ndarray) -> np.ndarray:
     return np.asarray(out)
 
 
+@pytest.mark.postgres
 def test_cnf_trains_on_a_real_worker_then_answers_queries_and_a_failing_solve_is_recorded(
     make_settings, pg_url, start_worker
 ):
@@ -155,9 +156,18 @@ def test_cancel_a_running_and_a_queued_job(make_settings, start_worker):
         assert steps == list(range(1, job["step"] + 1))
         assert client.get(f"/v1/jobs/{running}/checkpoints").json()["checkpoints"]
 
-        # The cancelled queued job is never started by the worker that later receives it.
-        follow_up = client.post("/v1/jobs", json=TINY_CNF).json()["id"]
+        # The cancelled queued job is never started by the worker that later receives it; the next
+        # job (on an uploaded 3-D data set) runs.
+        buf = io.BytesIO()
+        np.save(buf, np.random.default_rng(3).normal(size=(300, 3)) * [1.0, 2.0, 0.5] + [0.0, 5.0, -1.0])
+        upload = client.post("/v1/datasets", files={"file": ("gauss.npy", buf.getvalue())}).json()
+        assert upload["shape"] == [300, 3]
+        follow_up = client.post("/v1/jobs", json={**TINY_CNF, "dataset": {"name": "upload", "id": upload["id"]}})
+        follow_up = follow_up.json()["id"]
         wait_for_job(client, follow_up, ("succeeded",), timeout=120)
+        dens = client.post(f"/v1/jobs/{follow_up}/log-density", json={"points": [[0.0, 5.0, -1.0]]})
+        assert dens.status_code == 200 and math.isfinite(dens.json()["log_density"][0])
+        assert client.post(f"/v1/jobs/{follow_up}/log-density", json={"points": [[0.0, 5.0]]}).status_code == 422
         job = client.get(f"/v1/jobs/{queued}").json()
         assert job["status"] == "cancelled" and job["started_at"] is None and job["step"] == 0
 

@@ -1,0 +1,198 @@
+"""step_control="per_sample": every batch row its own step size. References come from scipy
+(DOP853 at 1e-12) or closed forms, never from node_engine; batch-independence is checked by
+solving each sample alone."""
+
+import math
+
+import numpy as np
+import pytest
+import scipy.integrate
+import torch
+
+from node_engine import SolverStats, odeint, odeint_adjoint
+from node_engine.errors import MaxNumStepsError
+
+f64 = torch.float64
+PS = dict(step_control="per_sample")
+
+
+def vdp_rows(t, state):
+    """Van der Pol with a per-sample μ carried in the state (dμ/dt = 0), so rows stay independent."""
+    y, mu = state
+    x, v = y[:, 0], y[:, 1]
+    return torch.stack([v, mu * (1 - x**2) * v - x], dim=1), torch.zeros_like(mu)
+
+
+def vdp_scipy(y0, mu, times):
+    sol = scipy.integrate.solve_ivp(
+        lambda t, y: [y[1], mu * (1 - y[0] ** 2) * y[1] - y[0]], (times[0], times[-1]), y0,
+        t_eval=times, method="DOP853", rtol=1e-12, atol=1e-12)
+    return sol.y.T
+
+
+def make_batch(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mu = torch.empty(n, dtype=f64).uniform_(0.5, 4.0, generator=g)
+    y0 = torch.randn(n, 2, dtype=f64, generator=g) * 2
+    return y0, mu
+
+
+@pytest.mark.parametrize("method", ["dopri5", "tsit5", "bosh3"])
+def test_matches_scipy_at_every_output_time(method):
+    y0, mu = make_batch(6)
+    times = np.array([0.0, 0.3, 1.0, 1.7, 2.5, 4.0])
+    tol = 1e-7
+    ys, mus = odeint(vdp_rows, (y0, mu), torch.tensor(times, dtype=f64), rtol=tol, atol=tol,
+                     method=method, options=PS)
+    assert ys.shape == (6, 6, 2) and mus.shape == (6, 6)
+    assert torch.equal(ys[0], y0) and torch.equal(mus[-1], mu)
+    for i in range(6):
+        ref = vdp_scipy(y0[i].numpy(), float(mu[i]), times)
+        err = np.abs(ys[:, i].numpy() - ref).max()
+        assert err < 300 * tol * max(1.0, np.abs(ref).max()), (i, err)
+
+
+def test_sample_result_independent_of_batch():
+    """A sample's answer is the same solved alone, in its batch, or in a different batch."""
+    y0, mu = make_batch(12, seed=1)
+    t = torch.tensor([0.0, 1.5, 3.0], dtype=f64)
+    full, _ = odeint(vdp_rows, (y0, mu), t, rtol=1e-6, atol=1e-6, options=PS)
+    perm = torch.randperm(12, generator=torch.Generator().manual_seed(3))[:5]
+    part, _ = odeint(vdp_rows, (y0[perm], mu[perm]), t, rtol=1e-6, atol=1e-6, options=PS)
+    torch.testing.assert_close(part, full[:, perm], rtol=1e-11, atol=1e-11)
+    for i in (0, 4, 11):
+        alone, _ = odeint(vdp_rows, (y0[i:i + 1], mu[i:i + 1]), t, rtol=1e-6, atol=1e-6, options=PS)
+        torch.testing.assert_close(alone[:, 0], full[:, i], rtol=1e-11, atol=1e-11)
+
+
+def test_joint_and_per_sample_agree_within_tolerance():
+    y0, mu = make_batch(8, seed=2)
+    t = torch.linspace(0, 3, 4, dtype=f64)
+    tol = 1e-8
+    joint, _ = odeint(vdp_rows, (y0, mu), t, rtol=tol, atol=tol)
+    per, _ = odeint(vdp_rows, (y0, mu), t, rtol=tol, atol=tol, options=PS)
+    assert (joint - per).abs().max() < 1000 * tol
+    # and they are genuinely different solves (different step sequences)
+    assert not torch.equal(joint, per)
+
+
+def test_finished_samples_cost_nothing():
+    """Easy samples leave the active set: the work is far below nfe x batch, and a batch's work is
+    the sum of its samples' work alone."""
+    y0 = torch.tensor([[1.0, 0.0]] * 4, dtype=f64)
+    mu = torch.tensor([0.1, 0.1, 0.1, 8.0], dtype=f64)
+    t = torch.tensor([0.0, 6.0], dtype=f64)
+    s = SolverStats()
+    odeint(vdp_rows, (y0, mu), t, rtol=1e-6, atol=1e-6, options=PS, stats=s)
+    assert s.sample_evaluations < 0.5 * s.nfe_forward * 4
+    alone = 0
+    for i in range(4):
+        si = SolverStats()
+        odeint(vdp_rows, (y0[i:i + 1], mu[i:i + 1]), t, rtol=1e-6, atol=1e-6, options=PS, stats=si)
+        alone += si.sample_evaluations
+    assert s.sample_evaluations == alone
+    assert s.steps_accepted > 0 and s.nfe_forward > 0
+
+
+def test_backwards_in_time_and_vector_time():
+    """y' = -k t y per sample (k in the state): y(t) = y(t0) exp(-k (t² - t0²)/2); integrate 2 -> 0."""
+    k = torch.tensor([0.5, 1.0, 2.0], dtype=f64)
+    y1 = torch.tensor([1.0, -2.0, 0.5], dtype=f64)
+    seen = []
+
+    def f(t, state):
+        y, kk = state
+        seen.append(t.shape)
+        return -kk * t * y, torch.zeros_like(kk)
+
+    t = torch.tensor([2.0, 1.0, 0.0], dtype=f64)
+    y, _ = odeint(f, (y1, k), t, rtol=1e-9, atol=1e-10, options=PS)
+    exact = y1[None] * torch.exp(-k[None] * (t[:, None] ** 2 - 4.0) / 2)
+    torch.testing.assert_close(y, exact, rtol=1e-7, atol=1e-8)
+    assert all(len(s) == 1 for s in seen)  # func received one time per active sample
+
+
+def test_cnf_like_tuple_state():
+    """(z, logp) with dlogp/dt = -tr(∂f/∂z) for the linear field f = A z: logp(t) = -t·tr(A)."""
+    A = torch.tensor([[-0.3, 1.0], [-1.0, -0.2]], dtype=f64)
+    z0 = torch.randn(5, 2, dtype=f64, generator=torch.Generator().manual_seed(0))
+
+    def f(t, state):
+        z, _ = state
+        return z @ A.T, torch.full((z.shape[0], 1), -float(torch.trace(A)), dtype=f64)
+
+    t = torch.tensor([0.0, 1.0], dtype=f64)
+    z, logp = odeint(f, (z0, torch.zeros(5, 1, dtype=f64)), t, rtol=1e-9, atol=1e-10, options=PS)
+    exact = z0 @ torch.linalg.matrix_exp(A).T
+    torch.testing.assert_close(z[-1], exact, rtol=1e-7, atol=1e-8)
+    torch.testing.assert_close(logp[-1], torch.full((5, 1), 0.5, dtype=f64), rtol=1e-9, atol=1e-9)
+
+
+def test_backprop_through_per_sample_solve():
+    """d/da of y(T) = y0 exp(a T) is T y0 exp(a T), per sample."""
+    a = torch.tensor([0.3, -0.7, 1.1], dtype=f64, requires_grad=True)
+    y0 = torch.tensor([1.0, 2.0, -0.5], dtype=f64)
+
+    def f(t, state):
+        y, aa = state
+        return aa * y, torch.zeros_like(aa)
+
+    t = torch.tensor([0.0, 1.5], dtype=f64)
+    y, _ = odeint(f, (y0, a), t, rtol=1e-10, atol=1e-10, options=PS)
+    y[-1].sum().backward()
+    expected = 1.5 * y0 * torch.exp(a.detach() * 1.5)
+    torch.testing.assert_close(a.grad, expected, rtol=1e-7, atol=1e-9)
+
+
+def test_adjoint_inference_path_and_grad_error():
+    y0, mu = make_batch(4)
+    t = torch.tensor([0.0, 1.0], dtype=f64)
+    with torch.no_grad():
+        ya, _ = odeint_adjoint(vdp_rows, (y0, mu), t, rtol=1e-7, atol=1e-7, options=PS)
+    yp, _ = odeint(vdp_rows, (y0, mu), t, rtol=1e-7, atol=1e-7, options=PS)
+    torch.testing.assert_close(ya, yp, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="per_sample"):
+        odeint_adjoint(vdp_rows, (y0.requires_grad_(True), mu), t, options=PS)
+
+
+def test_float32_and_work_counts():
+    y0, mu = make_batch(16)
+    s = SolverStats()
+    y, _ = odeint(vdp_rows, (y0.float(), mu.float()), torch.tensor([0.0, 2.0]), rtol=1e-5, atol=1e-5,
+                  options=PS, stats=s)
+    assert y.dtype == torch.float32
+    ref = np.stack([vdp_scipy(y0[i].numpy(), float(mu[i]), np.array([0.0, 2.0]))[-1] for i in range(16)])
+    assert np.abs(y[-1].numpy() - ref).max() < 1e-2
+    assert 0 < s.sample_evaluations <= 16 * s.nfe_forward
+
+
+@pytest.mark.parametrize("bad", [
+    dict(method="dopri8", options=PS),
+    dict(method="rk4", options=dict(step_control="per_sample", step_size=0.1)),
+    dict(options=dict(step_control="per_sample", step_t=[0.5])),
+    dict(options=dict(step_control="sideways")),
+    dict(rtol=torch.full((3, 2), 1e-6, dtype=f64), options=PS),
+])
+def test_unsupported_settings_raise(bad):
+    y0 = torch.ones(3, 2, dtype=f64)
+    with pytest.raises(ValueError):
+        odeint(lambda t, y: -y, y0, torch.tensor([0.0, 1.0], dtype=f64), **bad)
+
+
+def test_members_must_share_batch_dim():
+    with pytest.raises(ValueError, match="batch"):
+        odeint(lambda t, s: s, (torch.ones(3, 2, dtype=f64), torch.ones(4, dtype=f64)),
+               torch.tensor([0.0, 1.0], dtype=f64), options=PS)
+
+
+def test_max_num_steps_names_the_sample():
+    y0, mu = make_batch(3)
+    with pytest.raises(MaxNumStepsError, match="sample"):
+        odeint(vdp_rows, (y0, mu), torch.tensor([0.0, 5.0], dtype=f64), rtol=1e-9, atol=1e-9,
+               options=dict(step_control="per_sample", max_num_steps=20))
+
+
+def test_bad_field_output_shape():
+    with pytest.raises(ValueError, match="shape"):
+        odeint(lambda t, y: y[:, :1], torch.ones(3, 2, dtype=f64), torch.tensor([0.0, 1.0], dtype=f64),
+               options=PS)
