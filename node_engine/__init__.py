@@ -15,11 +15,13 @@ from .errors import (
     TrainingError,
 )
 from .odeint import odeint
+from .solvers.compile import compile_field
 from .stats import SolverStats
 
 __all__ = [
     "odeint",
     "odeint_adjoint",
+    "compile_field",
     "SolverStats",
     "ODEForgeError",
     "SolverError",

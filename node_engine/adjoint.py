@@ -44,6 +44,7 @@ class _AugmentedField:
         self.vf = vf
         self.n = n
         self.params = params
+        self.t_dtype = vf.t_dtype
         self.work_shape = torch.Size((2 * n + sum(p.numel() for p in params),))
 
     def __call__(self, t: float, z: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ reports log p_x(x) = log p_z(z) − Σ log std in the user's original coordinate
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -65,8 +66,13 @@ class DensityModel:
         stats.reset()
         generator = torch.Generator(device=self.device).manual_seed(0)  # Hutchinson: reproducible answers
         out = []
-        for start in range(0, len(z), MAX_POINTS_PER_BATCH):
-            out.append(self.model.log_prob(z[start:start + MAX_POINTS_PER_BATCH], generator=generator).detach())
+        solver = getattr(self.model, "solver", None)
+        if solver is not None and hasattr(solver, "step_control"):
+            # per-sample step control: a point's answer does not depend on the rest of the request
+            self.model.solver = replace(solver, step_control="per_sample")
+        with torch.no_grad():
+            for start in range(0, len(z), MAX_POINTS_PER_BATCH):
+                out.append(self.model.log_prob(z[start:start + MAX_POINTS_PER_BATCH], generator=generator))
         log_pz = torch.cat(out).double().cpu().numpy() if out else np.zeros(0)
         return log_pz + self.standardization.log_abs_det_jacobian(self.dim), int(stats.nfe_forward)
 

@@ -239,16 +239,20 @@ def demo(
             _print_job(job)
             if job["status"] != "succeeded":
                 raise typer.Exit(1)
-            points = [[0.0, 0.5], [1.0, -0.5], [-1.0, 0.5], [0.0, 0.0], [3.0, 3.0]]
+            # Top of the upper moon, bottom of the lower moon, the gap between them, far away.
+            labelled = [("upper moon", [-1.0, 1.8]), ("lower moon", [1.0, -1.2]), ("between the moons", [0.0, 0.3]),
+                        ("far away", [3.0, 3.0])]
+            points = [p for _, p in labelled]
             resp = client.post(f"/v1/jobs/{job['id']}/log-density", json={"points": points})
             if resp.status_code != 200:
                 _fail(resp)
             dens = resp.json()
             table = Table(title=f"log p(x) in nats (NFE {dens['nfe']})")
             table.add_column("x")
+            table.add_column("where")
             table.add_column("log p(x)", justify="right")
-            for p, lp in zip(points, dens["log_density"]):
-                table.add_row(str(p), "-inf" if lp is None else f"{lp:.3f}")
+            for (where, p), lp in zip(labelled, dens["log_density"]):
+                table.add_row(str(p), where, "-inf" if lp is None else f"{lp:.3f}")
             console.print(table)
             m = job["metrics"]
             if "test_nll" in m:

@@ -27,7 +27,7 @@ def _png(fig: Figure) -> bytes:
 
 def training_png(history: Sequence[dict[str, Any]], title: str) -> bytes:
     """Loss / test metric / NFE against step from the job's metric rows."""
-    fig = Figure(figsize=(12, 3.6))
+    fig = Figure(figsize=(12, 3.8), layout="constrained")
     axes = fig.subplots(1, 3)
     def series(key: str) -> tuple[list[int], list[float]]:
         pts = [(r["step"], r[key]) for r in history if isinstance(r.get(key), (int, float))]
@@ -35,6 +35,9 @@ def training_png(history: Sequence[dict[str, Any]], title: str) -> bytes:
 
     axes[0].plot(*series("loss"), lw=1)
     axes[0].set(xlabel="step", ylabel="training loss", title="loss")
+    xs, ys = series("nll")  # the training batch's NLL in data coordinates, comparable to test_nll
+    if xs:
+        axes[1].plot(xs, ys, lw=0.8, alpha=0.5, label="train nll")
     for key in ("test_nll", "test_bits_per_dim", "test_accuracy"):
         xs, ys = series(key)
         if xs:

@@ -97,8 +97,11 @@ class SolverConfig:
     adjoint_mode: str = "backsolve"
     step_size: float | None = None
     max_num_steps: int = 10000
+    step_control: str = "joint"  # "per_sample": no-grad log-density solves step each point alone
 
     def __post_init__(self) -> None:
+        if self.step_control not in ("joint", "per_sample"):
+            raise ValueError(f"step_control must be 'joint' or 'per_sample', got {self.step_control!r}")
         if not (self.rtol > 0 and self.atol > 0):
             raise ValueError(f"rtol and atol must be > 0, got rtol={self.rtol!r}, atol={self.atol!r}")
         if self.adjoint_norm not in ("seminorm", "default"):
@@ -353,6 +356,10 @@ class CNF(nn.Module):
         if len(state) > 2:  # RNODE channels: an atol so large that their error never counts
             rtol = (cfg.rtol,) * len(state)
             atol = (cfg.atol, cfg.atol) + (_IGNORED_ATOL,) * (len(state) - 2)
+        if (cfg.step_control == "per_sample" and cfg.method in ADAPTIVE and eps is None
+                and not torch.is_grad_enabled() and isinstance(block.field, ConcatSquashField)):
+            # each point its own step sizes: its answer does not depend on the other points
+            options = {**options, "step_control": "per_sample"}
         kwargs = dict(rtol=rtol, atol=atol, method=cfg.method, options=options, stats=self.stats)
         if cfg.adjoint and torch.is_grad_enabled():
             params = tuple(p for p in block.parameters() if p.requires_grad)

@@ -19,8 +19,10 @@ NONLINEARITIES = {"tanh": nn.Tanh, "softplus": nn.Softplus}
 
 
 def _time_column(t: Tensor | float, like: Tensor) -> Tensor:
-    """t as a (1, 1) tensor with the dtype/device of ``like``."""
-    return torch.as_tensor(t, dtype=like.dtype, device=like.device).reshape(1, 1)
+    """t as a (1, 1) tensor with the dtype/device of ``like``; a per-sample time vector (N,)
+    (``step_control="per_sample"`` solves) as an (N, 1) column."""
+    tt = torch.as_tensor(t, dtype=like.dtype, device=like.device)
+    return tt.reshape(1, 1) if tt.numel() == 1 else tt.reshape(-1, 1)
 
 
 class ConcatSquashLinear(nn.Module):

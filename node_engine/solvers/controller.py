@@ -70,8 +70,7 @@ def _initial_step_size(vf, t0, z0, f0, direction, span, order, norm) -> float:
     """
     z0, f0 = z0.detach(), f0.detach()
     scale = norm.scale(z0, None)
-    d0 = float(norm.rms(z0 / scale))
-    d1 = float(norm.rms(f0 / scale))
+    d0, d1 = torch.stack([norm.rms(z0 / scale), norm.rms(f0 / scale)]).tolist()  # one host sync
     h0 = 1e-6 if (d0 < 1e-5 or d1 < 1e-5) else 0.01 * d0 / d1
     h0 = min(h0, span)
     z1 = torch.add(z0, f0, alpha=direction * h0)

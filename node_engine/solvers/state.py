@@ -90,10 +90,11 @@ class VectorField:
     def time(self, t: float) -> torch.Tensor:
         return torch.scalar_tensor(t, dtype=self.t_dtype, device=self.device)
 
-    def __call__(self, t: float, z: torch.Tensor) -> torch.Tensor:
+    def __call__(self, t, z: torch.Tensor) -> torch.Tensor:
         self.nfe += 1
         lay = self.layout
-        tt = torch.scalar_tensor(t, dtype=self.t_dtype, device=self.device)
+        # t: a float, or a 0-d tensor of t_dtype already (the RK step makes its stage times at once)
+        tt = t if type(t) is torch.Tensor else torch.scalar_tensor(t, dtype=self.t_dtype, device=self.device)
         if self._single_shape is not None:
             out = self.func(tt, z)
             if not isinstance(out, torch.Tensor) or out.shape != self._single_shape or out.dtype != lay.dtype:

@@ -1,0 +1,290 @@
+"""Job leases: who trains a job, for how long, and what happens when that worker disappears.
+
+A worker *claims* a job: one conditional UPDATE sets it ``running``, bumps its fencing ``token``,
+counts an attempt and sets ``lease_expires_at = now + lease``. While it trains, the worker renews the
+lease (a heartbeat thread, :class:`worker.leases.LeaseKeeper`) and every write it makes (metric rows,
+progress, final status) is conditioned on the token it got (Kleppmann's fencing token), so a worker
+that was paused, partitioned or superseded cannot write after another one took the job over.
+
+A lease that is not renewed expires: the worker was killed (SIGKILL, OOM), its machine died or it
+hangs. :func:`reconcile` (run periodically by the API, :class:`Reconciler`) puts such jobs back to
+``queued`` under a new token and publishes a new message, so another worker resumes them from
+their last checkpoint. A job whose workers were lost ``max_attempts`` times is a *poison job*
+(it kills or hangs whatever trains it): it ends ``failed`` with :data:`ATTEMPTS_EXHAUSTED`.
+
+The same pass republishes queued jobs whose message the broker has lost (Redis restarted without
+persistence): when the queue holds fewer messages than there are queued jobs, queued jobs older
+than ``requeue_queued_after_s`` are published again. Duplicate messages are harmless: a claim only
+takes a ``queued`` job or a ``running`` one whose lease has expired, so a second message for a job
+that is already training is skipped.
+
+Every transition is an optimistic compare-and-set on ``(token, status)``; it is correct on SQLite
+(no ``SELECT ... FOR UPDATE``) and PostgreSQL, and with several API replicas reconciling at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Protocol
+
+from sqlalchemy import and_, func, select, update
+
+from service.db import Job, utcnow
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import sessionmaker
+
+log = logging.getLogger("odeforge.leases")
+
+ATTEMPTS_EXHAUSTED = "JobAttemptsExhausted"
+
+
+class Publisher(Protocol):
+    """What the reconciler needs of :class:`service.broker.Broker`."""
+
+    def enqueue_training(self, job_id: str) -> None: ...
+
+    def queue_depth(self) -> int: ...
+
+
+def _exhausted_detail(attempts: int, max_attempts: int) -> str:
+    return (f"gave up after {attempts} attempts (limit ODEFORGE_MAX_ATTEMPTS={max_attempts}): each time, the worker "
+            f"training this job stopped renewing its lease without finishing it (killed, out of memory, or hung)")
+
+
+@dataclass
+class Claim:
+    """Outcome of :func:`claim`: ``token`` is set when the caller now holds the job."""
+
+    token: int | None
+    reason: str  # "claimed" | "unknown" | "finished" | "cancelled" | "leased" | "exhausted" | "raced"
+
+
+def claim(sessions: "sessionmaker", job_id: str, *, lease: timedelta, max_attempts: int) -> Claim:
+    """Take job ``job_id`` for one training attempt.
+
+    Claimable: a ``queued`` job, or a ``running`` one whose lease has expired (its worker is gone and
+    the message was redelivered before the reconciler saw it). A job already at ``max_attempts`` is
+    failed with :data:`ATTEMPTS_EXHAUSTED` instead. Never raises for a lost race: two workers claiming
+    one job at the same moment get one ``claimed`` and one ``raced``.
+    """
+    now = utcnow()
+    with sessions.begin() as s:
+        row = s.execute(
+            select(Job.seq, Job.status, Job.token, Job.attempts, Job.lease_expires_at, Job.cancel_requested)
+            .where(Job.id == job_id)
+        ).first()
+        if row is None:
+            return Claim(None, "unknown")
+        if row.status in ("succeeded", "failed", "cancelled"):
+            return Claim(None, "finished")
+        if row.cancel_requested:
+            return Claim(None, "cancelled")
+        if row.status == "running" and row.lease_expires_at is not None and row.lease_expires_at > now:
+            return Claim(None, "leased")  # a duplicate message while another worker trains it
+        same = and_(Job.seq == row.seq, Job.token == row.token, Job.status == row.status)
+        if row.attempts >= max_attempts:
+            res = s.execute(update(Job).where(same).values(
+                status="failed", token=Job.token + 1, lease_expires_at=None, finished_at=now, updated_at=now,
+                error_type=ATTEMPTS_EXHAUSTED, error_detail=_exhausted_detail(row.attempts, max_attempts)))
+            return Claim(None, "exhausted" if res.rowcount == 1 else "raced")
+        res = s.execute(update(Job).where(same).values(
+            status="running", token=Job.token + 1, attempts=Job.attempts + 1, updated_at=now,
+            lease_expires_at=now + lease, started_at=func.coalesce(Job.started_at, now)))
+        if res.rowcount != 1:
+            return Claim(None, "raced")
+    return Claim(row.token + 1, "claimed")
+
+
+def renew(sessions: "sessionmaker", job_seq: int, token: int, lease: timedelta) -> bool:
+    """Extend the lease of a job the caller holds; False when the claim is no longer ours."""
+    now = utcnow()
+    with sessions.begin() as s:
+        res = s.execute(
+            update(Job)
+            .where(Job.seq == job_seq, Job.token == token, Job.status == "running")
+            .values(lease_expires_at=now + lease)
+        )
+        return res.rowcount == 1
+
+
+def release(sessions: "sessionmaker", job_seq: int, token: int) -> bool:
+    """Hand a running job back to the queue (graceful worker shutdown).
+
+    The attempt is given back as well: an operator stopping a worker is not the job's fault, so a
+    job that is moved between workers many times never counts as a poison job.
+    """
+    with sessions.begin() as s:
+        res = s.execute(
+            update(Job)
+            .where(Job.seq == job_seq, Job.token == token, Job.status == "running")
+            .values(status="queued", token=Job.token + 1, attempts=Job.attempts - 1, lease_expires_at=None,
+                    updated_at=utcnow())
+        )
+        return res.rowcount == 1
+
+
+@dataclass
+class ReconcileReport:
+    requeued: list[str] = field(default_factory=list)  # lease expired: back to queued, message published
+    failed: list[str] = field(default_factory=list)  # lease expired at the attempt limit: poison job
+    republished: list[str] = field(default_factory=list)  # queued, but the broker had lost the message
+    unpublished: list[str] = field(default_factory=list)  # requeued but the broker is down (retried later)
+
+
+def reconcile(
+    sessions: "sessionmaker",
+    publisher: Publisher,
+    *,
+    max_attempts: int,
+    requeue_queued_after: timedelta,
+    now: datetime | None = None,
+    batch: int = 500,
+) -> ReconcileReport:
+    """One pass: requeue (or fail) running jobs whose lease has expired; republish lost queued jobs.
+
+    Safe to run concurrently from several processes: each transition is a compare-and-set on the
+    job's token, and only the process that won it publishes. Broker errors are not raised: the job
+    stays ``queued`` and a later pass republishes it.
+    """
+    now = now or utcnow()
+    report = ReconcileReport()
+    with sessions() as s:
+        expired = s.execute(
+            select(Job.seq, Job.id, Job.token, Job.attempts)
+            .where(Job.status == "running", Job.lease_expires_at.is_not(None), Job.lease_expires_at < now)
+            .order_by(Job.seq).limit(batch)
+        ).all()
+    for row in expired:
+        same = and_(Job.seq == row.seq, Job.token == row.token, Job.status == "running")
+        with sessions.begin() as s:
+            if row.attempts >= max_attempts:
+                res = s.execute(update(Job).where(same).values(
+                    status="failed", token=Job.token + 1, lease_expires_at=None, finished_at=now, updated_at=now,
+                    error_type=ATTEMPTS_EXHAUSTED, error_detail=_exhausted_detail(row.attempts, max_attempts)))
+                if res.rowcount == 1:
+                    report.failed.append(row.id)
+                continue
+            # A new token fences the lost worker out, should it come back (paused VM, partition).
+            res = s.execute(update(Job).where(same).values(
+                status="queued", token=Job.token + 1, lease_expires_at=None, updated_at=now))
+            if res.rowcount != 1:
+                continue
+        if _publish(publisher, row.id):
+            report.requeued.append(row.id)
+        else:
+            report.unpublished.append(row.id)
+    for job_id in report.requeued + report.failed:
+        log.warning("job %s: lease expired; %s", job_id, "requeued" if job_id in report.requeued else
+                    "attempt limit reached, failed")
+
+    report.republished = _republish_lost(sessions, publisher, requeue_queued_after, now, batch)
+    return report
+
+
+def _republish_lost(sessions: "sessionmaker", publisher: Publisher, after: timedelta, now: datetime,
+                    batch: int) -> list[str]:
+    """Publish again the queued jobs the broker no longer holds a message for."""
+    cutoff = now - after
+    with sessions() as s:
+        stale = s.execute(
+            select(Job.seq, Job.id, Job.token)
+            .where(Job.status == "queued", Job.cancel_requested.is_(False), Job.updated_at < cutoff)
+            .order_by(Job.seq).limit(batch)
+        ).all()
+        if not stale:
+            return []
+        queued = s.scalar(select(func.count()).select_from(Job).where(Job.status == "queued"))
+    try:
+        depth = publisher.queue_depth()
+    except Exception as exc:  # broker down: nothing to compare with; the next pass tries again
+        log.info("reconciler: broker unreachable (%s)", exc)
+        return []
+    if depth >= (queued or 0):
+        return []  # every queued job still has its message (duplicates only make this conservative)
+    out = []
+    for row in stale:
+        with sessions.begin() as s:
+            # Touch updated_at so that each pass republishes a job at most once per interval.
+            res = s.execute(update(Job).where(Job.seq == row.seq, Job.token == row.token, Job.status == "queued",
+                                              Job.updated_at < cutoff).values(updated_at=now))
+            if res.rowcount != 1:
+                continue
+        if _publish(publisher, row.id):
+            out.append(row.id)
+    if out:
+        log.warning("reconciler: broker held %d message(s) for %d queued job(s); republished %d", depth, queued,
+                    len(out))
+    return out
+
+
+def _publish(publisher: Publisher, job_id: str) -> bool:
+    try:
+        publisher.enqueue_training(job_id)
+        return True
+    except Exception as exc:
+        log.warning("job %s: could not publish (%s); will retry", job_id, exc)
+        return False
+
+
+class Reconciler:
+    """Runs :func:`reconcile` every ``every_s`` seconds in a daemon thread (started by the API)."""
+
+    def __init__(self, sessions: "sessionmaker", publisher: Publisher, *, every_s: float, max_attempts: int,
+                 requeue_queued_after_s: float):
+        self.sessions, self.publisher, self.every_s = sessions, publisher, every_s
+        self.max_attempts = max_attempts
+        self.requeue_queued_after = timedelta(seconds=requeue_queued_after_s)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.passes = 0
+
+    def run_once(self) -> ReconcileReport:
+        return reconcile(self.sessions, self.publisher, max_attempts=self.max_attempts,
+                         requeue_queued_after=self.requeue_queued_after)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every_s):
+            try:
+                self.run_once()
+            except Exception as exc:  # database down: log and try again next interval
+                log.warning("reconciler pass failed: %s: %s", type(exc).__name__, exc)
+            self.passes += 1
+
+    def start(self) -> "Reconciler":
+        self._thread = threading.Thread(target=self._loop, name="odeforge-reconciler", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+
+__all__ = ["ATTEMPTS_EXHAUSTED", "Claim", "ReconcileReport", "Reconciler", "claim", "reconcile", "release", "renew"]
+
+
+class BrokerPublisher:
+    """:class:`Publisher` over :class:`service.broker.Broker` (adds the queue depth the reconciler compares)."""
+
+    def __init__(self, broker) -> None:  # service.broker.Broker (not imported: it imports Celery)
+        self.broker = broker
+
+    def enqueue_training(self, job_id: str) -> None:
+        self.broker.enqueue_training(job_id)
+
+    def queue_depth(self) -> int:
+        """Messages waiting in the job queue (not counting ones a worker holds unacknowledged)."""
+        from kombu.exceptions import ChannelError
+
+        settings = self.broker.settings
+        with self.broker.celery.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1, timeout=settings.broker_timeout_s)
+            try:
+                return int(conn.default_channel.queue_declare(queue=settings.queue, passive=True).message_count)
+            except ChannelError:  # Redis drops an empty list: the queue "does not exist" when it is empty
+                return 0
