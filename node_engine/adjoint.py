@@ -235,6 +235,11 @@ def odeint_adjoint(
         adjoint_mode: ``"backsolve"`` (O(1) memory in steps; Chen et al. 2018) or
             ``"checkpoint"`` (exact gradient of the discrete solve; memory O(steps × N)).
 
+    ``options=dict(step_control="per_sample")`` (see ``odeint``) is accepted only when nothing
+    requires a gradient (inference, e.g. CNF log-densities); the solve is then the plain
+    per-sample forward solve. With gradients it raises ValueError: use ``odeint`` with
+    per-sample control (backprop through the solve) or joint step control.
+
     Returns:
         (T, *S) tensor (tuple for tuple y0), the same values as ``odeint``.
 

@@ -237,7 +237,8 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method="dopri5", options=None,
             gets its own time, step size and accept/reject decision; finished samples leave the
             active set. func then receives t as a (B_active,) tensor (each sample's own time)
             and the active rows of y; it must treat rows independently. A sample's result does
-            not depend on its batch-mates. Adaptive methods dopri5/tsit5/bosh3; rtol/atol as
+            not depend on its batch-mates (up to round-off in func's batched kernels, which in
+            float32 can change a step decision: then within the tolerance). Adaptive methods dopri5/tsit5/bosh3; rtol/atol as
             floats (or one per tuple member); no step_t/jump_t. Backprop through the solve
             works; ``stats.sample_evaluations`` counts rows evaluated (the work).
         stats: a :class:`SolverStats`; nfe_forward, steps and last step size are added to it.

@@ -28,6 +28,10 @@ def compile_field(func, *, dynamic: bool | None = None, mode: str | None = None,
         A callable with the same signature. For an ``nn.Module`` the result is the compiled
         module (``torch.compile`` keeps ``parameters()``, so ``odeint_adjoint`` still finds them).
 
+    Keep Python-side state out of the field (e.g. an NFE counter ``self.calls += 1``): dynamo
+    treats such attributes as constants and recompiles on every change, up to its limit, then
+    falls back to eager. Count NFE with :class:`node_engine.SolverStats` instead.
+
     The first call compiles (seconds to minutes on CPU, needs a C++ compiler for the inductor
     backend; cached on disk by PyTorch afterwards); results agree with eager to floating-point
     round-off (fused kernels may reorder sums), see ``tests/engine/test_compile.py``.

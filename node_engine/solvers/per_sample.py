@@ -273,33 +273,58 @@ def _integrate(vf: _Field, z0: torch.Tensor, times: list[float], tab: ButcherTab
     Tidx = torch.full((1,), T, dtype=torch.long, device=dev)
     exp_acc, exp_rej = -alpha, -1.0 / k_ord
 
+    same_t = vf.t_dtype == f64
+    same_r = dt == f64
+    t_max = max(abs(t0), abs(t_end))
+    buf_rows = -1  # batch size the stage buffers below were made for (no-grad mode)
     while True:
         Ba = z.shape[0]
         n_trials += 1
-        t_new = torch.where(1.01 * h >= d * (t_end_t - t), t_end_t, t + d * h)
+        if d > 0:
+            t_new = torch.where(t_end_t - t <= 1.01 * h, t_end_t, t + h)
+        else:
+            t_new = torch.where(t - t_end_t <= 1.01 * h, t_end_t, t - h)
         hs = t_new - t  # signed, float64
-        hcol = hs.to(dt).unsqueeze(1)
-        tst = torch.addr(t.unsqueeze(0), c_t, hs).to(vf.t_dtype)  # (s, Ba) stage times
-        t_new_c = t_new.to(vf.t_dtype)
-        # K[i] = h f_i: each stage input is then a single addmm
-        K = z.new_empty(s, Ba, D)
-        Kf = K.view(s, Ba * D)
+        hcol = (hs if same_r else hs.to(dt)).unsqueeze(1)
+        t_new_c = t_new if same_t else t_new.to(vf.t_dtype)
         zf = z.reshape(1, Ba * D)
         if grad:
+            # fresh buffers every step, so autograd can record through them
+            tst = torch.addr(t.unsqueeze(0), c_t, hs).to(vf.t_dtype)
+            K = z.new_empty(s, Ba, D)
+            Kf = K.view(s, Ba * D)
             K[0] = k1 * hcol
-        else:
-            torch.mul(k1, hcol, out=K[0])
-        for i in range(1, s):
-            yi = torch.addmm(zf, a_rows[i], Kf[:i]).view(Ba, D)
-            fi = vf(t_new_c if c_one[i] else tst[i], yi)
-            if grad:
+            for i in range(1, s):
+                yi = torch.addmm(zf, a_rows[i], Kf[:i]).view(Ba, D)
+                fi = vf(t_new_c if c_one[i] else tst[i], yi)
                 K[i] = fi * hcol
-            else:
-                torch.mul(fi, hcol, out=K[i])
+        else:
+            if Ba != buf_rows:
+                # K[i] = h f_i (so each stage input is one addmm), stage inputs and stage times:
+                # made once per active-set size, with their views
+                buf_rows = Ba
+                K = z.new_empty(s, Ba, D)
+                Kf = K.view(s, Ba * D)
+                K_rows = [K[i] for i in range(s)]
+                K_pre = [Kf[:i] for i in range(s)]
+                Y = z.new_empty(s, Ba * D)
+                Y_out = [Y[i:i + 1] for i in range(s)]
+                Y_rows = [Y[i].view(Ba, D) for i in range(s)]
+                TS = torch.empty(s, Ba, dtype=f64, device=dev)
+                TS_rows = [TS[i] for i in range(s)]
+            torch.addr(t.unsqueeze(0), c_t, hs, out=TS)
+            tst = TS_rows if same_t else list(TS.to(vf.t_dtype))
+            torch.mul(k1, hcol, out=K_rows[0])
+            for i in range(1, s - 1):
+                torch.addmm(zf, a_rows[i], K_pre[i], out=Y_out[i])
+                torch.mul(vf(t_new_c if c_one[i] else tst[i], Y_rows[i]), hcol, out=K_rows[i])
+            yi = torch.addmm(zf, a_rows[s - 1], K_pre[s - 1]).view(Ba, D)  # the new state: its own tensor
+            fi = vf(t_new_c, yi)
+            torch.mul(fi, hcol, out=K_rows[s - 1])
         z_new, f_last = yi, fi  # FSAL: the last stage's input is the new state, its value f(t_new)
         with torch.no_grad():
-            err = torch.mm(b_err, Kf.detach()).view(Ba, D)
-            zd, znd = z.detach(), z_new.detach()
+            err = torch.mm(b_err, Kf.detach() if grad else Kf).view(Ba, D)
+            zd, znd = (z.detach(), z_new.detach()) if grad else (z, z_new)
             sc = torch.maximum(zd.abs(), znd.abs())
             sc = sc.mul_(rtol_s).add_(atol_s)
             e2 = err.div_(sc).square_()
@@ -307,14 +332,22 @@ def _integrate(vf: _Field, z0: torch.Tensor, times: list[float], tab: ButcherTab
                 ratio = e2.mean(dim=1)
             else:
                 ratio = torch.stack([p.mean(dim=1) for p in torch.split(e2, norm.sizes, dim=1)], 1).amax(1)
-            ratio = ratio.sqrt_().to(f64)
+            ratio = ratio.sqrt_() if same_r else ratio.sqrt_().to(f64)
             acc = ratio <= 1.0
             # outputs crossed by accepted rows: times in (t, t_new], counted by searchsorted
-            ncross = (torch.searchsorted(key, d * t_new, right=True) - i_out).mul_(acc)
-            tiny = torch.amin(hs.abs() - eps4 * torch.maximum(t.abs(), t_new.abs()))
-            flags = torch.stack([acc.sum(), ncross.max(), (tiny <= 0).long(),
-                                 (~torch.isfinite(ratio)).sum()]).tolist()  # the one host sync
-        n_acc, max_cross, any_tiny, n_nonfinite = flags
+            ncross = (torch.searchsorted(key, t_new if d > 0 else -t_new, right=True) - i_out).mul_(acc)
+            hs_abs = hs.abs()
+            # counters in one host sync: accepted, max outputs crossed, finitely rejected, min |h|
+            i_out_new = i_out + ncross
+            done = i_out_new == T  # rows that wrote their last output (landed on t_end)
+            flags = torch.stack([acc.sum(dtype=f64), ncross.max().to(f64), (ratio > 1.0).sum(dtype=f64),
+                                 hs_abs.min(), done.sum(dtype=f64)]).tolist()
+        n_acc, max_cross, n_rej, n_done = int(flags[0]), int(flags[1]), int(flags[2]), int(flags[4])
+        n_nonfinite = Ba - n_acc - n_rej
+        any_tiny = False
+        if flags[3] <= eps4 * t_max:  # only then can a row's step have underflowed: check exactly
+            any_tiny = bool((hs_abs <= eps4 * torch.maximum(t.abs(), t_new.abs())).any())
+
         if n_nonfinite or n_bad is not None:
             finite = torch.isfinite(ratio)
             n_bad = torch.where(finite, 0, (n_bad if n_bad is not None else torch.zeros_like(i_out)) + 1)
@@ -354,7 +387,7 @@ def _integrate(vf: _Field, z0: torch.Tensor, times: list[float], tab: ButcherTab
             h = hs.abs().mul_(fac)
         if n_acc == 0:
             continue
-        i_out = i_out + ncross
+        i_out = i_out_new
         if n_acc == Ba:
             t, z, k1 = t_new, z_new, f_last
         else:
@@ -362,19 +395,17 @@ def _integrate(vf: _Field, z0: torch.Tensor, times: list[float], tab: ButcherTab
             t = torch.where(acc, t_new, t)
             z = torch.where(a1, z_new, z)
             k1 = torch.where(a1, f_last, k1)
-        if max_cross:
-            done = i_out == T
-            n_done = int(done.sum())
-            if n_done:
-                if stats is not None:
-                    last_h = float(hs.abs().max())
-                if n_done == Ba:
-                    break
-                keep = (~done).nonzero().squeeze(1)
-                z, t, h, prev, i_out, gid, k1 = (
-                    x.index_select(0, keep) for x in (z, t, h, prev, i_out, gid, k1))
-                if n_bad is not None:
-                    n_bad = n_bad.index_select(0, keep)
+        if n_done:
+            if stats is not None:
+                last_h = float(hs.abs().max())
+            if n_done == Ba:
+                break
+            # compaction: finished rows leave the active set (one more sync, only on these steps)
+            keep = (~done).nonzero().squeeze(1)
+            z, t, h, prev, i_out, gid, k1 = (
+                x.index_select(0, keep) for x in (z, t, h, prev, i_out, gid, k1))
+            if n_bad is not None:
+                n_bad = n_bad.index_select(0, keep)
     if stats is not None:
         stats.steps_accepted += accepted_total
         stats.steps_rejected += rejected_total
