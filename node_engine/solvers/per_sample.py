@@ -213,8 +213,9 @@ def _integrate(vf: _Field, z0: torch.Tensor, times: list[float], tab: ButcherTab
     T = len(times)
     dev, dt = z0.device, z0.dtype
     f64 = torch.float64
-    # a graph only when someone will differentiate (backprop through the solve)
-    grad = torch.is_grad_enabled() and z0.requires_grad
+    # with grad mode on, func's parameters may require grad even when y0 does not: build a graph
+    # (fresh buffers, no out= kernels); under no_grad reuse preallocated buffers
+    grad = torch.is_grad_enabled()
     out = z0.new_zeros(T + 1, B, D)  # row T: scratch for rows that output nothing this step
     out[0] = z0
     if T == 1:

@@ -22,34 +22,48 @@ __all__ = ["RKStepper", "acquire_stepper", "release_stepper"]
 # them costs ~30 tensor views, a visible share of a small solve. A pooled stepper is taken out of
 # the pool while in use, so nested or concurrent solves never share a buffer.
 _POOL: dict[tuple, list["RKStepper"]] = {}
-_POOL_MAX_KEYS = 16
-_POOL_MAX_BYTES = 32 * 2**20  # larger buffers are not kept
+_POOL_MAX_BYTES = 64 * 2**20  # total size of the pooled stage buffers
+_pool_bytes = 0
+
+
+def _nbytes(st: "RKStepper") -> int:
+    return st.K.numel() * st.K.element_size() * 2  # stage buffer + stage inputs (about the same)
 
 
 def acquire_stepper(tab, work_shape, device, dtype) -> "RKStepper":
     """A reuse-mode (no autograd) stepper for this shape/device/dtype, from the pool if possible."""
+    global _pool_bytes
     key = (tab.name, id(tab), tuple(work_shape), str(device), dtype)
     free = _POOL.get(key)
     if free:
         try:
-            return free.pop()
+            st = free.pop()
         except IndexError:  # another thread took it
             pass
+        else:
+            _pool_bytes -= _nbytes(st)
+            return st
     st = RKStepper(tab, work_shape, device, dtype, reuse_buffer=True)
     st._pool_key = key
     return st
 
 
 def release_stepper(st: "RKStepper") -> None:
-    """Return a stepper from :func:`acquire_stepper` (call once, when the solve is over)."""
+    """Return a stepper from :func:`acquire_stepper` (call once, when the solve is over). Kept
+    only while the pool stays under its byte budget (oldest shapes are dropped first)."""
+    global _pool_bytes
     key = getattr(st, "_pool_key", None)
-    if key is None or st.K.numel() * st.K.element_size() > _POOL_MAX_BYTES:
+    size = _nbytes(st)
+    if key is None or size > _POOL_MAX_BYTES:
         return
-    if key not in _POOL and len(_POOL) >= _POOL_MAX_KEYS:
-        _POOL.pop(next(iter(_POOL)), None)
+    while _pool_bytes + size > _POOL_MAX_BYTES and _POOL:
+        old_key = next(iter(_POOL))
+        for old in _POOL.pop(old_key, []):
+            _pool_bytes -= _nbytes(old)
     free = _POOL.setdefault(key, [])
     if len(free) < 2:
         free.append(st)
+        _pool_bytes += size
 
 
 class RKStepper:
