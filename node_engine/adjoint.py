@@ -129,7 +129,8 @@ def _backsolve(run: _Run, vf: VectorField, out, g_out, info):
     params = run.params
     P = sum(p.numel() for p in params)
     aug = _AugmentedField(vf, N, params)
-    a = g_out[-1].clone()
+    # With one output time there is nothing to integrate: the adjoint is just g_out[0], added below.
+    a = g_out[-1].clone() if T > 1 else torch.zeros_like(g_out[0])
     p_adj = out.new_zeros(P)
     times = run.times
     for i in range(T - 1, 0, -1):

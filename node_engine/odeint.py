@@ -154,7 +154,7 @@ class SolverConfig:
             return integrate_fixed(vf, z0, times, stepper, grid, info, record)
         norm = ErrorNorm(self.rtol, self.atol, self.segments, self.used)
         ctrl = PIController(
-            tab.error_order,
+            tab.control_order,
             safety=float(o.get("safety", 0.9)),
             ifactor=float(o.get("ifactor", 10.0)),
             dfactor=float(o.get("dfactor", 0.2)),

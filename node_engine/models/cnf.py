@@ -145,7 +145,9 @@ class CNFBlock(nn.Module):
 
     Args:
         field: module with ``forward(t: 0-dim, z: (N, D)) -> (N, D)``; optional
-            ``analytic_divergence(t, z) -> (f, div (N,), frobenius_sq (N,))``.
+            ``analytic_divergence(t, z) -> (f, div (N,), frobenius_sq (N,))`` (used for every
+            estimator) or ``jacobian_trace(t, z, frobenius=...) -> (f, div, frobenius_sq | None)``
+            (forward-mode exact trace, used when trace_estimator is "exact").
         end_time: initial T (> 0).
         train_end_time: learn T (else it stays fixed).
     """
@@ -189,6 +191,8 @@ class _AugmentedDynamics(nn.Module):
         self.trace_estimator = trace_estimator
         self.eps = eps
         self._params_need_grad = any(p.requires_grad for p in block.parameters())
+        self._forward_trace = hasattr(block.field, "jacobian_trace")
+        self._wants_frobenius = "jacobian_norm" in regularizers
 
     def forward(self, s: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         z = state[0]
@@ -198,6 +202,17 @@ class _AugmentedDynamics(nn.Module):
         if not self.with_logdet and not self.regularizers:
             return (sign * T * self.block.field(t, z),)
 
+        field = self.block.field
+        if self.trace_estimator == "exact" and self._forward_trace:
+            # forward-mode exact trace: plain ops, autograd records them only when grad mode is on
+            f, div, frob = field.jacobian_trace(t, z, frobenius=self._wants_frobenius)
+            out = [sign * T * f]
+            if self.with_logdet:
+                out.append(T * div)
+            for name in self.regularizers:
+                out.append(T * (kinetic_energy_integrand(f) if name == "kinetic_energy" else frob))
+            return tuple(out)
+
         # A graph is needed only to differentiate the solve (backprop, adjoint backward); never for
         # the internal leaf below alone (a no-grad forward: eval, the adjoint's forward solve).
         keep_graph = torch.is_grad_enabled() and (z.requires_grad or self._params_need_grad)
@@ -205,7 +220,6 @@ class _AugmentedDynamics(nn.Module):
             if not (keep_graph and z.requires_grad):
                 # a fresh leaf: without grad mode z may be a no-grad view autograd cannot trace
                 z = z.detach().requires_grad_(True)
-            field = self.block.field
             vjp = None
             if hasattr(field, "analytic_divergence"):
                 f, div, frob = field.analytic_divergence(t, z)
@@ -237,7 +251,8 @@ class CNF(nn.Module):
             base samples.
         dim: D.
         end_time: initial T of every block (> 0).  train_end_time: learn the T's.
-        trace_estimator: "exact" (D VJPs) or "hutchinson" (one VJP, noise drawn once per solve).
+        trace_estimator: "exact" (forward-mode tangents for ConcatSquash fields, else D VJPs) or
+            "hutchinson" (one VJP, noise drawn once per solve).
             Fields with an analytic divergence (planar) always use it.
         noise: "rademacher" or "gaussian" Hutchinson noise.
         regularization: RNODE weights (Finlay et al. 2020).

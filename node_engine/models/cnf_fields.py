@@ -3,7 +3,9 @@
 Every field maps (t: 0-dim tensor, z: (N, D)) -> (N, D); samples never interact, so the Jacobian
 ∂f/∂z is block diagonal over the batch and per-sample traces come from batched VJPs. A field may also
 provide ``analytic_divergence(t, z) -> (f, tr ∂f/∂z, ‖∂f/∂z‖_F²)`` when it has a closed form (the
-planar field does); the CNF then uses it instead of autograd.
+planar field does); the CNF then uses it instead of autograd. ``ConcatSquashField`` instead has
+``jacobian_trace(t, z)``: the exact trace (and Frobenius norm) from forward-mode tangents pushed
+through the MLP alongside f, so the exact-trace CNF needs no ``autograd.grad`` inside the dynamics.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["NONLINEARITIES", "ConcatSquashLinear", "ConcatSquashField", "PlanarField"]
@@ -45,6 +48,123 @@ class ConcatSquashLinear(nn.Module):
         return self.linear(x) * torch.sigmoid(self.hyper_gate(tt)) + self.hyper_bias(tt)
 
 
+def _act_with_derivative(name: str, pre: Tensor) -> tuple[Tensor, Tensor]:
+    """(σ(pre), σ'(pre)) for the field nonlinearities, σ' as autograd computes it."""
+    if name == "tanh":
+        h = torch.tanh(pre)
+        return h, 1.0 - h * h
+    # nn.Softplus(beta=1, threshold=20): linear above the threshold, derivative exactly 1 there
+    return F.softplus(pre), torch.where(pre > 20.0, 1.0, torch.sigmoid(pre))
+
+
+class _GatedMLPTangents(torch.autograd.Function):
+    """f, tr(∂f/∂z), ‖∂f/∂z‖_F² of the MLP z -> W_L^T σ(... σ(z W_1 + b_1) ...) + b_L, where
+    W_l (in, out) and b_l (out,) already carry the time gate of a ConcatSquash layer at one time t.
+
+    Forward-mode: rows 1..D of a (D+1, N, width) buffer carry ∂h/∂z_i next to h in row 0, so each
+    hidden layer is one (D+1)N-row matrix product. The backward pass is written out by hand
+    (one autograd node instead of ~60), which is what the adjoint's VJP of the CNF dynamics costs.
+    First-order only (``once_differentiable``): nothing here needs second derivatives.
+    """
+
+    @staticmethod
+    def forward(ctx, nonlinearity: str, z: Tensor, *wb: Tensor):
+        n_layers = len(wb) // 2
+        ws, bs = wb[:n_layers], wb[n_layers:]
+        n, d = z.shape
+        tanh = nonlinearity == "tanh"
+        xs, slopes, tangent_pres = [z], [], []
+        x = None
+        for i in range(n_layers):
+            w, b = ws[i], bs[i]
+            if i == n_layers - 1:
+                # D outputs: a skinny product, much faster (MKL) as Wᵀ Xᵀ -> (D, D+1, N)
+                pre = torch.mm(w.t(), x.view(-1, x.shape[-1]).t()).view(w.shape[1], d + 1, n)
+                f = pre[:, 0].t() + b
+                jac = pre[:, 1:]  # (D, D, N): jac[k, i, n] = ∂f_k/∂z_i at sample n
+                div = jac.diagonal(dim1=0, dim2=1).sum(dim=1)
+                frob = jac.pow(2).sum(dim=(0, 1))
+                ctx.nonlinearity = nonlinearity
+                ctx.save_for_backward(*xs, *slopes, *tangent_pres, jac, *ws)
+                return f, div, frob
+            if i == 0:
+                pre_h = torch.addmm(b, z, w)  # (N, width)
+                pre_t = w.unsqueeze(1)  # (D, 1, width): tangent of e_i is row i of W_1
+            else:
+                pre = torch.mm(x.view(-1, x.shape[-1]), w).view(d + 1, n, -1)
+                pre_h, pre_t = pre[0], pre[1:]
+                pre_h.add_(b)
+            x = z.new_empty(d + 1, n, w.shape[1])
+            if tanh:
+                torch.tanh(pre_h, out=x[0])
+                slope = x[0] * x[0]
+                slope.neg_().add_(1.0)
+            else:
+                x[0].copy_(torch.nn.functional.softplus(pre_h))
+                slope = torch.where(pre_h > 20.0, 1.0, torch.sigmoid(pre_h))
+            torch.mul(pre_t, slope, out=x[1:])
+            xs.append(x)
+            slopes.append(slope)
+            tangent_pres.append(pre_t)
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_f: Tensor | None, g_div: Tensor | None, g_frob: Tensor | None):
+        saved = ctx.saved_tensors
+        n_hidden = (len(saved) - 2) // 4  # xs: n_hidden+1, slopes/tangent_pres: n_hidden, J, ws: n_hidden+1
+        xs = saved[: n_hidden + 1]
+        slopes = saved[n_hidden + 1 : 2 * n_hidden + 1]
+        tangent_pres = saved[2 * n_hidden + 1 : 3 * n_hidden + 1]
+        jac = saved[3 * n_hidden + 1]  # (D, D, N): jac[k, i, n] = ∂f_k/∂z_i
+        ws = saved[3 * n_hidden + 2 :]
+        z = xs[0]
+        n, d = z.shape
+        tanh = ctx.nonlinearity == "tanh"
+        # gradient wrt the last layer's (transposed) pre-activations (D, D+1, N): f, J e_1..J e_D
+        g_last = z.new_zeros(d, d + 1, n)
+        if g_f is not None:
+            g_last[:, 0] = g_f.t()
+        if g_frob is not None:
+            torch.mul(jac, 2.0 * g_frob, out=g_last[:, 1:])
+        if g_div is not None:
+            g_last[:, 1:].diagonal(dim1=0, dim2=1).add_(g_div.unsqueeze(1))
+        g_ws, g_bs = [None] * len(ws), [None] * len(ws)
+        last = len(ws) - 1
+        x, w = xs[last], ws[last]
+        g_last = g_last.view(d, -1)
+        g_ws[last] = torch.mm(g_last, x.view(-1, x.shape[-1])).t()
+        g_bs[last] = g_last[:, :n].sum(dim=1)
+        g_x = torch.mm(g_last.t(), w.t()).view(d + 1, n, -1)
+        for i in range(last, 0, -1):
+            if i < last:
+                w, x = ws[i], xs[i]
+                g_bs[i] = g_pre[0].sum(dim=0)
+                g_ws[i] = torch.mm(x.view(-1, x.shape[-1]).t(), g_pre.view(-1, g_pre.shape[-1]))
+                g_x = torch.mm(g_pre.view(-1, g_pre.shape[-1]), w.t()).view(d + 1, n, -1)
+            # through h' = σ(pre_h), t' = pre_t ⊙ σ'(pre_h)
+            slope, pre_t = slopes[i - 1], tangent_pres[i - 1]
+            g_h, g_t = g_x[0], g_x[1:]
+            g_pre = torch.empty_like(g_x)
+            torch.mul(g_t, slope, out=g_pre[1:])
+            g_slope = torch.mul(g_t[0], pre_t[0])  # Σ_i g_t[i] ⊙ pre_t[i]: (N, width)
+            for j in range(1, d):
+                g_slope.addcmul_(g_t[j], pre_t[j])
+            if i == 1:  # pre_t of layer 1 is W_1 broadcast: its gradient is Σ_n g_t ⊙ σ'
+                g_pre_t_w1 = g_pre[1:].sum(dim=1)
+            if tanh:  # σ' = 1 - h², σ'' = -2 h σ'
+                torch.addcmul(g_h, x[0], g_slope, value=-2.0, out=g_pre[0])
+            else:  # σ' = sigmoid, σ'' = σ'(1 - σ') (0 above softplus' threshold, where σ' = 1)
+                torch.addcmul(g_h, g_slope, 1.0 - slope, out=g_pre[0])
+            g_pre[0].mul_(slope)
+        # first layer: pre_h = z W_1 + b_1 and pre_t[i] = W_1[i] (broadcast over N)
+        g_pre_h = g_pre[0]
+        g_bs[0] = g_pre_h.sum(dim=0)
+        g_ws[0] = torch.addmm(g_pre_t_w1, z.t(), g_pre_h)
+        g_z = torch.mm(ws[0], g_pre_h.t()).t()
+        return (None, g_z, *g_ws, *g_bs)
+
+
 class ConcatSquashField(nn.Module):
     """MLP of ConcatSquashLinear layers: D -> hidden_dims... -> D, nonlinearity between layers.
 
@@ -65,6 +185,7 @@ class ConcatSquashField(nn.Module):
             raise ValueError(f"dim and hidden_dims must be positive integers, got {widths}")
         self.layers = nn.ModuleList(ConcatSquashLinear(a, b) for a, b in zip(widths[:-1], widths[1:]))
         self.act = NONLINEARITIES[nonlinearity]()
+        self.nonlinearity = nonlinearity
 
     def forward(self, t: Tensor, z: Tensor) -> Tensor:
         h = z
@@ -73,6 +194,64 @@ class ConcatSquashField(nn.Module):
             if i < len(self.layers) - 1:
                 h = self.act(h)
         return h
+
+    fused_tangents = True  # the hand-written one-node path (one time for the batch); else autograd ops
+
+    def jacobian_trace(self, t: Tensor, z: Tensor, *, frobenius: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
+        """f, tr(∂f/∂z) and optionally ‖∂f/∂z‖_F² in one forward pass (forward-mode, exact).
+
+        The D tangents J e_1..J e_D ride along with f through the MLP: a layer's pre-activation
+        p = (W h + c) ⊙ g(t) + b(t) has tangent (W ḣ) ⊙ g(t), the nonlinearity multiplies by σ'(p).
+        The first layer's tangent of e_i is just column i of W. For D = 2 and 64-wide layers this is
+        about 3 forward passes, and differentiating it (training, the adjoint's VJP) is one ordinary
+        backward pass instead of the double backward through D autograd VJPs.
+
+        Args:
+            t: 0-dim time, or (N,) per-sample times.  z: (N, D).
+            frobenius: also return ‖∂f/∂z‖_F² (RNODE's Jacobian norm, Finlay et al. 2020 eq. 9).
+        Returns:
+            (f (N, D), tr ∂f/∂z (N,), ‖∂f/∂z‖_F² (N,) or None); differentiable wrt z, t, parameters.
+        """
+        tt = _time_column(t, z)
+        if tt.shape[0] == 1 and len(self.layers) > 1 and self.fused_tangents:
+            # one time for the whole batch: fold the gate into the layer, W_l^T σ(a t + a0) and
+            # c ⊙ σ(a t + a0) + b t, then one fused node for the MLP and its tangents
+            ws, bs = [], []
+            for layer in self.layers:
+                gate = torch.sigmoid(layer.hyper_gate(tt))[0]
+                ws.append(layer.linear.weight.t() * gate)
+                bs.append(torch.addcmul(layer.hyper_bias(tt)[0], layer.linear.bias, gate))
+            f, div, frob = _GatedMLPTangents.apply(self.nonlinearity, z, *ws, *bs)
+            return f, div, (frob if frobenius else None)
+        last = len(self.layers) - 1
+        h, tangent = z, None  # tangent: (D, N, width), tangent[i] = ∂h/∂z_i
+        for i, layer in enumerate(self.layers):
+            gate = torch.sigmoid(layer.hyper_gate(tt))  # (1 or N, width)
+            weight = layer.linear.weight
+            if gate.shape[0] == 1:
+                # one time for the whole batch: fold the gate into W and c (an (in, width) product
+                # instead of two (N, width)-sized ones, forward and backward)
+                w_gated = weight.t() * gate
+                pre = torch.addmm(torch.addcmul(layer.hyper_bias(tt)[0], layer.linear.bias, gate[0]), h, w_gated)
+                tangent_pre = w_gated.unsqueeze(1) if tangent is None else torch.matmul(tangent, w_gated)
+            else:
+                pre = torch.addmm(layer.linear.bias, h, weight.t()) * gate + layer.hyper_bias(tt)
+                if tangent is None:
+                    tangent_pre = weight.t().unsqueeze(1) * gate  # (D, N, width)
+                else:
+                    tangent_pre = torch.matmul(tangent, weight.t()) * gate
+            if i == last:
+                # tangent_pre[i, n, k] = ∂f_k/∂z_i at sample n
+                div = tangent_pre.diagonal(dim1=0, dim2=2).sum(dim=1)
+                if div.shape[0] != z.shape[0]:  # a 1-layer field: the Jacobian is the same for all
+                    div = div.expand(z.shape[0])
+                frob = None
+                if frobenius:
+                    frob = tangent_pre.pow(2).sum(dim=(0, 2)).expand(z.shape[0])
+                return pre, div, frob
+            h, slope = _act_with_derivative(self.nonlinearity, pre)
+            tangent = tangent_pre * slope
+        raise AssertionError("unreachable: a ConcatSquashField has at least one layer")
 
 
 class PlanarField(nn.Module):

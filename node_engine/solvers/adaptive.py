@@ -103,7 +103,7 @@ def integrate_adaptive(
     if opts.first_step is not None:
         h = min(abs(float(opts.first_step)), span)
     else:
-        h = initial_step_size(vf, t0, z0, k1, d, abs(stops[0][0] - t0), stepper.tab.error_order, norm)
+        h = initial_step_size(vf, t0, z0, k1, d, abs(stops[0][0] - t0), stepper.tab.control_order, norm)
     reuse = stepper.reuse
     if reuse:
         stepper.set_k1(k1)

@@ -228,7 +228,7 @@ def _integrate(vf: _Field, z0: torch.Tensor, times: list[float], tab: ButcherTab
     beta = float(o.get("beta", 0.0))
     if not (0 < safety <= 1 and ifactor >= 1 and 0 < dfactor <= 1 and 0 <= beta < 0.2):
         raise ValueError("bad controller options (need 0<safety<=1, ifactor>=1, 0<dfactor<=1, 0<=beta<0.2)")
-    k_ord = tab.error_order + 1
+    k_ord = tab.control_order + 1
     alpha = 1.0 / k_ord - 0.75 * beta
     mns = o.get("max_num_steps", 100_000)
     if not (isinstance(mns, int) and mns > 0):
@@ -264,7 +264,7 @@ def _integrate(vf: _Field, z0: torch.Tensor, times: list[float], tab: ButcherTab
             raise ValueError(f"options['first_step'] must be a nonzero finite number, got {fs}")
         h = torch.full((B,), min(abs(fs), span), dtype=f64, device=dev)
     else:
-        h = _initial_step(vf, t.to(t_dtype_f), z, k1, d, span, tab.error_order, norm)
+        h = _initial_step(vf, t.to(t_dtype_f), z, k1, d, span, tab.control_order, norm)
     prev = torch.full((B,), 1e-4, dtype=f64, device=dev)
     i_out = torch.ones(B, dtype=torch.long, device=dev)
     n_bad = None  # consecutive non-finite trials per row, tracked only once one happened

@@ -55,7 +55,7 @@ class StateLayout:
         if not self.is_tuple:
             return z.view(*lead, *self.shapes[0])
         parts = torch.split(z, self.sizes, dim=-1)
-        return tuple(p.reshape(*lead, *s) for p, s in zip(parts, self.shapes))
+        return tuple(p.reshape(tuple(lead) + tuple(s)) for p, s in zip(parts, self.shapes))
 
     @property
     def work_shape(self) -> torch.Size:

@@ -122,6 +122,17 @@ class ButcherTableau:
     fsal: bool = field(init=False)
     stages: int = field(init=False)
 
+    @property
+    def control_order(self) -> int | None:
+        """q such that the step-size exponent is 1/(q+1): the order the error estimate scales with, less one.
+
+        The embedded order for ordinary pairs; DOP853's combined estimate err5²/sqrt(err5² + 0.01·err3²)
+        scales like h⁸, so Hairer's dop853.f uses the exponent 1/8 there (q = 7).
+        """
+        if self.b_err3 is not None:
+            return self.order - 1
+        return self.error_order
+
     def __post_init__(self) -> None:
         s = len(self.c)
         if len(self.a) != s or any(len(row) != i for i, row in enumerate(self.a)):

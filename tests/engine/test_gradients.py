@@ -262,3 +262,31 @@ def test_adjoint_backwards_in_time_and_jump(mode):
     g = _grads(odeint_adjoint, field, y0, t, w, adjoint_mode=mode, **kw)
     tol = 1e-9 if mode == "checkpoint" else 1e-6
     assert _rel(g, g_bp) < tol
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_single_output_time_gradient_is_identity(mode):
+    # With t = [t0] the solution is y0 itself, so d(sum(w * out))/dy0 = w exactly, and no parameter
+    # gradient flows. (A single-time call once added g_out[0] twice in backsolve mode.)
+    field = MLPField()
+    y0 = torch.tensor([0.3, -0.7], dtype=f64, requires_grad=True)
+    w = torch.tensor([[1.5, -2.0]], dtype=f64)
+    out = odeint_adjoint(field, y0, torch.tensor([0.0], dtype=f64), adjoint_mode=mode)
+    (g,) = torch.autograd.grad((out * w).sum(), [y0])
+    assert torch.equal(g, w[0])
+
+
+@pytest.mark.parametrize("adjoint", [False, True])
+def test_tuple_of_scalars_harmonic_oscillator(adjoint):
+    # (x, v) as two 0-d tensors, as torchdiffeq allows: x'' = -x, so x(t) = cos t, v(t) = -sin t,
+    # and d x(t1)/d x0 = cos t1 analytically.
+    x0 = torch.tensor(1.0, dtype=f64, requires_grad=True)
+    v0 = torch.tensor(0.0, dtype=f64)
+    t = torch.tensor([0.0, 1.0], dtype=f64)
+    solve = odeint_adjoint if adjoint else odeint
+    kw = dict(adjoint_params=()) if adjoint else {}
+    x, v = solve(lambda t, s: (s[1], -s[0]), (x0, v0), t, rtol=1e-10, atol=1e-12, **kw)
+    assert x.shape == (2,) and v.shape == (2,)
+    assert abs(x[-1].item() - math.cos(1.0)) < 1e-8 and abs(v[-1].item() + math.sin(1.0)) < 1e-8
+    (g,) = torch.autograd.grad(x[-1], [x0])
+    assert abs(g.item() - math.cos(1.0)) < 1e-7
