@@ -68,9 +68,18 @@ class _GatedMLPTangents(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, nonlinearity: str, z: Tensor, *wb: Tensor):
-        n_layers = len(wb) // 2
-        ws, bs = wb[:n_layers], wb[n_layers:]
+    def forward(ctx, nonlinearity: str, t: Tensor, z: Tensor, *raw: Tensor):
+        # raw: per layer (W (out, in), c (out,), a (out, 1), a0 (out,), b (out, 1)) of
+        # y = (W x + c) ⊙ sigmoid(a t + a0) + b t; fold the gate into W_l^T and the bias
+        n_layers = len(raw) // 5
+        ws, bs, gates = [], [], []
+        for i in range(n_layers):
+            weight, bias, a, a0, b_t = raw[5 * i : 5 * i + 5]
+            gate = torch.sigmoid(torch.addcmul(a0, a[:, 0], t))
+            gates.append(gate)
+            ws.append(weight.t() * gate)
+            bs.append(torch.addcmul(b_t[:, 0] * t, bias, gate))
+        ctx.raw_saved = len(raw)
         n, d = z.shape
         tanh = nonlinearity == "tanh"
         xs, slopes, tangent_pres = [z], [], []
@@ -85,7 +94,7 @@ class _GatedMLPTangents(torch.autograd.Function):
                 div = jac.diagonal(dim1=0, dim2=1).sum(dim=1)
                 frob = jac.pow(2).sum(dim=(0, 1))
                 ctx.nonlinearity = nonlinearity
-                ctx.save_for_backward(*xs, *slopes, *tangent_pres, jac, *ws)
+                ctx.save_for_backward(*xs, *slopes, *tangent_pres, jac, *ws, t, *gates, *raw)
                 return f, div, frob
             if i == 0:
                 pre_h = torch.addmm(b, z, w)  # (N, width)
@@ -112,6 +121,11 @@ class _GatedMLPTangents(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_f: Tensor | None, g_div: Tensor | None, g_frob: Tensor | None):
         saved = ctx.saved_tensors
+        n_layers = ctx.raw_saved // 5
+        t = saved[-ctx.raw_saved - n_layers - 1]
+        gates = saved[-ctx.raw_saved - n_layers : -ctx.raw_saved]
+        raw = saved[-ctx.raw_saved :]
+        saved = saved[: -ctx.raw_saved - n_layers - 1]
         n_hidden = (len(saved) - 2) // 4  # xs: n_hidden+1, slopes/tangent_pres: n_hidden, J, ws: n_hidden+1
         xs = saved[: n_hidden + 1]
         slopes = saved[n_hidden + 1 : 2 * n_hidden + 1]
@@ -162,7 +176,17 @@ class _GatedMLPTangents(torch.autograd.Function):
         g_bs[0] = g_pre_h.sum(dim=0)
         g_ws[0] = torch.addmm(g_pre_t_w1, z.t(), g_pre_h)
         g_z = torch.mm(ws[0], g_pre_h.t()).t()
-        return (None, g_z, *g_ws, *g_bs)
+        # through the gate folding W_l^T ⊙ g, c ⊙ g + b t with g = sigmoid(a t + a0)
+        g_raw, g_t = [], torch.zeros_like(t)
+        for i in range(n_layers):
+            weight, bias, a, a0, b_t = raw[5 * i : 5 * i + 5]
+            gate, g_w, g_b = gates[i], g_ws[i], g_bs[i]
+            g_gate = torch.addcmul((g_w * weight.t()).sum(dim=0), g_b, bias)
+            g_gate_pre = g_gate * gate * (1.0 - gate)
+            g_raw += [(g_w * gate).t(), g_b * gate, (g_gate_pre * t).unsqueeze(1), g_gate_pre,
+                      (g_b * t).unsqueeze(1)]
+            g_t = g_t + torch.dot(g_gate_pre, a[:, 0]) + torch.dot(g_b, b_t[:, 0])
+        return (None, g_t, g_z, *g_raw)
 
 
 class ConcatSquashField(nn.Module):
@@ -216,12 +240,11 @@ class ConcatSquashField(nn.Module):
         if tt.shape[0] == 1 and len(self.layers) > 1 and self.fused_tangents:
             # one time for the whole batch: fold the gate into the layer, W_l^T σ(a t + a0) and
             # c ⊙ σ(a t + a0) + b t, then one fused node for the MLP and its tangents
-            ws, bs = [], []
+            raw = []
             for layer in self.layers:
-                gate = torch.sigmoid(layer.hyper_gate(tt))[0]
-                ws.append(layer.linear.weight.t() * gate)
-                bs.append(torch.addcmul(layer.hyper_bias(tt)[0], layer.linear.bias, gate))
-            f, div, frob = _GatedMLPTangents.apply(self.nonlinearity, z, *ws, *bs)
+                raw += [layer.linear.weight, layer.linear.bias, layer.hyper_gate.weight, layer.hyper_gate.bias,
+                        layer.hyper_bias.weight]
+            f, div, frob = _GatedMLPTangents.apply(self.nonlinearity, tt.reshape(()), z, *raw)
             return f, div, (frob if frobenius else None)
         last = len(self.layers) - 1
         h, tangent = z, None  # tangent: (D, N, width), tangent[i] = ∂h/∂z_i

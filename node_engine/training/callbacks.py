@@ -13,7 +13,7 @@ class TrainingCallbacks:
 
     def on_step(self, record: dict[str, Any]) -> None:
         """Per-iteration metrics (every ``log_every`` steps): step, loss, then ``nll`` and ``bits_per_dim``
-        (density; original coordinates), ``accuracy`` (classifier) or ``kl_plus_log_z`` (energy target),
+        (density; original coordinates), ``accuracy`` (classifier) or ``kl_minus_log_z`` (energy target),
         nfe_forward, nfe_backward, wall_seconds (this step), elapsed_seconds (run so far), lr, grad_norm,
         regularizers ({name: weighted value}), and ``epoch`` for data-set objectives."""
 

@@ -151,7 +151,7 @@ class Trainer:
             return loss, {"nll": nll, "bits_per_dim": nll / (self.data.dim * math.log(2.0))}
         x, log_q = self.model.sample_and_log_prob(self.batch_size, generator=self._noise)
         loss = (log_q + self.data.energy(x)).mean()
-        return loss, {"kl_plus_log_z": loss.item()}
+        return loss, {"kl_minus_log_z": loss.item()}
 
     def _likely_cause(self) -> str:
         solver = self.spec["solver"]
@@ -210,7 +210,8 @@ class Trainer:
         try:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.config.seed * _SEED_MIX + self.step + 11)
-                metrics = self._evaluate(generator)
+                with torch.no_grad():  # evaluation needs no parameter graph (fields enable grad for their trace)
+                    metrics = self._evaluate(generator)
         finally:
             self.model.set_tolerances(self._train_rtol, self._train_atol)
         self.last_eval = {"step": self.step, **metrics}

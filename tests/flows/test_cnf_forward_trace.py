@@ -18,7 +18,7 @@ from node_engine.models.cnf_fields import ConcatSquashField
 D64 = torch.float64
 
 
-def _field(dim, hidden, nonlinearity, seed, scale=2.0):
+def _field(dim, hidden, nonlinearity, seed, scale=3.0):
     torch.manual_seed(seed)
     field = ConcatSquashField(dim, hidden, nonlinearity).to(D64)
     with torch.no_grad():  # default init is nearly linear; larger weights make σ'' matter
@@ -59,7 +59,7 @@ def test_trace_and_frobenius_equal_the_full_jacobian(fused, nonlinearity, time_k
         assert torch.allclose(f[k], field(tk, z[k : k + 1])[0], rtol=0, atol=1e-13)
         assert div[k].item() == pytest.approx(torch.trace(jac).item(), rel=1e-12, abs=1e-13)
         assert frob[k].item() == pytest.approx(jac.pow(2).sum().item(), rel=1e-12, abs=1e-13)
-    assert div.abs().max() > 1e-2  # a non-trivial field: the check above can fail
+    assert div.abs().max() > 1e-3 and frob.max() > 1e-4  # a non-trivial field: the check can fail
 
 
 def test_softplus_above_its_threshold_matches_autograd(fused):
@@ -77,9 +77,12 @@ def test_softplus_above_its_threshold_matches_autograd(fused):
     div_ref, frob_ref = divergence_exact(f_ref, zz, create_graph=True)
     assert torch.allclose(div, div_ref, rtol=1e-12, atol=1e-12)
     assert torch.allclose(frob, frob_ref, rtol=1e-12, atol=1e-12)
-    g = torch.autograd.grad((div.sum() + frob.sum()), [zz, *params])
-    g_ref = torch.autograd.grad((div_ref.sum() + frob_ref.sum()), [zz, *params])
-    for a, b in zip(g, g_ref):
+    # (the last layer's time shift b·t does not enter the Jacobian: its gradient is absent/zero)
+    g = torch.autograd.grad((div.sum() + frob.sum()), [zz, *params], allow_unused=True)
+    g_ref = torch.autograd.grad((div_ref.sum() + frob_ref.sum()), [zz, *params], allow_unused=True)
+    for a, b, p in zip(g, g_ref, [zz, *params]):
+        a = torch.zeros_like(p) if a is None else a
+        b = torch.zeros_like(p) if b is None else b
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-10)
 
 
