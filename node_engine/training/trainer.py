@@ -17,6 +17,7 @@ resumed from a checkpoint takes the same trajectory as one that never stopped.
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Mapping
@@ -321,8 +322,15 @@ class Trainer:
         return save_checkpoint(ckpt)
 
     @classmethod
-    def from_checkpoint(cls, data: bytes, *, device: str | torch.device = "cpu") -> "Trainer":
+    def from_checkpoint(cls, data: bytes, *, device: str | torch.device = "cpu",
+                        dataset_path: str | None = None) -> "Trainer":
         """Rebuild a trainer from :meth:`checkpoint` bytes; :meth:`run` then continues the same trajectory.
+
+        Args:
+            data: the bytes of a ``.safetensors`` checkpoint written by :meth:`checkpoint`.
+            device: where to rebuild the model and optimizer.
+            dataset_path: where the data file is *now* (uploads, MNIST), when the resuming worker sees it
+                at another path than the one that wrote the checkpoint; None keeps the stored path.
 
         Raises:
             CheckpointError: corrupted/tampered bytes, or a model/data set that no longer matches
@@ -331,7 +339,10 @@ class Trainer:
         ckpt = load_checkpoint(data)
         if ckpt.optimizer_state is None or "torch" not in ckpt.rng_state or "noise" not in ckpt.rng_state:
             raise CheckpointError("checkpoint lacks optimizer or RNG state; it cannot resume training")
-        trainer = cls(ckpt.spec, device=device)
+        spec = copy.deepcopy(ckpt.spec)
+        if dataset_path is not None:
+            spec["dataset"]["path"] = dataset_path
+        trainer = cls(spec, device=device)
         if trainer.kind != ckpt.kind:
             raise CheckpointError(f"checkpoint kind {ckpt.kind!r} does not match its spec ({trainer.kind!r})")
         saved = ckpt.dataset.get("standardization")

@@ -211,3 +211,25 @@ def test_tampered_or_mismatched_checkpoint_refused(tmp_path):
     np.save(tmp_path / "u.npy", np.random.default_rng(1).normal(size=(50, 2)))
     with pytest.raises(CheckpointError, match="differs"):
         Trainer.from_checkpoint(saved)
+
+
+def test_resume_reads_the_upload_where_the_resuming_worker_sees_it(tmp_path):
+    # The worker that resumes may mount the artifact store elsewhere: the stored path is gone, the
+    # same file lives under another name, and dataset_path points the trainer at it.
+    first, moved = tmp_path / "a" / "u.npy", tmp_path / "b" / "u.npy"
+    first.parent.mkdir()
+    moved.parent.mkdir()
+    np.save(first, np.random.default_rng(0).normal(size=(60, 2)))
+    spec = _spec({"type": "planar", "num_layers": 2}, {"name": "upload", "path": str(first)}, iterations=3)
+    uninterrupted = build_trainer(spec)
+    uninterrupted.run()
+    stopped = build_trainer(spec)
+    stopped.run(Recorder(stop_at=1))
+    saved = stopped.checkpoint()
+    first.rename(moved)
+    with pytest.raises(DatasetError):
+        Trainer.from_checkpoint(saved)
+    resumed = Trainer.from_checkpoint(saved, dataset_path=str(moved))
+    resumed.run()
+    for a, b in zip(resumed.model.parameters(), uninterrupted.model.parameters()):
+        assert torch.equal(a, b)
