@@ -1,14 +1,15 @@
 """CNF training throughput and adjoint cost: node_engine vs a torchdiffeq reference loop (issue 6,
 items 3 and 4), side by side in one process.
 
-    python benchmarks/cnf_training.py [--iters 6] [--batch 512] [--threads 1]
+    python benchmarks/cnf_training.py [--iters 6] [--batch 512] [--threads 1] [--pretrain 200] [--field-reps 30]
 
 Model: FFJORD's toy configuration — one ConcatSquash field 2-64-64-64-2, tanh, exact trace,
 learned end time T = softplus(θ) (initial 1), dopri5 at rtol = atol = 1e-5, Adam lr 1e-3, batch
 512 of two moons (scikit-learn ``make_moons(noise=0.05)``, standardized), float32.
 
 - ours: ``node_engine.models.cnf.CNF`` trained with ``odeint_adjoint`` (backsolve, seminorm — the
-  default of training jobs).
+  default of training jobs); its exact trace comes from forward-mode tangents
+  (``ConcatSquashField.jacobian_trace``), not from D autograd VJPs.
 - reference: a small independent CNF written here on torchdiffeq 0.2.5 (``odeint_adjoint``,
   default norm, FFJORD-style exact divergence with ``create_graph=True``), with the *same weights*
   (copied from ours at step 0), the same batches, the same tolerances.
@@ -16,6 +17,12 @@ learned end time T = softplus(θ) (initial 1), dopri5 at rtol = atol = 1e-5, Ada
 Iterations alternate between the two loops (ours, reference, ours, ...). Reported: median seconds
 per iteration and iterations/s, forward/backward NFE per iteration, and the test NLL (nats, 4096
 held-out points, evaluated at 1e-5 by each library) after the same number of iterations.
+
+Field rows (``--field-reps``): one evaluation of f and its exact trace at batch 512, without
+gradient (the forward solve) and with the VJP wrt (z, parameters) that the adjoint's backward solve
+takes, four ways: the fused forward-mode node, forward-mode as plain autograd ops, D autograd VJPs
+with ``create_graph`` (the generic path, as FFJORD and the reference do), and the D VJPs batched in
+one ``autograd.grad(..., is_grads_batched=True)``.
 
 Adjoint cost rows: for the same weights (at step 0 and after training), the gradient of the mean
 NLL of one batch by (a) node_engine seminorm, (b) node_engine default norm, (c) torchdiffeq default
@@ -175,6 +182,71 @@ def gradient_rows(ours: CNF, xb: torch.Tensor, label: str):
     return rows
 
 
+def field_rows(reps: int, batch: int):
+    """Median µs of one exact-trace evaluation (no grad / with the adjoint's VJP), interleaved."""
+    from node_engine.models.cnf_fields import ConcatSquashField
+    from node_engine.models.cnf_divergence import divergence_exact
+
+    torch.manual_seed(0)
+    field = ConcatSquashField(2, (64, 64, 64), "tanh")
+    params = tuple(field.parameters())
+    z0 = torch.randn(batch, 2)
+    t = torch.tensor(0.4)
+    a, a_div = torch.randn(batch, 2), torch.randn(batch)
+    eye = torch.eye(2).unsqueeze(1).expand(2, batch, 2)
+
+    def forward_mode(fused):
+        def run(with_vjp):
+            ConcatSquashField.fused_tangents = fused
+            z = z0.detach().requires_grad_(with_vjp)
+            with torch.set_grad_enabled(with_vjp):
+                f, div, _ = field.jacobian_trace(t, z)
+            if with_vjp:
+                torch.autograd.grad((f, div), (z,) + params, (a, a_div))
+        return run
+
+    def vjps(batched):
+        def run(with_vjp):
+            with torch.enable_grad():
+                z = z0.detach().requires_grad_(True)
+                f = field(t, z)
+                if batched:
+                    rows = torch.autograd.grad(f, z, eye, is_grads_batched=True, create_graph=with_vjp)[0]
+                    div = rows.diagonal(dim1=0, dim2=2).sum(dim=1)
+                else:
+                    div, _ = divergence_exact(f, z, create_graph=with_vjp)
+                if with_vjp:
+                    torch.autograd.grad((f, div), (z,) + params, (a, a_div))
+        return run
+
+    ways = {"forward-mode, fused node (ours)": forward_mode(True),
+            "forward-mode, autograd ops": forward_mode(False),
+            "D VJPs, create_graph (generic / FFJORD)": vjps(False),
+            "D VJPs batched (is_grads_batched)": vjps(True)}
+    times = {(k, v): [] for k in ways for v in (False, True)}
+    plain = []
+    for r in range(reps):
+        order = list(ways.items()) if r % 2 == 0 else list(ways.items())[::-1]
+        start = time.perf_counter()
+        with torch.no_grad():
+            field(t, z0)
+        plain.append(time.perf_counter() - start)
+        for name, run in order:
+            for with_vjp in (False, True):
+                start = time.perf_counter()
+                run(with_vjp)
+                times[(name, with_vjp)].append(time.perf_counter() - start)
+    ConcatSquashField.fused_tangents = True
+    base = statistics.median(plain)
+    print(f"\nOne exact-trace evaluation, batch {batch}, medians of {reps} interleaved rounds "
+          f"(plain f alone: {base * 1e6:.0f} µs)\n")
+    print("| way | f + trace, no grad [µs] | x plain f | f + trace + VJP [µs] | x plain f |")
+    print("|---|---|---|---|---|")
+    for name in ways:
+        nf, wv = statistics.median(times[(name, False)]), statistics.median(times[(name, True)])
+        print(f"| {name} | {nf * 1e6:.0f} | {nf / base:.1f} | {wv * 1e6:.0f} | {wv / base:.1f} |")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--iters", type=int, default=6)
@@ -183,8 +255,11 @@ def main():
     ap.add_argument("--test", type=int, default=4096)
     ap.add_argument("--pretrain", type=int, default=0, help="node_engine iterations before the comparison")
     ap.add_argument("--pretrain-lr", type=float, default=1e-2)
+    ap.add_argument("--field-reps", type=int, default=0, help="also time one field evaluation, four ways")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.field_reps:
+        field_rows(args.field_reps, args.batch)
 
     train = moons(20000, 0)
     mean, std = train.mean(0), train.std(0)

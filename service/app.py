@@ -14,10 +14,16 @@ from typing import AsyncIterator
 from fastapi import FastAPI, Request
 from starlette.responses import Response
 
+from service.auth import ApiKeyMiddleware
 from service.container import Services
 from service.errors import install_handlers, problem_response
+from service.leases import BrokerPublisher, Reconciler
+from service.limits import BodySizeLimitMiddleware
 from service.observability import ApiMetrics
+from service.openapi_docs import document_common_responses
+from service.outages import install_outage_handlers
 from service.routers import api_router
+from service.runtime import freeze_startup_heap
 from service.settings import Settings, get_settings
 
 API_DESCRIPTION = """Train Neural ODEs and continuous normalizing flows on request.
@@ -36,14 +42,26 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         services = Services.build(settings, metrics)
         app.state.services = services
+        freeze_startup_heap()  # full GC passes would otherwise stall every request (service/runtime.py)
+        # Requeues jobs whose worker was lost (expired lease) and republishes lost messages.
+        reconciler = Reconciler(services.store.sessions, BrokerPublisher(services.broker),
+                                every_s=settings.reconcile_every_s, max_attempts=settings.max_attempts,
+                                requeue_queued_after_s=settings.requeue_queued_after_s).start()
+        app.state.reconciler = reconciler
         try:
             yield
         finally:
+            reconciler.stop()
             services.close()
 
     app = FastAPI(title="odeforge", version="0.1.0", description=API_DESCRIPTION, lifespan=lifespan)
     install_handlers(app)
+    install_outage_handlers(app)
+    document_common_responses(app)
     app.include_router(api_router())
+    # Innermost middleware (added first): it also counts bodies streamed without Content-Length, and
+    # its 413 reaches the problem+json handler directly, not wrapped by the middlewares around it.
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
 
     @app.middleware("http")
     async def body_limit(request: Request, call_next):  # type: ignore[no-untyped-def]
@@ -54,6 +72,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                     slug="body-too-large")
         return await call_next(request)
 
+    # API keys are checked before any body is read.
+    app.add_middleware(ApiKeyMiddleware, keys=settings.api_key_owners)
     app.middleware("http")(metrics.middleware)
     return app
 

@@ -33,7 +33,7 @@ class Services:
         return cls(
             settings=settings,
             engine=engine,
-            store=JobStore(make_sessionmaker(engine), lease_s=settings.lease_s),
+            store=JobStore(make_sessionmaker(engine), lease_s=settings.lease_s, max_attempts=settings.max_attempts),
             artifacts=artifacts,
             broker=Broker(settings),
             # The API answers queries on CPU; GPUs belong to the workers.

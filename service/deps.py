@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import Depends, Path, Request
 
 from service.artifacts import ArtifactStore
+from service.auth import owns
 from service.broker import Broker
 from service.container import Services
 from service.db import Job
@@ -56,10 +57,10 @@ ModelsDep = Annotated[ModelCache, Depends(get_models)]
 MetricsDep = Annotated[ApiMetrics, Depends(get_metrics)]
 
 
-def get_job(job_id: Annotated[str, Path(max_length=64)], store: StoreDep) -> Job:
-    """The job named in the path, or a 404 problem."""
+def get_job(job_id: Annotated[str, Path(max_length=64)], store: StoreDep, request: Request) -> Job:
+    """The job named in the path, or a 404 problem (also for another API key's job: existence is not leaked)."""
     job = store.get_job(job_id)
-    if job is None:
+    if job is None or not owns(request, job.owner):
         raise ProblemError(404, "job-not-found", f"no job with id {job_id!r}")
     return job
 

@@ -1,10 +1,11 @@
 """Inference in the API: trained checkpoints loaded once into a bounded LRU cache.
 
 A cache entry is keyed by ``(job_id, checkpoint name)``: while a job still trains, a newer checkpoint
-is a new key and the old one ages out. Loading happens outside the cache lock (two threads may load
-the same checkpoint once each; neither blocks requests for other models), and each model has its own
-lock because a torch module is not safe to call from several threads at once. Routes are sync
-functions, so FastAPI runs them in its threadpool, off the event loop.
+is a new key and the old one ages out. Loading happens outside the cache lock (a load blocks no
+request for another model) but once per checkpoint (concurrent requests for it wait for that one
+load), and each model has its own lock because a torch module is not safe to call from several
+threads at once. Routes are sync functions, so FastAPI runs them in its threadpool, off the event
+loop.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class ModelCache:
         self.artifacts, self.capacity, self.device = artifacts, capacity, device
         self._entries: OrderedDict[tuple[str, str], LoadedModel] = OrderedDict()
         self._lock = threading.Lock()
+        self._loading: dict[tuple[str, str], threading.Lock] = {}  # one loader per checkpoint at a time
         self.hits = self.misses = 0
 
     def get(self, job_id: str) -> LoadedModel:
@@ -49,16 +51,30 @@ class ModelCache:
                 self._entries.move_to_end(key)
                 self.hits += 1
                 return entry
-            self.misses += 1
-        from node_engine.inference import load_model  # torch import only when inference is used
+            loading = self._loading.setdefault(key, threading.Lock())
+        # Single flight: a burst of requests for a model not loaded yet waits for one load (and then
+        # shares one entry, one lock, one batch queue) instead of loading it once per request.
+        with loading:
+            with self._lock:
+                entry = self._entries.get(key)
+                if entry is not None:
+                    self._entries.move_to_end(key)
+                    self.hits += 1
+                    return entry
+                self.misses += 1
+            from node_engine.inference import load_model  # torch import only when inference is used
 
-        data = self.artifacts.get(f"{checkpoint_prefix(job_id)}/{name}")
-        entry = LoadedModel(load_model(data, device=self.device), name)
-        with self._lock:
-            self._entries[key] = entry
-            self._entries.move_to_end(key)
-            while len(self._entries) > self.capacity:
-                self._entries.popitem(last=False)
+            try:
+                data = self.artifacts.get(f"{checkpoint_prefix(job_id)}/{name}")
+                entry = LoadedModel(load_model(data, device=self.device), name)
+            finally:
+                with self._lock:
+                    self._loading.pop(key, None)
+            with self._lock:
+                self._entries[key] = entry
+                self._entries.move_to_end(key)
+                while len(self._entries) > self.capacity:
+                    self._entries.popitem(last=False)
         return entry
 
     def __len__(self) -> int:

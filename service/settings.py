@@ -12,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
@@ -57,6 +57,15 @@ class Settings(BaseSettings):
     lease_s: float = Field(600.0, ge=5.0, le=86_400.0)
     # Worker: how often (seconds) the training loop re-reads the job row for a cancel request.
     cancel_poll_s: float = Field(0.5, ge=0.0, le=60)
+    # A job whose worker was lost this many times (lease expired: killed, OOM, hung) fails as a poison job.
+    max_attempts: int = Field(3, ge=1, le=100)
+    # The API's reconciler: how often it requeues jobs with expired leases, and after how long a queued
+    # job whose message the broker lost (restart without persistence) is published again (seconds).
+    reconcile_every_s: float = Field(15.0, gt=0, le=3600)
+    requeue_queued_after_s: float = Field(300.0, ge=0, le=86_400)
+
+    # API keys ("name:key,name2:key2" or bare keys); unset = no authentication (see service/auth.py).
+    api_keys: SecretStr | None = None
 
     @field_validator("device")
     @classmethod
@@ -77,6 +86,21 @@ class Settings(BaseSettings):
         if self.max_body_bytes < self.max_upload_bytes:
             raise ValueError("ODEFORGE_MAX_BODY_BYTES must be at least ODEFORGE_MAX_UPLOAD_BYTES")
         return self
+
+    @field_validator("api_keys")
+    @classmethod
+    def _api_keys(cls, v: SecretStr | None) -> SecretStr | None:
+        from service.auth import parse_api_keys
+
+        parse_api_keys(v.get_secret_value() if v is not None else None)  # fail at start, not per request
+        return v
+
+    @property
+    def api_key_owners(self) -> dict[str, str]:
+        """``{key: owner}`` from ``api_keys`` (empty: authentication off)."""
+        from service.auth import parse_api_keys
+
+        return parse_api_keys(self.api_keys.get_secret_value() if self.api_keys is not None else None)
 
     @property
     def visibility_timeout(self) -> int:

@@ -36,9 +36,15 @@ class CancelResult:
 class JobStore:
     """Job rows, metrics rows and uploaded-dataset rows behind one small API (thread-safe)."""
 
-    def __init__(self, sessions: sessionmaker, *, lease_s: float = 600.0):
+    def __init__(self, sessions: sessionmaker, *, lease_s: float = 600.0, max_attempts: int = 3):
         self._sessions = sessions
         self.lease = timedelta(seconds=lease_s)
+        self.max_attempts = max_attempts
+        self.last_claim_reason: str | None = None  # why the last claim() returned None (worker logs)
+
+    @property
+    def sessions(self) -> sessionmaker:
+        return self._sessions
 
     # ---- jobs: API side -------------------------------------------------------------------------
     def create_job(
@@ -95,10 +101,12 @@ class JobStore:
             return s.scalar(select(Job).where(Job.id == job_id))
 
     def list_jobs(
-        self, *, status: str | None = None, limit: int = 50, before_seq: int | None = None
+        self, *, status: str | None = None, limit: int = 50, before_seq: int | None = None, owner: str | None = None
     ) -> tuple[list[Job], int | None]:
-        """Newest first. Returns ``(jobs, next_before_seq)``; the second is None on the last page."""
+        """Newest first (only ``owner``'s when given). Returns ``(jobs, next_before_seq)``; None on the last page."""
         q = select(Job).order_by(Job.seq.desc()).limit(limit + 1)
+        if owner is not None:
+            q = q.where(Job.owner == owner)
         if status is not None:
             q = q.where(Job.status == status)
         if before_seq is not None:
@@ -148,28 +156,18 @@ class JobStore:
 
     # ---- jobs: worker side (fenced) ------------------------------------------------------------
     def claim(self, job_id: str) -> tuple[Job, int] | None:
-        """Mark a queued (or redelivered running) job as running under a new fencing token.
+        """Mark a queued job (or a running one whose lease expired) as running under a new fencing token.
 
-        Returns ``(job, token)``, or None when the job is unknown, finished or cancelled.
+        Returns ``(job, token)``, or None when the job is unknown, finished, cancelled, leased by a live
+        worker, or has used up its attempts (then it is failed; see ``service.leases``).
         """
-        now = utcnow()
-        with self._sessions.begin() as s:
-            token = s.scalar(
-                update(Job)
-                .where(Job.id == job_id, Job.status.in_(("queued", "running")), Job.cancel_requested.is_(False))
-                .values(
-                    status="running",
-                    token=Job.token + 1,
-                    attempts=Job.attempts + 1,
-                    started_at=func.coalesce(Job.started_at, now),
-                    updated_at=now,
-                    lease_expires_at=now + self.lease,
-                )
-                .returning(Job.token)
-            )
-        if token is None:
+        from service.leases import claim
+
+        result = claim(self._sessions, job_id, lease=self.lease, max_attempts=self.max_attempts)
+        self.last_claim_reason = result.reason
+        if result.token is None:
             return None
-        return self.get_job(job_id), token
+        return self.get_job(job_id), result.token
 
     def record(
         self,
@@ -254,13 +252,9 @@ class JobStore:
 
     def release(self, job: Job, token: int) -> bool:
         """Put a running job back to ``queued`` (its worker is shutting down); fenced like ``record``."""
-        with self._sessions.begin() as s:
-            res = s.execute(
-                update(Job)
-                .where(Job.seq == job.seq, Job.token == token, Job.status == "running")
-                .values(status="queued", updated_at=utcnow(), lease_expires_at=None)
-            )
-            return res.rowcount == 1
+        from service.leases import release
+
+        return release(self._sessions, job.seq, token)
 
     # ---- uploaded data sets --------------------------------------------------------------------
     def create_dataset(self, dataset_id: str, shape: list[int], filename: str | None, owner: str | None = None) -> Dataset:

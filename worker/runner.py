@@ -17,13 +17,19 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+
 from service.artifacts import ArtifactStore, LocalArtifactStore, checkpoint_prefix, latest_checkpoint
 from service.db import Job, init_db, make_engine, make_sessionmaker
 from service.settings import Settings, get_settings
 from service.store import JobStore
+from worker.leases import LeaseKeeper
 
 log = logging.getLogger("odeforge.worker")
 
+# Database outages (connection refused or dropped, pool exhausted) are not job failures.
+_STORE_ERRORS = (OperationalError, InterfaceError, PoolTimeoutError)
 FLUSH_SECONDS = 1.0  # metric rows are written in batches at most this far apart
 FLUSH_ROWS = 200
 
@@ -57,7 +63,7 @@ def worker_context() -> WorkerContext:
     settings = get_settings()
     engine = make_engine(settings.database_url)
     init_db(engine)
-    store = JobStore(make_sessionmaker(engine), lease_s=settings.lease_s)
+    store = JobStore(make_sessionmaker(engine), lease_s=settings.lease_s, max_attempts=settings.max_attempts)
     return WorkerContext(settings, store, LocalArtifactStore(settings.artifact_dir))
 
 
@@ -79,7 +85,7 @@ def _jsonable(value: Any) -> Any:
         return str(value)
 
 
-def _make_callbacks(ctx: WorkerContext, job: Job, token: int, trainer: Any) -> Any:
+def _make_callbacks(ctx: WorkerContext, job: Job, token: int, trainer: Any, lease: LeaseKeeper | None = None) -> Any:
     from node_engine.training import TrainingCallbacks
 
     class JobCallbacks(TrainingCallbacks):
@@ -116,6 +122,8 @@ def _make_callbacks(ctx: WorkerContext, job: Job, token: int, trainer: Any) -> A
         def should_stop(self) -> bool:
             if _shutdown.is_set():
                 self.stop = self.interrupted = True
+            if lease is not None and lease.lost.is_set():  # the heartbeat found our claim superseded
+                self.stop = self.lost = True
             if not self.stop and time.monotonic() - self.last_poll >= ctx.settings.cancel_poll_s:
                 self.last_poll = time.monotonic()
                 self.stop = ctx.store.should_stop(job, token)
@@ -146,21 +154,28 @@ def run_job(job_id: str, ctx: WorkerContext | None = None) -> str:
     """Train job ``job_id`` to its end.
 
     Returns the status written: succeeded, failed, cancelled, ``requeued`` (the worker is shutting
-    down; the job is queued again and resumes from its checkpoint), ``skipped`` (not claimable) or
-    ``superseded`` (another claim took the job over).
+    down; the job is queued again and resumes from its checkpoint), ``skipped`` (not claimable),
+    ``superseded`` (another claim took the job over) or ``store-unavailable`` (the database went
+    away; the job's lease runs out and the reconciler requeues it, see ``service/leases.py``).
     """
     ctx = ctx or worker_context()
-    claimed = ctx.store.claim(job_id)
+    try:
+        claimed = ctx.store.claim(job_id)
+    except _STORE_ERRORS as exc:  # the job stays queued; the reconciler republishes it
+        log.error("job %s: job store unreachable at claim (%s)", job_id, type(exc).__name__)
+        return "store-unavailable"
     if claimed is None:
-        log.info("job %s: not claimable (finished, cancelled or unknown); skipped", job_id)
+        log.info("job %s: not claimable (%s); skipped", job_id, ctx.store.last_claim_reason)
         return "skipped"
     job, token = claimed
     log.info("job %s: claimed (attempt %d, token %d)", job_id, job.attempts, token)
     callbacks = None
     try:
-        from node_engine.training import Trainer, build_trainer
-
         with ExitStack() as stack:
+            # Heartbeat first: importing torch or loading a checkpoint may outlast a short lease.
+            lease = stack.enter_context(LeaseKeeper(ctx.store.sessions, job.seq, token, ctx.store.lease))
+            from node_engine.training import Trainer, build_trainer
+
             spec = _engine_spec(job, ctx, stack)
             resume = latest_checkpoint(ctx.artifacts, job.id)
             if resume is not None:
@@ -170,7 +185,7 @@ def run_job(job_id: str, ctx: WorkerContext | None = None) -> str:
                 log.info("job %s: resuming from %s at step %d", job_id, resume, trainer.step)
             else:
                 trainer = build_trainer(spec, device=ctx.device)
-            callbacks = _make_callbacks(ctx, job, token, trainer)
+            callbacks = _make_callbacks(ctx, job, token, trainer, lease)
             final = trainer.run(callbacks)
         callbacks.flush()
         # The final summary adds what the step records lacked; its "status" is the trainer's own word.
@@ -185,6 +200,12 @@ def run_job(job_id: str, ctx: WorkerContext | None = None) -> str:
             status = "requeued" if ctx.store.release(job, token) else "superseded"
         else:
             status = "succeeded" if ctx.store.finish(job, token, "succeeded", latest=latest) else "superseded"
+    except _STORE_ERRORS as exc:
+        # The job store went away mid-job: nothing can be recorded now. The lease runs out and the
+        # reconciler requeues the job, which resumes from its last checkpoint.
+        log.error("job %s: job store unreachable (%s: %s); left to the reconciler", job_id, type(exc).__name__,
+                  str(exc).splitlines()[0] if str(exc) else "")
+        return "store-unavailable"
     except Exception as exc:  # solver, data, checkpoint or programming error: the job fails, the worker goes on
         from node_engine.errors import ODEForgeError
 

@@ -206,7 +206,7 @@ class _AugmentedDynamics(nn.Module):
         if self.trace_estimator == "exact" and self._forward_trace:
             # forward-mode exact trace: plain ops, autograd records them only when grad mode is on
             f, div, frob = field.jacobian_trace(t, z, frobenius=self._wants_frobenius)
-            out = [sign * T * f]
+            out = [(T if self.generative else -T) * f]
             if self.with_logdet:
                 out.append(T * div)
             for name in self.regularizers:

@@ -3,6 +3,8 @@
 Both are integrals along the trajectory, appended to the ODE state as extra channels:
     kinetic energy      K = ∫_0^T ‖f(z(t), t)‖² dt
     Jacobian Frobenius  B = ∫_0^T ‖∂f/∂z (z(t), t)‖_F² dt ≈ ∫_0^T ‖εᵀ ∂f/∂z‖² dt  (E[εεᵀ] = I)
+With the exact trace on ConcatSquash fields, B uses the exact ‖∂f/∂z‖_F² from the same forward-mode
+tangents that give the trace (``ConcatSquashField.jacobian_trace``); with Hutchinson, the VJP estimate.
 They favour straight, slowly varying trajectories (optimal-transport-like), which need fewer solver
 steps; the loss adds λ_K·mean(K) + λ_B·mean(B) over the batch. Their channels only record the
 integrals, so they are excluded from the step-size control (see ``cnf.py``).

@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Annotated
 
 import numpy as np
-from fastapi import APIRouter, File, UploadFile
+from fastapi import APIRouter, File, Request, UploadFile
 
+from service.auth import request_owner
 from service.deps import ArtifactsDep, SettingsDep, StoreDep
 from service.errors import ProblemError
 from service.routers.jobs import PROBLEMS
@@ -32,6 +33,7 @@ def upload_dataset(
     store: StoreDep,
     artifacts: ArtifactsDep,
     settings: SettingsDep,
+    request: Request,
 ) -> DatasetPublic:
     """Validate (2-D, numeric, finite, 10+ rows, no constant column) and store a data set.
 
@@ -54,9 +56,11 @@ def upload_dataset(
             array = load_array(path)
         except DatasetError as exc:
             raise _bad(str(exc)) from None
+        except EOFError:  # np.load of an empty .npy (not a DatasetError in node_engine)
+            raise _bad("empty or truncated file") from None
     dataset_id = uuid.uuid4().hex
     buf = io.BytesIO()
     np.save(buf, array, allow_pickle=False)
     artifacts.put(f"datasets/{dataset_id}.npy", buf.getvalue())
-    store.create_dataset(dataset_id, list(array.shape), (file.filename or "")[:255])
+    store.create_dataset(dataset_id, list(array.shape), (file.filename or "")[:255], owner=request_owner(request))
     return DatasetPublic(id=dataset_id, shape=list(array.shape))

@@ -14,6 +14,7 @@ from typing import Iterator
 import numpy as np
 from fastapi import APIRouter
 
+from service.batching import LogDensityBatcher
 from service.db import Job
 from service.deps import JobDep, MetricsDep, ModelsDep, SettingsDep
 from service.errors import ProblemError
@@ -32,6 +33,8 @@ from service.schemas import (
 )
 
 router = APIRouter(prefix="/jobs", tags=["inference"])
+
+_batcher = LogDensityBatcher()
 
 RESPONSES = {**PROBLEMS, 409: {"model": Problem, "description": "wrong model type or no checkpoint yet"}}
 
@@ -87,8 +90,8 @@ def log_density(job: JobDep, body: LogDensityRequest, models: ModelsDep, setting
                                errors=[{"field": f"points[{i}]", "reason": f"expected {dim} coordinates, got {len(p)}"}])
     x = np.asarray(body.points, dtype=np.float64)
     start = time.perf_counter()
-    with _solver_errors("points"), entry.lock:
-        logp, nfe = entry.model.log_density(x)
+    with _solver_errors("points"):  # concurrent requests on one model share a solve (service.batching)
+        logp, nfe = _batcher.log_density(entry, x)
     metrics.inference_seconds.labels("log_density").observe(time.perf_counter() - start)
     metrics.inference_points.labels("log_density").inc(len(x))
     return LogDensityResponse(log_density=_finite_or_none(np.asarray(logp)), nfe=int(nfe), checkpoint=entry.checkpoint)

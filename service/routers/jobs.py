@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Header, Query, Response
+from fastapi import APIRouter, Header, Query, Request, Response
 
 from service import pagination
+from service.auth import owns, request_owner, scoped_idempotency_key
 from service.broker import BrokerUnavailable
 from service.deps import BrokerDep, JobDep, MetricsDep, SettingsDep, StoreDep
 from service.errors import ProblemError
@@ -29,6 +30,7 @@ PROBLEMS = {
 )
 def submit_job(
     body: JobCreate,
+    request: Request,
     response: Response,
     store: StoreDep,
     broker: BrokerDep,
@@ -40,12 +42,14 @@ def submit_job(
     A repeated request with the same ``Idempotency-Key`` and body returns the job created first
     (the key with another body is a 422). When the broker is down the job is not kept: 503.
     """
-    if body.dataset.name == "upload" and store.get_dataset(body.dataset.id) is None:
+    owner = request_owner(request)
+    if body.dataset.name == "upload" and not _visible_dataset(store, request, body.dataset.id):
         raise ProblemError(422, "invalid-request", f"no uploaded data set with id {body.dataset.id!r}",
                            errors=[{"field": "dataset.id", "reason": "unknown uploaded data set"}])
     spec = body.model_dump(mode="json")
     try:
-        job, created = store.create_job(spec, idempotency_key=idempotency_key)
+        job, created = store.create_job(spec, idempotency_key=scoped_idempotency_key(owner, idempotency_key),
+                                        owner=owner)
     except IdempotencyConflict as exc:
         raise ProblemError(422, "idempotency-key-reused",
                            f"Idempotency-Key was used for job {exc} with a different body",
@@ -65,9 +69,15 @@ def submit_job(
     return job_public(job)
 
 
+def _visible_dataset(store, request: Request, dataset_id: str) -> bool:
+    ds = store.get_dataset(dataset_id)
+    return ds is not None and owns(request, ds.owner)
+
+
 @router.get("", response_model=JobsPublic, responses=PROBLEMS)
 def list_jobs(
     store: StoreDep,
+    request: Request,
     settings: SettingsDep,
     status: Literal["queued", "running", "succeeded", "failed", "cancelled"] | None = None,
     limit: Annotated[int | None, Query(ge=1, le=1000)] = None,
@@ -75,7 +85,8 @@ def list_jobs(
 ) -> JobsPublic:
     """Jobs, newest first, optionally only those with ``status``; follow ``next_page_token``."""
     limit = min(limit or settings.page_limit_default, settings.page_limit_max)
-    jobs, next_seq = store.list_jobs(status=status, limit=limit, before_seq=pagination.decode("jobs", page_token))
+    jobs, next_seq = store.list_jobs(status=status, limit=limit, before_seq=pagination.decode("jobs", page_token),
+                                     owner=request_owner(request))
     token = pagination.encode("jobs", next_seq) if next_seq is not None else None
     return JobsPublic(jobs=[job_public(j) for j in jobs], next_page_token=token)
 

@@ -14,10 +14,11 @@ from datetime import datetime, timezone
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import update
 
 from service.app import create_app
 from service.artifacts import LocalArtifactStore
-from service.db import make_engine, make_sessionmaker
+from service.db import Job, make_engine, make_sessionmaker
 from service.store import JobStore
 
 pytestmark = pytest.mark.redis
@@ -198,7 +199,10 @@ def test_cancel_running_is_cooperative_and_finished_job_is_409(client, store):
 def test_stale_worker_writes_are_fenced(client, store):
     job_id = client.post("/v1/jobs", json=TINY).json()["id"]
     row, old = store.claim(job_id)
-    row, new = store.claim(job_id)  # redelivered to another worker
+    assert store.claim(job_id) is None  # a duplicate message while the lease is live is skipped
+    with store.sessions.begin() as s:  # the first worker stops renewing: its lease runs out ...
+        s.execute(update(Job).where(Job.id == job_id).values(lease_expires_at=datetime.now(timezone.utc)))
+    row, new = store.claim(job_id)  # ... and the redelivered message goes to another worker
     assert new == old + 1
     assert not store.record(row, old, [{"step": 1, "loss": 9.0}], step=1, total_steps=3, latest={})
     assert not store.finish(row, old, "succeeded")
@@ -209,7 +213,7 @@ def test_stale_worker_writes_are_fenced(client, store):
     assert store.get_job(job_id).lease_expires_at > datetime.now(timezone.utc)  # held, renewed by writes
     assert store.release(row, new) and not store.release(row, old)
     job = store.get_job(job_id)
-    assert job.status == "queued" and job.lease_expires_at is None and job.attempts == 2
+    assert job.status == "queued" and job.lease_expires_at is None and job.attempts == 1  # release gives it back
 
 
 # ---- metrics ------------------------------------------------------------------------------------

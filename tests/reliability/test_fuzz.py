@@ -1,0 +1,131 @@
+"""Property-based fuzzing of the published OpenAPI schema with schemathesis (in-process ASGI app, the
+real SQLite job store and the real Redis broker).
+
+For every operation, examples generated from the schema (valid and invalid ones) must never produce a
+5xx, and every response must be documented: its status code, content type, headers and body schema.
+Bounded: a fixed number of examples per operation, derandomized so that a run is reproducible.
+
+Not checked: "positive data acceptance" (schema-valid requests answered 2xx). The API enforces
+rules the schema cannot express: a data set name must be in node_engine's registry, a classifier
+needs an image data set, an id in a path must name an existing job; those requests get a documented
+4xx, which is right.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import hypothesis
+import hypothesis.errors
+import pytest
+import schemathesis
+from hypothesis import HealthCheck
+from hypothesis import strategies as st
+from schemathesis import GenerationMode
+from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    response_headers_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
+
+from service.app import create_app
+from service.settings import Settings
+from tests.conftest import REDIS_HOST, REDIS_PORT, TEST_REDIS_DB
+
+pytestmark = [pytest.mark.redis, pytest.mark.slow]
+
+EXAMPLES_PER_OPERATION = 25
+CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_headers_conformance,
+          response_schema_conformance]
+
+
+def _checkpoint(spec: dict) -> bytes:
+    """A real checkpoint after one training step (node_engine, in-process)."""
+    from node_engine.training import build_trainer
+    from service.schemas import JobCreate
+
+    trainer = build_trainer(JobCreate.model_validate(spec).model_dump(mode="json"))
+    trainer.run()
+    return trainer.checkpoint()
+
+
+@pytest.fixture(scope="module")
+def fuzz_target(tmp_path_factory, redis_client):
+    """The app, and ids of real jobs to aim generated requests at: a 2-D CNF and an MLP classifier with
+    checkpoints, and a queued job without one (random ids alone only ever reach the 404 path)."""
+    from fastapi.testclient import TestClient
+
+    from service.artifacts import LocalArtifactStore, checkpoint_prefix
+
+    data = tmp_path_factory.mktemp("fuzz")
+    queue = f"odeforge-fuzz-{uuid.uuid4().hex[:8]}"
+    settings = Settings(database_url=f"sqlite:///{data / 'jobs.db'}", artifact_dir=data / "artifacts",
+                        broker_url=f"redis://{REDIS_HOST}:{REDIS_PORT}/{TEST_REDIS_DB}", queue=queue, device="cpu",
+                        broker_timeout_s=2.0, max_upload_bytes=64 * 1024, max_body_bytes=256 * 1024,
+                        max_points=300, max_samples=300, max_predict_inputs=16)
+    specs = {
+        "cnf": {"model": {"type": "cnf", "hidden_dims": [8, 8]}, "dataset": {"name": "moons", "n_samples": 256},
+                "training": {"iterations": 1, "batch_size": 32}},
+        "mlp": {"model": {"type": "mlp", "hidden": 8}, "dataset": {"name": "digits", "n_samples": 200},
+                "training": {"iterations": 1, "batch_size": 32}},
+    }
+    ids = {}
+    with TestClient(create_app(settings)) as client:  # creates the schema; the fuzzed app shares the store
+        artifacts = LocalArtifactStore(settings.artifact_dir)
+        for kind, spec in specs.items():
+            ids[kind] = client.post("/v1/jobs", json=spec).json()["id"]
+            artifacts.put(f"{checkpoint_prefix(ids[kind])}/final.safetensors", _checkpoint(spec))
+        ids["queued"] = client.post("/v1/jobs", json=specs["cnf"]).json()["id"]
+    app = create_app(settings)
+    yield schemathesis.openapi.from_asgi("/openapi.json", app), ids
+    from schemathesis.python import asgi
+
+    asgi.shutdown_lifespans()  # the app's lifespan (stores, reconciler) was started by schemathesis
+    redis_client.delete(queue, f"_kombu.binding.{queue}")
+
+
+def test_schema_fuzzing_finds_no_server_error_and_no_undocumented_response(fuzz_target):
+    schema, ids = fuzz_target
+    failures: dict[str, str] = {}
+    statuses: dict[str, set[int]] = {}
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert len(operations) >= 14
+
+    for operation in operations:
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+            @hypothesis.settings(max_examples=EXAMPLES_PER_OPERATION, deadline=None, derandomize=True, database=None,
+                                 suppress_health_check=list(HealthCheck), phases=[hypothesis.Phase.generate])
+            @hypothesis.given(case=operation.as_strategy(generation_mode=mode),
+                              job=st.sampled_from([None, ids["cnf"], ids["mlp"], ids["queued"]]),
+                              dataset=st.sampled_from([None, "moons", "digits", "upload"]),
+                              points=st.none() | st.lists(st.lists(st.floats(-1e6, 1e6), min_size=2, max_size=2),
+                                                          min_size=1, max_size=20),
+                              n=st.none() | st.integers(1, 50))
+            def fuzz(case, job, dataset, points, n) -> None:
+                if job is not None and "job_id" in (case.path_parameters or {}):
+                    case.path_parameters["job_id"] = job
+                if dataset is not None and isinstance(case.body, dict) and isinstance(case.body.get("dataset"), dict):
+                    case.body["dataset"]["name"] = dataset  # registry names the schema cannot enumerate
+                if points is not None and isinstance(case.body, dict) and "points" in case.body:
+                    case.body["points"] = points  # the model's dimension (2), which the schema cannot state
+                if n is not None and isinstance(case.body, dict) and operation.path.endswith("/samples"):
+                    case.body["n"] = n  # under ODEFORGE_MAX_SAMPLES (a setting, not in the schema)
+                response = case.call_and_validate(checks=CHECKS)
+                statuses.setdefault(operation.label, set()).add(response.status_code)
+
+            try:
+                fuzz()
+            except BaseException as exc:  # noqa: BLE001 - collect every operation's failure, report them together
+                if isinstance(exc, KeyboardInterrupt):
+                    raise
+                if isinstance(exc, hypothesis.errors.Unsatisfiable) and mode is GenerationMode.NEGATIVE:
+                    continue  # no parameters and no body (e.g. /healthz): nothing to make invalid
+                failures[f"{operation.label} ({mode.value})"] = str(exc)[:3000]
+    assert not failures, "\n\n".join(f"{k}:\n{v}" for k, v in failures.items())
+    # The fuzzing went past validation: real models answered, jobs were accepted.
+    assert 202 in statuses["POST /v1/jobs"]
+    for route in ("POST /v1/jobs/{job_id}/log-density", "POST /v1/jobs/{job_id}/samples",
+                  "GET /v1/jobs/{job_id}", "GET /v1/jobs/{job_id}/metrics"):
+        assert 200 in statuses[route], (route, statuses[route])
