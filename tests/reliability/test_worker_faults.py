@@ -4,7 +4,8 @@ real Redis broker, the real PostgreSQL job store, and the API (with its reconcil
 One job lives through a frozen worker (SIGSTOP, as in a long GC pause or a network partition), a
 takeover by a second worker, the first worker waking up (fenced out by its stale token) and the
 second worker being SIGKILLed; it still finishes, with one metrics row per step and the same losses
-as an uninterrupted run of the same spec (computed here, in-process, with node_engine).
+as an uninterrupted run of the same spec (computed here, in-process, with node_engine). Another job
+kills every worker that takes it: it ends ``failed`` at the attempt limit, saying why.
 """
 
 from __future__ import annotations
@@ -114,3 +115,22 @@ def test_frozen_then_killed_workers_never_lose_or_double_train_a_job(make_settin
 
     # Three workers trained pieces of it; the result is the uninterrupted trajectory.
     np.testing.assert_allclose([r["loss"] for r in history], _reference_losses(spec), rtol=1e-4)
+
+
+def test_a_job_that_keeps_killing_its_workers_fails_at_the_attempt_limit(make_settings, start_workers):
+    settings = make_settings(lease_s=5, reconcile_every_s=0.5, max_attempts=2)  # SQLite job store
+    spec = {**SPEC, "training": {**SPEC["training"], "iterations": 1000}}
+    with TestClient(create_app(settings)) as client:
+        workers = start_workers(settings, 2)
+        job_id = client.post("/v1/jobs", json=spec).json()["id"]
+        for attempt in (1, 2):  # each worker that takes the job dies (as if the job crashed it: OOM, segfault)
+            holder = wait_until(lambda: next((w for w in workers if _claimed(w, job_id, attempt)), None), 90,
+                                f"attempt {attempt}")
+            wait_for_job(client, job_id, ("running",), timeout=120, pred=lambda j: j["step"] >= 1)
+            os.kill(holder.pid, signal.SIGKILL)
+            holder.wait()
+        job = wait_for_job(client, job_id, ("failed",), timeout=60)
+        assert job["error"]["type"] == "JobAttemptsExhausted", job
+        assert "2 attempts" in job["error"]["detail"] and "ODEFORGE_MAX_ATTEMPTS=2" in job["error"]["detail"]
+        assert job["finished_at"] is not None and job["step"] < 1000
+        assert client.post(f"/v1/jobs/{job_id}/cancel").status_code == 409  # final: nothing loops any more
