@@ -21,7 +21,10 @@ def decode(kind: str, token: str | None) -> int | None:
         got_kind, value = raw.split(":", 1)
         if got_kind != kind:
             raise ValueError(kind)
-        return int(value)
+        cursor = int(value)
+        if not 0 <= cursor < 2**62:  # database integers are 64-bit; a forged cursor must not reach SQL
+            raise ValueError(value)
+        return cursor
     except (ValueError, binascii.Error, UnicodeDecodeError):
         raise ProblemError(422, "invalid-request", "page_token is not a token this endpoint returned",
                            errors=[{"field": "page_token", "reason": "malformed or from another endpoint"}]) from None

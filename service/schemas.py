@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from node_engine.solvers import METHODS
+from node_engine.solvers import ADAPTIVE, FIXED, METHODS
 
 Finite = Annotated[float, Field(allow_inf_nan=False)]
 Tol = Annotated[float, Field(gt=0.0, lt=1.0, allow_inf_nan=False)]
@@ -179,6 +179,11 @@ class JobCreate(Strict):
                              f"classification data set")
         if not classifier and image_data:
             raise ValueError(f"model {self.model.type!r} is a density model; {self.dataset.name!r} is a classification data set")
+        # Caught here, not in the worker: a CNF on a fixed grid has no step size to fall back on
+        # (the classifiers default to RK-Net's step 0.1; planar flows use no solver).
+        if self.model.type == "cnf" and self.solver.method in FIXED and self.solver.step_size is None:
+            raise ValueError(f"solver.step_size: method {self.solver.method!r} is fixed-step and needs a step size "
+                             f"(adaptive methods need none: {', '.join(sorted(ADAPTIVE))})")
         return self
 
 

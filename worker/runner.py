@@ -180,7 +180,7 @@ def run_job(job_id: str, ctx: WorkerContext | None = None) -> str:
             resume = latest_checkpoint(ctx.artifacts, job.id)
             if resume is not None:
                 data = ctx.artifacts.get(f"{checkpoint_prefix(job.id)}/{resume}")
-                trainer = Trainer.from_checkpoint(data, device=ctx.device)
+                trainer = Trainer.from_checkpoint(data, device=ctx.device, dataset_path=spec["dataset"]["path"])
                 ctx.store.truncate_metrics_after(job, token, int(trainer.step))
                 log.info("job %s: resuming from %s at step %d", job_id, resume, trainer.step)
             else:

@@ -32,6 +32,8 @@ from service.schemas import (
     SamplesResponse,
 )
 
+MAX_PIXEL = 1e4
+
 router = APIRouter(prefix="/jobs", tags=["inference"])
 
 _batcher = LogDensityBatcher()
@@ -136,9 +138,15 @@ def predict(job: JobDep, body: PredictRequest, models: ModelsDep, settings: Sett
     if not np.isfinite(x).all():
         raise ProblemError(422, "invalid-request", "inputs contain NaN or inf",
                            errors=[{"field": "inputs", "reason": "non-finite values"}])
+    if np.abs(x).max() > MAX_PIXEL:  # pixels are 0..16 (digits) or 0..255 (MNIST); far beyond overflows float32
+        raise ProblemError(422, "invalid-request", f"inputs: pixel values beyond ±{MAX_PIXEL:g}",
+                           errors=[{"field": "inputs", "reason": f"|value| must be at most {MAX_PIXEL:g}"}])
     start = time.perf_counter()
     with _solver_errors("inputs"), entry.lock:
         probs = np.asarray(entry.model.predict(x))
+    if not np.isfinite(probs).all():
+        raise ProblemError(422, "evaluation-failed", "the classifier produced non-finite probabilities for these inputs",
+                           errors=[{"field": "inputs", "reason": "model output not finite"}])
     metrics.inference_seconds.labels("predict").observe(time.perf_counter() - start)
     metrics.inference_points.labels("predict").inc(len(x))
     return PredictResponse(probabilities=probs.tolist(), checkpoint=entry.checkpoint)

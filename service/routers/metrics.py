@@ -18,7 +18,7 @@ router = APIRouter(prefix="/jobs", tags=["metrics"])
 def job_metrics(
     job: JobDep,
     store: StoreDep,
-    since_step: Annotated[int | None, Query(ge=-1, description="only steps after this one (polling)")] = None,
+    since_step: Annotated[int | None, Query(ge=-1, le=2**62, description="only steps after this one (polling)")] = None,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
     page_token: Annotated[str | None, Query(max_length=128)] = None,
 ) -> MetricsPublic:

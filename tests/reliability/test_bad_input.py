@@ -325,3 +325,39 @@ def test_tampered_or_foreign_checkpoints_give_a_clear_error_and_are_never_unpick
             assert "modified or corrupted" in body["detail"]
         assert_problem(client.post(f"/v1/jobs/{job_id}/samples", json={"n": 2}), 409)
     assert not marker.exists()
+
+
+# ---- found by review: inputs that once reached SQL or float32 unchecked -----------------------------
+def test_fixed_grid_cnf_without_step_size_is_refused_at_submit(client, redis_client, queue_name):
+    body = assert_problem(client.post("/v1/jobs", json={**TINY, "solver": {"method": "rk4"}}), 422)
+    assert "solver.step_size" in body["detail"]
+    assert_nothing_created(client, redis_client, queue_name)
+    # with a step size it is a valid job
+    assert client.post("/v1/jobs", json={**TINY, "solver": {"method": "rk4", "step_size": 0.1}}).status_code == 202
+
+
+def test_cursors_beyond_64_bit_are_422_not_500(client, trained):
+    import base64
+
+    assert_problem(client.get(f"/v1/jobs/{trained}/metrics", params={"since_step": 10**20}), 422, "since_step")
+    for cursor in (b"jobs:100000000000000000000000", b"jobs:-5"):
+        token = base64.urlsafe_b64encode(cursor).decode()
+        assert_problem(client.get("/v1/jobs", params={"page_token": token}), 422, "page_token")
+
+
+def test_predict_refuses_pixels_that_overflow_the_model(client, settings):
+    from node_engine.training import build_trainer
+    from service.schemas import JobCreate
+
+    spec = {"model": {"type": "mlp", "hidden": 8}, "dataset": {"name": "digits", "n_samples": 100},
+            "training": {"iterations": 1, "batch_size": 16}}
+    trainer = build_trainer(JobCreate.model_validate(spec).model_dump(mode="json"))
+    trainer.run()
+    job_id = client.post("/v1/jobs", json=spec).json()["id"]
+    LocalArtifactStore(settings.artifact_dir).put(f"{checkpoint_prefix(job_id)}/step-000001.safetensors",
+                                                  trainer.checkpoint())
+    image = [[0.0] * 8 for _ in range(8)]
+    ok = client.post(f"/v1/jobs/{job_id}/predict", json={"inputs": [image]})
+    assert ok.status_code == 200 and abs(sum(ok.json()["probabilities"][0]) - 1.0) < 1e-5
+    image[3][4] = 1e300  # finite in JSON, inf once the model casts to float32
+    assert_problem(client.post(f"/v1/jobs/{job_id}/predict", json={"inputs": [image]}), 422, "inputs")
