@@ -260,8 +260,15 @@ def demo(
                               + (f" ({m['test_bits_per_dim']:.4f} bits/dim)" if "test_bits_per_dim" in m else ""))
             sample = client.post(f"/v1/jobs/{job['id']}/samples", json={"n": 3, "seed": 0}).json()
             console.print(f"3 samples: {sample.get('samples')}")
-            console.print(f"plots: {url}/v1/jobs/{job['id']}/plots/training.png, .../density.png, .../samples.png "
-                          f"(while the service runs: odeforge serve --data-dir {data_dir})")
+            # Save the figures next to the data: the service (and its URLs) stop when the demo ends.
+            plot_dir = data_dir / "plots" / job["id"]
+            plot_dir.mkdir(parents=True, exist_ok=True)
+            for name in ("training", "density", "samples"):
+                png = client.get(f"/v1/jobs/{job['id']}/plots/{name}.png")
+                if png.status_code != 200:
+                    _fail(png)
+                (plot_dir / f"{name}.png").write_bytes(png.content)
+            console.print(f"plots: {plot_dir}/{{training,density,samples}}.png")
     finally:
         stop(server)
 
