@@ -39,6 +39,14 @@ class ModelCache:
         self._loading: dict[tuple[str, str], threading.Lock] = {}  # one loader per checkpoint at a time
         self.hits = self.misses = 0
 
+    def _hit(self, key: tuple[str, str]) -> LoadedModel | None:
+        """The cached entry for ``key`` marked most recently used, or None. Call with ``_lock`` held."""
+        entry = self._entries.get(key)
+        if entry is not None:
+            self._entries.move_to_end(key)
+            self.hits += 1
+        return entry
+
     def get(self, job_id: str) -> LoadedModel:
         """The model of the job's newest checkpoint. Raises NoCheckpoint, node_engine CheckpointError."""
         name = latest_checkpoint(self.artifacts, job_id)
@@ -46,20 +54,16 @@ class ModelCache:
             raise NoCheckpoint(job_id)
         key = (job_id, name)
         with self._lock:
-            entry = self._entries.get(key)
+            entry = self._hit(key)
             if entry is not None:
-                self._entries.move_to_end(key)
-                self.hits += 1
                 return entry
             loading = self._loading.setdefault(key, threading.Lock())
         # Single flight: a burst of requests for a model not loaded yet waits for one load (and then
         # shares one entry, one lock, one batch queue) instead of loading it once per request.
         with loading:
             with self._lock:
-                entry = self._entries.get(key)
+                entry = self._hit(key)
                 if entry is not None:
-                    self._entries.move_to_end(key)
-                    self.hits += 1
                     return entry
                 self.misses += 1
             from node_engine.inference import load_model  # torch import only when inference is used

@@ -146,13 +146,19 @@ def start_worker(tmp_path: Path) -> Iterator[Callable]:
 
     yield start
     for proc in procs:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc)
+
+
+def stop_process(proc: subprocess.Popen, grace: float = 20.0) -> None:
+    """SIGTERM a test's child process, SIGKILL it if it is still there after ``grace`` seconds."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def wait_for_job(client, job_id: str, statuses: tuple[str, ...], timeout: float = 120.0, pred=None) -> dict:

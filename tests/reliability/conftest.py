@@ -20,7 +20,7 @@ from typing import Callable, Iterator
 
 import pytest
 
-from tests.conftest import PG_DSN, REPO, RUN_ID, settings_env, wait_for_line
+from tests.conftest import PG_DSN, REPO, RUN_ID, settings_env, stop_process, wait_for_line
 
 
 def free_port() -> int:
@@ -65,12 +65,7 @@ def start_workers(tmp_path: Path) -> Iterator[Callable]:
         if proc.poll() is None:
             with _suppress():
                 os.kill(proc.pid, signal.SIGCONT)  # a frozen worker cannot handle SIGTERM
-            proc.terminate()
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc)
 
 
 class _suppress:
