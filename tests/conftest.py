@@ -17,6 +17,8 @@ from typing import Callable, Iterator
 
 import pytest
 
+from service.embedded import stop as stop_process  # SIGTERM, then SIGKILL after a grace period
+
 REPO = Path(__file__).resolve().parents[1]
 PG_DSN = os.environ.get("ODEFORGE_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
@@ -148,17 +150,6 @@ def start_worker(tmp_path: Path) -> Iterator[Callable]:
     for proc in procs:
         stop_process(proc)
 
-
-def stop_process(proc: subprocess.Popen, grace: float = 20.0) -> None:
-    """SIGTERM a test's child process, SIGKILL it if it is still there after ``grace`` seconds."""
-    if proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(grace)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def wait_for_job(client, job_id: str, statuses: tuple[str, ...], timeout: float = 120.0, pred=None) -> dict:
