@@ -2,6 +2,7 @@
 items 3 and 4), side by side in one process.
 
     python benchmarks/cnf_training.py [--iters 6] [--batch 512] [--threads 1] [--pretrain 200] [--field-reps 30]
+        [--weights pretrained.safetensors]
 
 Model: FFJORD's toy configuration — one ConcatSquash field 2-64-64-64-2, tanh, exact trace,
 learned end time T = softplus(θ) (initial 1), dopri5 at rtol = atol = 1e-5, Adam lr 1e-3, batch
@@ -41,6 +42,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import safetensors.torch
 import torch
 import torch.nn.functional as F
 from sklearn.datasets import make_moons
@@ -256,6 +258,8 @@ def main():
     ap.add_argument("--pretrain", type=int, default=0, help="node_engine iterations before the comparison")
     ap.add_argument("--pretrain-lr", type=float, default=1e-2)
     ap.add_argument("--field-reps", type=int, default=0, help="also time one field evaluation, four ways")
+    ap.add_argument("--weights", type=Path, default=None,
+                    help="cache of the pretrained weights: loaded if the file exists, else written after pretraining")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.field_reps:
@@ -269,7 +273,10 @@ def main():
     batches = [train[torch.randint(0, len(train), (args.batch,), generator=g)] for _ in range(args.iters)]
 
     ours = make_ours()
-    if args.pretrain:
+    if args.weights is not None and args.weights.exists():
+        ours.load_state_dict(safetensors.torch.load_file(args.weights))
+        print(f"loaded pretrained weights from {args.weights}", flush=True)
+    elif args.pretrain:
         # start both loops from weights with non-trivial dynamics (at initialisation the flow is
         # nearly the identity and every solve takes the minimum number of steps)
         opt = torch.optim.Adam(ours.parameters(), lr=args.pretrain_lr)
@@ -282,11 +289,15 @@ def main():
         print(f"pretrained {args.pretrain} iterations (lr {args.pretrain_lr}); NFE now {ours.stats.nfe_forward}",
               flush=True)
         ours = copy.deepcopy(ours)
+        if args.weights is not None:
+            safetensors.torch.save_file({k: v.contiguous() for k, v in ours.state_dict().items()}, args.weights)
     ref = RefODEFunc()
     copy_weights(ours, ref)
     opt_o = torch.optim.Adam(ours.parameters(), lr=1e-3)
     opt_r = torch.optim.Adam(ref.parameters(), lr=1e-3)
-    grad_rows = gradient_rows(ours, batches[0], f"start (after {args.pretrain} pretraining it)")
+    start = (f"start ({args.weights.name})" if args.weights is not None and args.weights.exists() and not args.pretrain
+             else f"start (after {args.pretrain} pretraining it)")
+    grad_rows = gradient_rows(ours, batches[0], start)
 
     t_o, t_r, nfe_o, nfe_r = [], [], [], []
     for it, xb in enumerate(batches):

@@ -171,7 +171,9 @@ class _AugmentedDynamics(nn.Module):
 
     ``generative``: t = T s and dz/ds = T f; otherwise t = T(1 - s) and dz/ds = -T f.
     In both directions dΔ/ds = T tr(∂f/∂z), so log-density = log N(z_base) - Σ_blocks Δ.
-    ``eps`` (Hutchinson noise) is fixed for the whole solve.
+    ``eps`` (Hutchinson noise) is fixed for the whole solve. ``end_time`` (T) and ``packed``
+    (``ConcatSquashField.packed()``) are computed once per solve by the caller, so each evaluation's
+    graph holds the fused field node and a few products, not the per-layer parameter plumbing.
     """
 
     def __init__(
@@ -183,9 +185,13 @@ class _AugmentedDynamics(nn.Module):
         regularizers: tuple[str, ...],
         trace_estimator: str,
         eps: Tensor | None,
+        end_time: Tensor | None = None,
+        packed: tuple[Tensor, ...] | None = None,
     ):
         super().__init__()
         self.block = block
+        self.end_time = end_time
+        self.packed = packed
         self.generative = generative
         self.with_logdet = with_logdet
         self.regularizers = regularizers
@@ -197,7 +203,7 @@ class _AugmentedDynamics(nn.Module):
 
     def forward(self, s: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         z = state[0]
-        T = self.block.end_time.to(z.dtype)
+        T = (self.block.end_time if self.end_time is None else self.end_time).to(z.dtype)
         t = T * s if self.generative else T * (1.0 - s)
         sign = 1.0 if self.generative else -1.0
         if not self.with_logdet and not self.regularizers:
@@ -206,7 +212,8 @@ class _AugmentedDynamics(nn.Module):
         field = self.block.field
         if self.trace_estimator == "exact" and self._forward_trace:
             # forward-mode exact trace: plain ops, autograd records them only when grad mode is on
-            f, div, frob = field.jacobian_trace(t, z, frobenius=self._wants_frobenius)
+            extra = {} if self.packed is None else {"packed": self.packed}
+            f, div, frob = field.jacobian_trace(t, z, frobenius=self._wants_frobenius, **extra)
             out = [(T if self.generative else -T) * f]
             if self.with_logdet:
                 out.append(T * div)
@@ -357,6 +364,11 @@ class CNF(nn.Module):
         needs_noise = self.trace_estimator == "hutchinson" and not hasattr(block.field, "analytic_divergence")
         if needs_noise and (with_logdet or regularizers):
             eps = sample_noise(tuple(z.shape), self.noise, dtype=z.dtype, device=z.device, generator=generator)
+        # once per solve, not per evaluation: T = softplus(raw T) and the fused field's parameters
+        end_time = block.end_time
+        fused = (self.trace_estimator == "exact" and isinstance(block.field, ConcatSquashField)
+                 and len(block.field.layers) > 1 and block.field.fused_tangents)
+        packed = block.field.packed() if fused else None
         func = _AugmentedDynamics(
             block,
             generative=generative,
@@ -364,6 +376,8 @@ class CNF(nn.Module):
             regularizers=regularizers,
             trace_estimator=self.trace_estimator,
             eps=eps,
+            end_time=end_time,
+            packed=packed,
         )
         s = torch.tensor([0.0, 1.0], dtype=z.dtype, device=z.device)
         cfg = self.solver
@@ -378,7 +392,10 @@ class CNF(nn.Module):
             options = {**options, "step_control": "per_sample"}
         kwargs = dict(rtol=rtol, atol=atol, method=cfg.method, options=options, stats=self.stats)
         if cfg.adjoint and torch.is_grad_enabled():
-            params = tuple(p for p in block.parameters() if p.requires_grad)
+            # the adjoint differentiates wrt what the dynamics read (T, the packed parameters);
+            # autograd takes the gradients on to raw_end_time and the layers after the solve
+            read = (end_time, *(packed if packed is not None else block.field.parameters()))
+            params = tuple(p for p in read if p.requires_grad)
             solution = odeint_adjoint(
                 func,
                 state,

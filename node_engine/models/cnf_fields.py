@@ -48,6 +48,18 @@ class ConcatSquashLinear(nn.Module):
         return self.linear(x) * torch.sigmoid(self.hyper_gate(tt)) + self.hyper_bias(tt)
 
 
+_ONES: dict[tuple, Tensor] = {}
+
+
+def _one(like: Tensor) -> Tensor:
+    """A cached 0-dim 1 of ``like``'s dtype/device (a broadcast operand, never written)."""
+    key = (like.dtype, like.device)
+    one = _ONES.get(key)
+    if one is None:
+        one = _ONES[key] = torch.ones((), dtype=like.dtype, device=like.device)
+    return one
+
+
 def _act_with_derivative(name: str, pre: Tensor) -> tuple[Tensor, Tensor]:
     """(σ(pre), σ'(pre)) for the field nonlinearities, σ' as autograd computes it."""
     if name == "tanh":
@@ -61,7 +73,8 @@ class _GatedMLPTangents(torch.autograd.Function):
     """f (N, D), tr(∂f/∂z) (N,), ‖∂f/∂z‖_F² (N,) of a ConcatSquash MLP at one time t (0-dim).
 
     Each layer y = (W x + c) ⊙ g + b t with g = sigmoid(a t + a0) is first folded into an ordinary
-    affine map x (Wᵀ ⊙ g) + (c ⊙ g + b t). Forward-mode: rows 1..D of a (D+1, N, width) buffer
+    affine map x (Wᵀ ⊙ g) + (c ⊙ g + b t); the gate/bias vectors of all layers come concatenated
+    (``ConcatSquashField.packed``), so the fold is a few kernels for the whole MLP. Forward-mode: rows 1..D of a (D+1, N, width) buffer
     carry ∂h/∂z_i next to h in row 0, so each hidden layer is one (D+1)N-row matrix product. The
     backward pass is written out by hand (one autograd node instead of ~80 small ones; on a 2-core
     CPU the per-op cost, not the FLOPs, dominates at batch 512), and it is what the adjoint's VJP of
@@ -70,18 +83,17 @@ class _GatedMLPTangents(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, nonlinearity: str, t: Tensor, z: Tensor, *raw: Tensor):
-        # raw: per layer (W (out, in), c (out,), a (out, 1), a0 (out,), b (out, 1)) of
-        # y = (W x + c) ⊙ sigmoid(a t + a0) + b t; fold the gate into W_l^T and the bias
-        n_layers = len(raw) // 5
-        ws, bs, gates = [], [], []
-        for i in range(n_layers):
-            weight, bias, a, a0, b_t = raw[5 * i : 5 * i + 5]
-            gate = torch.sigmoid(torch.addcmul(a0, a[:, 0], t))
-            gates.append(gate)
-            ws.append(weight.t() * gate)
-            bs.append(torch.addcmul(b_t[:, 0] * t, bias, gate))
-        ctx.raw_saved = len(raw)
+    def forward(ctx, nonlinearity: str, frobenius: bool, t: Tensor, z: Tensor, a: Tensor, a0: Tensor,
+                b_t: Tensor, c: Tensor, *weights: Tensor):
+        # y = (W x + c) ⊙ sigmoid(a t + a0) + b t per layer; a, a0, b_t, c: all layers' (Σ width,)
+        # vectors, weights: W_l (out, in). Fold the gate into W_l^T and the bias.
+        gate_all = torch.sigmoid(torch.addcmul(a0, a, t))
+        sizes = [w.shape[0] for w in weights]
+        gates = gate_all.split(sizes)
+        bs = torch.addcmul(b_t * t, c, gate_all).split(sizes)
+        ws = [w.t() * g for w, g in zip(weights, gates)]
+        n_layers = len(weights)
+        ctx.sizes = sizes
         ctx.set_materialize_grads(False)  # unused outputs (often ‖J‖_F²) get None, not zeros
         n, d = z.shape
         tanh = nonlinearity == "tanh"
@@ -95,9 +107,9 @@ class _GatedMLPTangents(torch.autograd.Function):
                 f = pre[:, 0].t() + b
                 jac = pre[:, 1:]  # (D, D, N): jac[k, i, n] = ∂f_k/∂z_i at sample n
                 div = jac.diagonal(dim1=0, dim2=1).sum(dim=1)
-                frob = jac.pow(2).sum(dim=(0, 1))
+                frob = jac.pow(2).sum(dim=(0, 1)) if frobenius else None
                 ctx.nonlinearity = nonlinearity
-                ctx.save_for_backward(*xs, *slopes, *tangent_pres, jac, *ws, t, *gates, *raw)
+                ctx.save_for_backward(*xs, *slopes, *tangent_pres, jac, *ws, t, gate_all, a, b_t, c, *weights)
                 return f, div, frob
             if i == 0:
                 pre_h = torch.addmm(b, z, w)  # (N, width)
@@ -108,9 +120,8 @@ class _GatedMLPTangents(torch.autograd.Function):
                 pre_h.add_(b)
             x = z.new_empty(d + 1, n, w.shape[1])
             if tanh:
-                torch.tanh(pre_h, out=x[0])
-                slope = x[0] * x[0]
-                slope.neg_().add_(1.0)
+                h = torch.tanh(pre_h, out=x[0])
+                slope = torch.addcmul(_one(h), h, h, value=-1.0)  # 1 - h², one kernel
             else:
                 x[0].copy_(torch.nn.functional.softplus(pre_h))
                 slope = torch.where(pre_h > 20.0, 1.0, torch.sigmoid(pre_h))
@@ -124,11 +135,10 @@ class _GatedMLPTangents(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_f: Tensor | None, g_div: Tensor | None, g_frob: Tensor | None):
         saved = ctx.saved_tensors
-        n_layers = ctx.raw_saved // 5
-        t = saved[-ctx.raw_saved - n_layers - 1]
-        gates = saved[-ctx.raw_saved - n_layers : -ctx.raw_saved]
-        raw = saved[-ctx.raw_saved :]
-        saved = saved[: -ctx.raw_saved - n_layers - 1]
+        n_layers = len(ctx.sizes)
+        weights = saved[-n_layers:]
+        t, gate_all, a, b_t, c = saved[-n_layers - 5 : -n_layers]
+        saved = saved[: -n_layers - 5]
         n_hidden = (len(saved) - 2) // 4  # xs: n_hidden+1, slopes/tangent_pres: n_hidden, J, ws: n_hidden+1
         xs = saved[: n_hidden + 1]
         slopes = saved[n_hidden + 1 : 2 * n_hidden + 1]
@@ -183,17 +193,14 @@ class _GatedMLPTangents(torch.autograd.Function):
         g_bs[0] = g_pre_h.sum(dim=0)
         g_ws[0] = torch.addmm(g_pre_t_w1, z.t(), g_pre_h)
         g_z = torch.mm(ws[0], g_pre_h.t()).t()
-        # through the gate folding W_l^T ⊙ g, c ⊙ g + b t with g = sigmoid(a t + a0)
-        g_raw, g_t = [], torch.zeros_like(t)
-        for i in range(n_layers):
-            weight, bias, a, a0, b_t = raw[5 * i : 5 * i + 5]
-            gate, g_w, g_b = gates[i], g_ws[i], g_bs[i]
-            g_gate = torch.addcmul((g_w * weight.t()).sum(dim=0), g_b, bias)
-            g_gate_pre = g_gate * gate * (1.0 - gate)
-            g_raw += [(g_w * gate).t(), g_b * gate, (g_gate_pre * t).unsqueeze(1), g_gate_pre,
-                      (g_b * t).unsqueeze(1)]
-            g_t = g_t + torch.dot(g_gate_pre, a[:, 0]) + torch.dot(g_b, b_t[:, 0])
-        return (None, g_t, g_z, *g_raw)
+        # through the gate folding W_l^T ⊙ g, c ⊙ g + b t with g = sigmoid(a t + a0), all layers at once
+        g_b_all = torch.cat(g_bs)
+        g_gate = torch.cat([(g_w * w.t()).sum(dim=0) for g_w, w in zip(g_ws, weights)]).addcmul_(g_b_all, c)
+        g_gate_pre = g_gate.mul_(torch.addcmul(gate_all, gate_all, gate_all, value=-1.0))  # σ' = σ - σ²
+        gates = gate_all.split(ctx.sizes)
+        g_weights = [(g_w * g).t() for g_w, g in zip(g_ws, gates)]
+        g_t = torch.dot(g_gate_pre, a) + torch.dot(g_b_all, b_t)
+        return (None, None, g_t, g_z, g_gate_pre * t, g_gate_pre, g_b_all * t, g_b_all * gate_all, *g_weights)
 
 
 class ConcatSquashField(nn.Module):
@@ -228,7 +235,22 @@ class ConcatSquashField(nn.Module):
 
     fused_tangents = True  # the hand-written one-node path (one time for the batch); else autograd ops
 
-    def jacobian_trace(self, t: Tensor, z: Tensor, *, frobenius: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
+    def packed(self) -> tuple[Tensor, ...]:
+        """The parameters as the fused path takes them: (a, a0, b, c, W_1, ..., W_L) with a, a0, b, c
+        the gate weights, gate biases, time-bias weights and linear biases of all layers
+        concatenated ((Σ widths,) each) and W_l (out, in). Differentiable: gradients reach the
+        layers through the concatenation. A solve computes it once and passes it to every
+        ``jacobian_trace`` call (``packed=``), so the per-evaluation graph has a few large nodes.
+        """
+        ls = self.layers
+        return (torch.cat([layer.hyper_gate.weight.reshape(-1) for layer in ls]),
+                torch.cat([layer.hyper_gate.bias for layer in ls]),
+                torch.cat([layer.hyper_bias.weight.reshape(-1) for layer in ls]),
+                torch.cat([layer.linear.bias for layer in ls]),
+                *[layer.linear.weight for layer in ls])
+
+    def jacobian_trace(self, t: Tensor, z: Tensor, *, frobenius: bool = False,
+                       packed: tuple[Tensor, ...] | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
         """f, tr(∂f/∂z) and optionally ‖∂f/∂z‖_F² in one forward pass (forward-mode, exact).
 
         The D tangents J e_1..J e_D ride along with f through the MLP: a layer's pre-activation
@@ -243,6 +265,7 @@ class ConcatSquashField(nn.Module):
         Args:
             t: 0-dim time, or (N,) per-sample times.  z: (N, D).
             frobenius: also return ‖∂f/∂z‖_F² (RNODE's Jacobian norm, Finlay et al. 2020 eq. 9).
+            packed: ``self.packed()`` computed once per solve (else per call); used with a 0-dim t.
         Returns:
             (f (N, D), tr ∂f/∂z (N,), ‖∂f/∂z‖_F² (N,) or None); differentiable wrt z, t, parameters.
         """
@@ -250,12 +273,8 @@ class ConcatSquashField(nn.Module):
         if tt.shape[0] == 1 and len(self.layers) > 1 and self.fused_tangents:
             # one time for the whole batch: fold the gate into the layer, W_l^T σ(a t + a0) and
             # c ⊙ σ(a t + a0) + b t, then one fused node for the MLP and its tangents
-            raw = []
-            for layer in self.layers:
-                raw += [layer.linear.weight, layer.linear.bias, layer.hyper_gate.weight, layer.hyper_gate.bias,
-                        layer.hyper_bias.weight]
-            f, div, frob = _GatedMLPTangents.apply(self.nonlinearity, tt.reshape(()), z, *raw)
-            return f, div, (frob if frobenius else None)
+            return _GatedMLPTangents.apply(self.nonlinearity, frobenius, tt.reshape(()), z,
+                                           *(packed if packed is not None else self.packed()))
         last = len(self.layers) - 1
         h, tangent = z, None  # tangent: (D, N, width), tangent[i] = ∂h/∂z_i
         for i, layer in enumerate(self.layers):

@@ -71,6 +71,12 @@ def _stops(times: list[float], opts: AdaptiveOptions, d: float) -> list[tuple[fl
     return out
 
 
+def _check_finite(t0: float, z0: torch.Tensor, k1: torch.Tensor) -> None:
+    if not bool(torch.isfinite(z0.detach()).all() & torch.isfinite(k1.detach()).all()):
+        what = "initial state y0" if not bool(torch.isfinite(z0).all()) else "derivative f(t0, y0)"
+        raise NonFiniteStateError(f"the {what} contains NaN/inf at t={t0:g}", t=t0)
+
+
 def integrate_adaptive(
     vf,
     z0: torch.Tensor,
@@ -96,14 +102,15 @@ def integrate_adaptive(
     i_stop = 0
     shape = stepper.shape
     k1 = vf(t0, z0.view(shape))
-    if not bool(torch.isfinite(z0.detach()).all() & torch.isfinite(k1.detach()).all()):
-        what = "initial state y0" if not bool(torch.isfinite(z0).all()) else "derivative f(t0, y0)"
-        raise NonFiniteStateError(f"the {what} contains NaN/inf at t={t0:g}", t=t0)
     span = abs(t_end - t0)
-    if opts.first_step is not None:
-        h = min(abs(float(opts.first_step)), span)
+    if opts.first_step is not None or not norm.covers_all:
+        _check_finite(t0, z0, k1)
+        h = min(abs(float(opts.first_step)), span) if opts.first_step is not None else None
     else:
-        h = initial_step_size(vf, t0, z0, k1, d, abs(stops[0][0] - t0), stepper.tab.control_order, norm)
+        h = None  # Hairer's initial step syncs ‖y0‖ and ‖f0‖ anyway: its NaN/inf is the check
+    if h is None:
+        h = initial_step_size(vf, t0, z0, k1, d, abs(stops[0][0] - t0), stepper.tab.control_order, norm,
+                              on_nonfinite=lambda: _check_finite(t0, z0, k1))
     reuse = stepper.reuse
     if reuse:
         stepper.set_k1(k1)

@@ -55,13 +55,18 @@ class PIController:
         return h * min(1.0, max(self.dfactor, fac))
 
 
-def initial_step_size(vf, t0: float, z0, f0, direction: float, span: float, order: int, norm) -> float:
-    """``z0`` flat (N,), ``f0`` in the field's work shape; returns |h| (float)."""
+def initial_step_size(vf, t0: float, z0, f0, direction: float, span: float, order: int, norm,
+                      on_nonfinite=None) -> float:
+    """``z0`` flat (N,), ``f0`` in the field's work shape; returns |h| (float).
+
+    ``on_nonfinite()`` is called when ‖y0‖ or ‖f0‖ comes out NaN/inf (a non-finite y0 or f0 —
+    or a zero component with atol = 0); it raises for the former, returns for the latter.
+    """
     f0 = f0.reshape(-1)
-    return _initial_step_size(vf, t0, z0, f0, direction, span, order, norm)
+    return _initial_step_size(vf, t0, z0, f0, direction, span, order, norm, on_nonfinite)
 
 
-def _initial_step_size(vf, t0, z0, f0, direction, span, order, norm) -> float:
+def _initial_step_size(vf, t0, z0, f0, direction, span, order, norm, on_nonfinite=None) -> float:
     """Hairer's starting step (HNW I §II.4, "Starting step size"; one extra vector-field call).
 
     d0 = ‖y0‖, d1 = ‖f0‖ (weighted RMS); h0 = 0.01 d0/d1; explicit Euler probe of size h0 gives
@@ -71,6 +76,8 @@ def _initial_step_size(vf, t0, z0, f0, direction, span, order, norm) -> float:
     z0, f0 = z0.detach(), f0.detach()
     scale = norm.scale(z0, None)
     d0, d1 = torch.stack([norm.rms(z0 / scale), norm.rms(f0 / scale)]).tolist()  # one host sync
+    if on_nonfinite is not None and not (math.isfinite(d0) and math.isfinite(d1)):
+        on_nonfinite()
     h0 = 1e-6 if (d0 < 1e-5 or d1 < 1e-5) else 0.01 * d0 / d1
     h0 = min(h0, span)
     z1 = torch.add(z0, f0, alpha=direction * h0)

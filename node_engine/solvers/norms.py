@@ -33,6 +33,7 @@ class ErrorNorm:
             segments = None
         self.segments = segments
         self.used = used
+        self.covers_all = segments is None or all(used)  # every component enters the norm
         self._last_z = None
         self._last_abs = None
         self._atol_t = None

@@ -27,7 +27,7 @@ _pool_bytes = 0
 
 
 def _nbytes(st: "RKStepper") -> int:
-    return st.K.numel() * st.K.element_size() * 2  # stage buffer + stage inputs (about the same)
+    return (st.K.numel() + st.n) * st.K.element_size()  # stage buffer + stage input
 
 
 def acquire_stepper(tab, work_shape, device, dtype) -> "RKStepper":
@@ -84,6 +84,7 @@ class RKStepper:
         self.fsal = tab.fsal
         self.tt = tab.to(device, dtype)
         self.a_rows = self.tt.a_rows
+        self._a21 = float(tab.a[1][0]) if self.s > 1 else 0.0
         self.shape = torch.Size(work_shape)
         self.n = self.shape.numel()
         self.device = device
@@ -94,12 +95,15 @@ class RKStepper:
         self._extra_done = False
         if reuse_buffer:
             K = torch.empty(self.n_total, self.n, device=device, dtype=dtype)
-            Y = torch.empty(self.s, self.n, device=device, dtype=dtype)
+            # one stage-input buffer for all stages: the field has consumed stage i's input (its
+            # output is copied into K) before stage i+1's is written; a smaller working set keeps
+            # the field's own data in cache on large states
+            Y = torch.empty(self.n, device=device, dtype=dtype)
             self.K = K
             self._KT = [None] + [K[:i].T for i in range(1, self.n_total + 1)]  # (N, i) views
             self._rows = [K[i].view(self.shape) for i in range(self.n_total)]
-            self._Yf = [Y[i] for i in range(self.s)]
-            self._Ys = [Y[i].view(self.shape) for i in range(self.s)]
+            self._Yf = [Y] * self.s
+            self._Ys = [Y.view(self.shape)] * self.s
 
     def set_k1(self, k1: torch.Tensor) -> None:
         """Reuse mode: put f(t, z) into the buffer's first row (kept there across rejections)."""
@@ -123,7 +127,10 @@ class RKStepper:
                 rows[0].copy_(k1)
             last = s - 1 if self.fsal else s
             for i in range(1, last):
-                torch.addmv(z, KT[i], a[i], alpha=h, out=Yf[i])
+                if i == 1:  # one previous stage: an axpy is 2-3x cheaper than a one-column gemv
+                    torch.add(z, self.K[0], alpha=h * self._a21, out=Yf[1])
+                else:
+                    torch.addmv(z, KT[i], a[i], alpha=h, out=Yf[i])
                 ci = c[i]
                 rows[i].copy_(vf(t_end_eval if ci == 1.0 else t + ci * h, Ys[i]))
             if self.fsal:
