@@ -1,7 +1,5 @@
 """Every failure is loud and named: solver errors, bad input, bad func output."""
 
-import math
-
 import pytest
 import torch
 
@@ -40,6 +38,20 @@ def test_nonfinite_field_raises_with_time():
 def test_nonfinite_initial_state():
     with pytest.raises(NonFiniteStateError, match="NaN/inf"):
         odeint(lambda t, y: y, torch.tensor([1.0, float("inf")], dtype=f64), T01)
+
+
+@pytest.mark.parametrize("options", [None, dict(first_step=0.1)])
+@pytest.mark.parametrize("bad", ["y0", "f0"])
+def test_nonfinite_start_names_its_source(bad, options):
+    # without first_step the check rides on the initial step's norms; with it, it is explicit
+    y0 = torch.tensor([1.0, float("nan") if bad == "y0" else 2.0], dtype=f64)
+
+    def f(t, y):
+        return y * float("inf") if bad == "f0" else y
+
+    what = "initial state y0" if bad == "y0" else "derivative f(t0, y0)"
+    with pytest.raises(NonFiniteStateError, match=what.replace("(", r"\(").replace(")", r"\)")):
+        odeint(f, y0, T01, options=options)
 
 
 def test_nonfinite_trial_step_is_rejected_and_shrunk():
