@@ -1,5 +1,7 @@
 """Every failure is loud and named: solver errors, bad input, bad func output."""
 
+import math
+
 import pytest
 import torch
 
