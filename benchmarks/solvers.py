@@ -1,9 +1,9 @@
 """Solver benchmark: node_engine vs torchdiffeq 0.2.5, side by side in one process (issue 3).
 
-    python benchmarks/solvers.py [--reps 7] [--threads 1] [--quick]
+    python benchmarks/solvers.py [--reps 7] [--threads 1] [--quick] [--only TEXT] [--replay]
 
 Rows: an MLP vector field (dim 2 at batch 256 and 4096; dim 16 at batch 512), van der Pol
-(batch 256, μ = 2), and the adjoint of the dim-2/batch-256 MLP with the default norm and with the
+(batch 256, μ = 2), the paper's ODE-Net conv block (64×7×7, batch 16), and the adjoint of the dim-2/batch-256 MLP with the default norm and with the
 seminorm. Both libraries run interleaved (alternating which goes first), ``--reps`` times; the
 table shows medians. Columns:
 
@@ -163,6 +163,37 @@ def reference_gradient(field, y0, t):
     return torch.cat([g.reshape(-1) for g in grads])
 
 
+def solver_alone(field, y0, t, rtol, atol, reps):
+    """(field seconds, solver-only seconds) of one node_engine solve, medians over ``reps``.
+
+    The field's outputs of a real solve are recorded; the same solve then runs with a field that
+    returns them in order, so the solver repeats the identical step sequence and its own cost
+    (stage combinations, copies, norms, control, Python) is timed without the field.
+    """
+    outs, field_s, solve_s = [], [], []
+
+    def record(tt, y):
+        start = time.perf_counter()
+        out = field(tt, y)
+        field_s[-1] += time.perf_counter() - start
+        outs.append(out)
+        return out
+
+    def replay(tt, y):
+        return outs[next(it)]
+
+    with torch.no_grad():
+        for _ in range(reps):
+            outs.clear()
+            field_s.append(0.0)
+            odeint(record, y0, t, rtol=rtol, atol=atol, method="dopri5")
+            it = iter(range(len(outs)))
+            start = time.perf_counter()
+            odeint(replay, y0, t, rtol=rtol, atol=atol, method="dopri5")
+            solve_s.append(time.perf_counter() - start)
+    return statistics.median(field_s), statistics.median(solve_s)
+
+
 def bench_row(name, field, y0, t, rtol, atol, reps, adjoint=None):
     if adjoint is None:
         # 1e-12 unless the row's tolerance is loose (the conv rows: a 1e-12 DOP853 solve of a
@@ -207,6 +238,8 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="fewer rows (smoke test)")
     ap.add_argument("--only", default="", help="run only rows whose name contains this text")
+    ap.add_argument("--replay", action="store_true",
+                    help="also time node_engine's solver alone (replayed field outputs) on the forward rows")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -224,7 +257,8 @@ def main(argv=None):
          torch.tensor([0.0, 5.0], dtype=torch.float64), 1e-7, 1e-7, None),
         # the paper's ODE-Net block: 64 channels at 7x7 (28x28 input after the downsampling), batch
         # 16, rtol = atol = 1e-3 as in the paper's MNIST experiment
-        ("conv ODE-Net block 64x7x7 B=16 tol=1e-3", ConvBlockField(), torch.randn(16, 64, 7, 7, generator=g), t,
+        ("conv ODE-Net block 64x7x7 B=16 tol=1e-3", ConvBlockField(),
+         torch.randn(16, 64, 7, 7, generator=torch.Generator().manual_seed(2)), t,
          1e-3, 1e-3, None),
         ("adjoint MLP d=2 B=256", MLP(2), torch.randn(256, 2, generator=g), t, 1e-5, 1e-5, "default"),
         ("adjoint+seminorm MLP d=2 B=256", MLP(2), torch.randn(256, 2, generator=g), t, 1e-5, 1e-5, "seminorm"),
@@ -232,8 +266,11 @@ def main(argv=None):
     if args.quick:
         cases = [cases[0], cases[4]]
     cases = [c for c in cases if args.only in c[0]]
+    alone = {}
     for name, field, y0, tt, rtol, atol, adj in cases:
         rows.append(bench_row(name, field, y0, tt, rtol, atol, args.reps, adj))
+        if args.replay and adj is None:
+            alone[name] = solver_alone(field, y0, tt, rtol, atol, max(args.reps, 7))
         print(f"done: {name}", flush=True)
     print()
     print(f"dopri5, float32 (vdP rows float64), rtol=atol=1e-5 unless noted, torch threads={args.threads}, "
@@ -247,6 +284,13 @@ def main(argv=None):
         print(f"| {r['name']} | {r['ratio']:.2f} | {o['wall'] * 1e3:.1f} / {d['wall'] * 1e3:.1f} "
               f"| {o['nfe_f']} / {d['nfe_f']} | {o['nfe_b']} / {d['nfe_b']} "
               f"| {o['err']:.1e} / {d['err']:.1e} | {o['R']:.2f} / {d['R']:.2f} |")
+
+    if alone:
+        print()
+        print("| row | field time per solve [ms] | solver alone per solve [ms] | solver / field |")
+        print("|---|---|---|---|")
+        for name, (fs, ss) in alone.items():
+            print(f"| {name} | {fs * 1e3:.2f} | {ss * 1e3:.2f} | {ss / fs:.2f} |")
 
 
 if __name__ == "__main__":
