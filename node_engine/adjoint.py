@@ -38,7 +38,13 @@ NORMS = ("default", "seminorm")
 
 
 class _AugmentedField:
-    """The backsolve adjoint system on a flat [y (N), a (N), a_θ (P)] vector (Chen et al. eq. 4)."""
+    """The backsolve adjoint system on a flat [y (N), a (N), a_θ (P)] vector (Chen et al. eq. 4).
+
+    A ``func`` with a non-None attribute ``adjoint_vjp(t, y, v, params) -> (f, vᵀ∂f/∂y,
+    [vᵀ∂f/∂p for p in params])`` (y, v and the returned f and vᵀ∂f/∂y in ``func``'s own layout:
+    a tensor or a tuple; a None entry means zero) supplies the VJP itself; otherwise autograd
+    computes it. The CNF's fused exact-trace dynamics do, saving the autograd graph per evaluation.
+    """
 
     def __init__(self, vf: VectorField, n: int, params: tuple[torch.Tensor, ...]):
         self.vf = vf
@@ -46,10 +52,27 @@ class _AugmentedField:
         self.params = params
         self.t_dtype = vf.t_dtype
         self.work_shape = torch.Size((2 * n + sum(p.numel() for p in params),))
+        self.direct = getattr(vf.func, "adjoint_vjp", None)
+
+    def _direct(self, t: float, y: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        vf = self.vf
+        vf.nfe += 1
+        lay = vf.layout
+        tt = torch.scalar_tensor(t, dtype=vf.t_dtype, device=y.device)
+        f, g_y, g_p = self.direct(tt, lay.unflatten(y), lay.unflatten(-a), self.params)
+        members = (lambda x: x) if lay.is_tuple else (lambda x: (x,))
+        like = members(lay.unflatten(y))
+        parts = [x.reshape(-1) for x in members(f)]
+        parts += [torch.zeros_like(m).reshape(-1) if g is None else g.reshape(-1) for g, m in zip(members(g_y), like)]
+        parts += [torch.zeros(p.numel(), dtype=y.dtype, device=y.device) if g is None else g.reshape(-1)
+                  for g, p in zip(g_p, self.params)]
+        return torch.cat(parts)
 
     def __call__(self, t: float, z: torch.Tensor) -> torch.Tensor:
         n = self.n
         y, a = z[:n], z[n : 2 * n]
+        if self.direct is not None:
+            return self._direct(t, y, a)
         with torch.enable_grad():
             y_ = y.detach().requires_grad_(True)
             f = self.vf(t, y_.view(self.vf.work_shape)).reshape(-1)

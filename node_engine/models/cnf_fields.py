@@ -83,124 +83,137 @@ class _GatedMLPTangents(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, nonlinearity: str, frobenius: bool, t: Tensor, z: Tensor, a: Tensor, a0: Tensor,
-                b_t: Tensor, c: Tensor, *weights: Tensor):
-        # y = (W x + c) ⊙ sigmoid(a t + a0) + b t per layer; a, a0, b_t, c: all layers' (Σ width,)
-        # vectors, weights: W_l (out, in). Fold the gate into W_l^T and the bias.
-        gate_all = torch.sigmoid(torch.addcmul(a0, a, t))
-        sizes = [w.shape[0] for w in weights]
-        gates = gate_all.split(sizes)
-        bs = torch.addcmul(b_t * t, c, gate_all).split(sizes)
-        ws = [w.t() * g for w, g in zip(weights, gates)]
-        n_layers = len(weights)
-        ctx.sizes = sizes
+    def forward(ctx, nonlinearity: str, frobenius: bool, t: Tensor, z: Tensor, *packed: Tensor):
+        f, div, frob, saved = tangents_forward(nonlinearity, frobenius, t, z, *packed)
         ctx.set_materialize_grads(False)  # unused outputs (often ‖J‖_F²) get None, not zeros
-        n, d = z.shape
-        tanh = nonlinearity == "tanh"
-        xs, slopes, tangent_pres = [z], [], []
-        x = None
-        for i in range(n_layers):
-            w, b = ws[i], bs[i]
-            if i == n_layers - 1:
-                # D outputs: a skinny product, much faster (MKL) as Wᵀ Xᵀ -> (D, D+1, N)
-                pre = torch.mm(w.t(), x.view(-1, x.shape[-1]).t()).view(w.shape[1], d + 1, n)
-                f = pre[:, 0].t() + b
-                jac = pre[:, 1:]  # (D, D, N): jac[k, i, n] = ∂f_k/∂z_i at sample n
-                div = jac.diagonal(dim1=0, dim2=1).sum(dim=1)
-                frob = jac.pow(2).sum(dim=(0, 1)) if frobenius else None
-                ctx.nonlinearity = nonlinearity
-                ctx.save_for_backward(*xs, *slopes, *tangent_pres, jac, *ws, t, gate_all, a, b_t, c, *weights)
-                return f, div, frob
-            if i == 0:
-                pre_h = torch.addmm(b, z, w)  # (N, width)
-                pre_t = w.unsqueeze(1)  # (D, 1, width): tangent of e_i is row i of W_1
-            else:
-                pre = torch.mm(x.view(-1, x.shape[-1]), w).view(d + 1, n, -1)
-                pre_h, pre_t = pre[0], pre[1:]
-                pre_h.add_(b)
-            x = z.new_empty(d + 1, n, w.shape[1])
-            if tanh:
-                h = torch.tanh(pre_h, out=x[0])
-                slope = torch.addcmul(_one(h), h, h, value=-1.0)  # 1 - h², one kernel
-            else:
-                x[0].copy_(torch.nn.functional.softplus(pre_h))
-                slope = torch.where(pre_h > 20.0, 1.0, torch.sigmoid(pre_h))
-            torch.mul(pre_t, slope, out=x[1:])
-            xs.append(x)
-            slopes.append(slope)
-            tangent_pres.append(pre_t)
-        raise AssertionError("unreachable")
+        ctx.meta = saved[:2]
+        ctx.save_for_backward(*saved[2])
+        return f, div, frob
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_f: Tensor | None, g_div: Tensor | None, g_frob: Tensor | None):
-        saved = ctx.saved_tensors
-        n_layers = len(ctx.sizes)
-        weights = saved[-n_layers:]
-        t, gate_all, a, b_t, c = saved[-n_layers - 5 : -n_layers]
-        saved = saved[: -n_layers - 5]
-        n_hidden = (len(saved) - 2) // 4  # xs: n_hidden+1, slopes/tangent_pres: n_hidden, J, ws: n_hidden+1
-        xs = saved[: n_hidden + 1]
-        slopes = saved[n_hidden + 1 : 2 * n_hidden + 1]
-        tangent_pres = saved[2 * n_hidden + 1 : 3 * n_hidden + 1]
-        jac = saved[3 * n_hidden + 1]  # (D, D, N): jac[k, i, n] = ∂f_k/∂z_i
-        ws = saved[3 * n_hidden + 2 :]
-        z = xs[0]
-        n, d = z.shape
-        tanh = ctx.nonlinearity == "tanh"
-        # gradient wrt the last layer's (transposed) pre-activations (D, D+1, N): f, J e_1..J e_D
-        g_last = z.new_empty(d, d + 1, n)
-        if g_f is not None:
-            g_last[:, 0] = g_f.t()
+        return (None, None, *tangents_backward((*ctx.meta, ctx.saved_tensors), g_f, g_div, g_frob))
+
+
+def tangents_forward(nonlinearity: str, frobenius: bool, t: Tensor, z: Tensor, a: Tensor, a0: Tensor,
+                     b_t: Tensor, c: Tensor, *weights: Tensor):
+    """The forward pass of ``_GatedMLPTangents`` without autograd: (f, div, frob or None, saved),
+    ``saved`` being what :func:`tangents_backward` needs. Arguments as ``ConcatSquashField.packed``."""
+    # y = (W x + c) ⊙ sigmoid(a t + a0) + b t per layer; a, a0, b_t, c: all layers' (Σ width,)
+    # vectors, weights: W_l (out, in). Fold the gate into W_l^T and the bias.
+    gate_all = torch.sigmoid(torch.addcmul(a0, a, t))
+    sizes = [w.shape[0] for w in weights]
+    gates = gate_all.split(sizes)
+    bs = torch.addcmul(b_t * t, c, gate_all).split(sizes)
+    ws = [w.t() * g for w, g in zip(weights, gates)]
+    n_layers = len(weights)
+    n, d = z.shape
+    tanh = nonlinearity == "tanh"
+    xs, slopes, tangent_pres = [z], [], []
+    x = None
+    for i in range(n_layers):
+        w, b = ws[i], bs[i]
+        if i == n_layers - 1:
+            # D outputs: a skinny product, much faster (MKL) as Wᵀ Xᵀ -> (D, D+1, N)
+            pre = torch.mm(w.t(), x.view(-1, x.shape[-1]).t()).view(w.shape[1], d + 1, n)
+            f = pre[:, 0].t() + b
+            jac = pre[:, 1:]  # (D, D, N): jac[k, i, n] = ∂f_k/∂z_i at sample n
+            div = jac.diagonal(dim1=0, dim2=1).sum(dim=1)
+            frob = jac.pow(2).sum(dim=(0, 1)) if frobenius else None
+            saved = (*xs, *slopes, *tangent_pres, jac, *ws, t, gate_all, a, b_t, c, *weights)
+            return f, div, frob, (nonlinearity, sizes, saved)
+        if i == 0:
+            pre_h = torch.addmm(b, z, w)  # (N, width)
+            pre_t = w.unsqueeze(1)  # (D, 1, width): tangent of e_i is row i of W_1
         else:
-            g_last[:, 0] = 0.0
-        if g_frob is not None:
-            torch.mul(jac, 2.0 * g_frob, out=g_last[:, 1:])
+            pre = torch.mm(x.view(-1, x.shape[-1]), w).view(d + 1, n, -1)
+            pre_h, pre_t = pre[0], pre[1:]
+            pre_h.add_(b)
+        x = z.new_empty(d + 1, n, w.shape[1])
+        if tanh:
+            h = torch.tanh(pre_h, out=x[0])
+            slope = torch.addcmul(_one(h), h, h, value=-1.0)  # 1 - h², one kernel
         else:
-            g_last[:, 1:] = 0.0
-        if g_div is not None:
-            g_last[:, 1:].diagonal(dim1=0, dim2=1).add_(g_div.unsqueeze(1))
-        g_ws, g_bs = [None] * len(ws), [None] * len(ws)
-        last = len(ws) - 1
-        x, w = xs[last], ws[last]
-        g_last = g_last.view(d, -1)
-        g_ws[last] = torch.mm(g_last, x.view(-1, x.shape[-1])).t()
-        g_bs[last] = g_last[:, :n].sum(dim=1)
-        g_x = torch.mm(g_last.t(), w.t()).view(d + 1, n, -1)
-        for i in range(last, 0, -1):
-            if i < last:
-                w, x = ws[i], xs[i]
-                g_bs[i] = g_pre[0].sum(dim=0)
-                g_ws[i] = torch.mm(x.view(-1, x.shape[-1]).t(), g_pre.view(-1, g_pre.shape[-1]))
-                g_x = torch.mm(g_pre.view(-1, g_pre.shape[-1]), w.t()).view(d + 1, n, -1)
-            # through h' = σ(pre_h), t' = pre_t ⊙ σ'(pre_h)
-            slope, pre_t = slopes[i - 1], tangent_pres[i - 1]
-            g_h, g_t = g_x[0], g_x[1:]
-            g_pre = torch.empty_like(g_x)
-            torch.mul(g_t, slope, out=g_pre[1:])
-            g_slope = torch.mul(g_t[0], pre_t[0])  # Σ_i g_t[i] ⊙ pre_t[i]: (N, width)
-            for j in range(1, d):
-                g_slope.addcmul_(g_t[j], pre_t[j])
-            if i == 1:  # pre_t of layer 1 is W_1 broadcast: its gradient is Σ_n g_t ⊙ σ'
-                g_pre_t_w1 = g_pre[1:].sum(dim=1)
-            if tanh:  # σ' = 1 - h², σ'' = -2 h σ'
-                torch.addcmul(g_h, x[0], g_slope, value=-2.0, out=g_pre[0])
-            else:  # σ' = sigmoid, σ'' = σ'(1 - σ') (0 above softplus' threshold, where σ' = 1)
-                torch.addcmul(g_h, g_slope, 1.0 - slope, out=g_pre[0])
-            g_pre[0].mul_(slope)
-        # first layer: pre_h = z W_1 + b_1 and pre_t[i] = W_1[i] (broadcast over N)
-        g_pre_h = g_pre[0]
-        g_bs[0] = g_pre_h.sum(dim=0)
-        g_ws[0] = torch.addmm(g_pre_t_w1, z.t(), g_pre_h)
-        g_z = torch.mm(ws[0], g_pre_h.t()).t()
-        # through the gate folding W_l^T ⊙ g, c ⊙ g + b t with g = sigmoid(a t + a0), all layers at once
-        g_b_all = torch.cat(g_bs)
-        g_gate = torch.cat([(g_w * w.t()).sum(dim=0) for g_w, w in zip(g_ws, weights)]).addcmul_(g_b_all, c)
-        g_gate_pre = g_gate.mul_(torch.addcmul(gate_all, gate_all, gate_all, value=-1.0))  # σ' = σ - σ²
-        gates = gate_all.split(ctx.sizes)
-        g_weights = [(g_w * g).t() for g_w, g in zip(g_ws, gates)]
-        g_t = torch.dot(g_gate_pre, a) + torch.dot(g_b_all, b_t)
-        return (None, None, g_t, g_z, g_gate_pre * t, g_gate_pre, g_b_all * t, g_b_all * gate_all, *g_weights)
+            x[0].copy_(torch.nn.functional.softplus(pre_h))
+            slope = torch.where(pre_h > 20.0, 1.0, torch.sigmoid(pre_h))
+        torch.mul(pre_t, slope, out=x[1:])
+        xs.append(x)
+        slopes.append(slope)
+        tangent_pres.append(pre_t)
+    raise AssertionError("unreachable")
+
+
+def tangents_backward(saved, g_f: Tensor | None, g_div: Tensor | None, g_frob: Tensor | None):
+    """Gradients (t, z, *packed) of ⟨g_f, f⟩ + ⟨g_div, div⟩ + ⟨g_frob, frob⟩ from
+    :func:`tangents_forward`'s ``saved``; None cotangents count as zero."""
+    nonlinearity, sizes, saved = saved
+    n_layers = len(sizes)
+    weights = saved[-n_layers:]
+    t, gate_all, a, b_t, c = saved[-n_layers - 5 : -n_layers]
+    saved = saved[: -n_layers - 5]
+    n_hidden = (len(saved) - 2) // 4  # xs: n_hidden+1, slopes/tangent_pres: n_hidden, J, ws: n_hidden+1
+    xs = saved[: n_hidden + 1]
+    slopes = saved[n_hidden + 1 : 2 * n_hidden + 1]
+    tangent_pres = saved[2 * n_hidden + 1 : 3 * n_hidden + 1]
+    jac = saved[3 * n_hidden + 1]  # (D, D, N): jac[k, i, n] = ∂f_k/∂z_i
+    ws = saved[3 * n_hidden + 2 :]
+    z = xs[0]
+    n, d = z.shape
+    tanh = nonlinearity == "tanh"
+    # gradient wrt the last layer's (transposed) pre-activations (D, D+1, N): f, J e_1..J e_D
+    g_last = z.new_empty(d, d + 1, n)
+    if g_f is not None:
+        g_last[:, 0] = g_f.t()
+    else:
+        g_last[:, 0] = 0.0
+    if g_frob is not None:
+        torch.mul(jac, 2.0 * g_frob, out=g_last[:, 1:])
+    else:
+        g_last[:, 1:] = 0.0
+    if g_div is not None:
+        g_last[:, 1:].diagonal(dim1=0, dim2=1).add_(g_div.unsqueeze(1))
+    g_ws, g_bs = [None] * len(ws), [None] * len(ws)
+    last = len(ws) - 1
+    x, w = xs[last], ws[last]
+    g_last = g_last.view(d, -1)
+    g_ws[last] = torch.mm(g_last, x.view(-1, x.shape[-1])).t()
+    g_bs[last] = g_last[:, :n].sum(dim=1)
+    g_x = torch.mm(g_last.t(), w.t()).view(d + 1, n, -1)
+    for i in range(last, 0, -1):
+        if i < last:
+            w, x = ws[i], xs[i]
+            g_bs[i] = g_pre[0].sum(dim=0)
+            g_ws[i] = torch.mm(x.view(-1, x.shape[-1]).t(), g_pre.view(-1, g_pre.shape[-1]))
+            g_x = torch.mm(g_pre.view(-1, g_pre.shape[-1]), w.t()).view(d + 1, n, -1)
+        # through h' = σ(pre_h), t' = pre_t ⊙ σ'(pre_h)
+        slope, pre_t = slopes[i - 1], tangent_pres[i - 1]
+        g_h, g_t = g_x[0], g_x[1:]
+        g_pre = torch.empty_like(g_x)
+        torch.mul(g_t, slope, out=g_pre[1:])
+        g_slope = torch.mul(g_t[0], pre_t[0])  # Σ_i g_t[i] ⊙ pre_t[i]: (N, width)
+        for j in range(1, d):
+            g_slope.addcmul_(g_t[j], pre_t[j])
+        if i == 1:  # pre_t of layer 1 is W_1 broadcast: its gradient is Σ_n g_t ⊙ σ'
+            g_pre_t_w1 = g_pre[1:].sum(dim=1)
+        if tanh:  # σ' = 1 - h², σ'' = -2 h σ'
+            torch.addcmul(g_h, x[0], g_slope, value=-2.0, out=g_pre[0])
+        else:  # σ' = sigmoid, σ'' = σ'(1 - σ') (0 above softplus' threshold, where σ' = 1)
+            torch.addcmul(g_h, g_slope, 1.0 - slope, out=g_pre[0])
+        g_pre[0].mul_(slope)
+    # first layer: pre_h = z W_1 + b_1 and pre_t[i] = W_1[i] (broadcast over N)
+    g_pre_h = g_pre[0]
+    g_bs[0] = g_pre_h.sum(dim=0)
+    g_ws[0] = torch.addmm(g_pre_t_w1, z.t(), g_pre_h)
+    g_z = torch.mm(ws[0], g_pre_h.t()).t()
+    # through the gate folding W_l^T ⊙ g, c ⊙ g + b t with g = sigmoid(a t + a0), all layers at once
+    g_b_all = torch.cat(g_bs)
+    g_gate = torch.cat([(g_w * w.t()).sum(dim=0) for g_w, w in zip(g_ws, weights)]).addcmul_(g_b_all, c)
+    g_gate_pre = g_gate.mul_(torch.addcmul(gate_all, gate_all, gate_all, value=-1.0))  # σ' = σ - σ²
+    gates = gate_all.split(sizes)
+    g_weights = [(g_w * g).t() for g_w, g in zip(g_ws, gates)]
+    g_t = torch.dot(g_gate_pre, a) + torch.dot(g_b_all, b_t)
+    return (g_t, g_z, g_gate_pre * t, g_gate_pre, g_b_all * t, g_b_all * gate_all, *g_weights)
 
 
 class ConcatSquashField(nn.Module):
