@@ -270,7 +270,9 @@ def odeint_adjoint(
     Gradients reach y0, the adjoint_params, every output time's loss term and, when ``t``
     requires grad, ``t`` (continuous time derivative, one field call per output time). Backward
     NFE is added to ``stats.nfe_backward``. Double backward is not supported. A ``func`` that
-    calls ``torch.autograd.grad`` must enable grad itself (the forward runs under no_grad).
+    calls ``torch.autograd.grad`` must enable grad itself (the forward runs under no_grad). A
+    ``func`` with a non-None ``adjoint_vjp(t, y, v, params)`` attribute computes the backsolve's
+    vector-Jacobian products itself (see ``_AugmentedField``; the CNF's fused dynamics do).
 
     Raises:
         ValueError: as ``odeint``, plus unknown ``adjoint_mode`` / ``norm`` / adjoint options.
