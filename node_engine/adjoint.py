@@ -59,11 +59,12 @@ class _AugmentedField:
         vf.nfe += 1
         lay = vf.layout
         tt = torch.scalar_tensor(t, dtype=vf.t_dtype, device=y.device)
-        f, g_y, g_p = self.direct(tt, lay.unflatten(y), lay.unflatten(-a), self.params)
+        ys = lay.unflatten(y)
+        f, g_y, g_p = self.direct(tt, ys, lay.unflatten(-a), self.params)
         members = (lambda x: x) if lay.is_tuple else (lambda x: (x,))
-        like = members(lay.unflatten(y))
         parts = [x.reshape(-1) for x in members(f)]
-        parts += [torch.zeros_like(m).reshape(-1) if g is None else g.reshape(-1) for g, m in zip(members(g_y), like)]
+        parts += [torch.zeros_like(m).reshape(-1) if g is None else g.reshape(-1)
+                  for g, m in zip(members(g_y), members(ys))]
         parts += [torch.zeros(p.numel(), dtype=y.dtype, device=y.device) if g is None else g.reshape(-1)
                   for g, p in zip(g_p, self.params)]
         return torch.cat(parts)
