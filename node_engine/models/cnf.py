@@ -199,29 +199,42 @@ class _AugmentedDynamics(nn.Module):
         self.trace_estimator = trace_estimator
         self.eps = eps
         self._params_need_grad = any(p.requires_grad for p in block.parameters())
-        # the adjoint's VJP without autograd: fused exact trace, log-density only
+        # the adjoint's VJP without autograd: fused exact trace with the log-density channel
         self.adjoint_vjp = (self._fused_adjoint_vjp if packed is not None and end_time is not None
-                            and with_logdet and not regularizers else None)
+                            and with_logdet else None)
         self._forward_trace = hasattr(block.field, "jacobian_trace")
         self._wants_frobenius = "jacobian_norm" in regularizers
 
     def _fused_adjoint_vjp(self, s: Tensor, state: tuple[Tensor, ...], v: tuple[Tensor, ...],
                            params: tuple[Tensor, ...]):
-        """(dz/ds, dΔ/ds), vᵀ ∂(dz/ds, dΔ/ds)/∂(z, Δ) and vᵀ ∂/∂p for p in ``params`` (T or one of
-        the packed tensors; others get None), by the fused node's hand-written backward: the
-        backsolve adjoint's per-evaluation work without building an autograd graph. s: 0-dim,
-        z: (N, D), Δ: (N,); v like the state. Same values as autograd through ``forward``
-        (tests/flows/test_cnf_forward_trace.py)."""
+        """The outputs of ``forward`` (dz/ds, dΔ/ds, then the RNODE channels), vᵀ ∂outputs/∂state and
+        vᵀ ∂outputs/∂p for p in ``params`` (T or one of the packed tensors; others get None), by the
+        fused node's hand-written backward: the backsolve adjoint's per-evaluation work without
+        building an autograd graph. s: 0-dim, z: (N, D), Δ and RNODE channels: (N,); v like the
+        state. Only z is read, so the other channels' VJPs are None (zero). Same values as autograd
+        through ``forward`` (tests/flows/test_cnf_forward_trace.py)."""
         z, v_z, v_d = state[0], v[0], v[1]
         with torch.no_grad():
             T = self.end_time.to(z.dtype)
             dt_dT = s if self.generative else 1.0 - s  # t = T s or T (1 - s)
             scale = T if self.generative else -T
-            f, div, _, saved = tangents_forward(self.block.field.nonlinearity, False, T * dt_dT, z, *self.packed)
-            g_t, g_z, *g_packed = tangents_backward(saved, v_z * scale, v_d * T, None)
-            g_T = (v_z * f).sum() * (1.0 if self.generative else -1.0) + (v_d * div).sum() + g_t * dt_dT
+            f, div, frob, saved = tangents_forward(self.block.field.nonlinearity, self._wants_frobenius,
+                                                   T * dt_dT, z, *self.packed)
+            outputs = [scale * f, T * div]
+            g_f, g_frob = v_z * scale, None
+            g_T = (v_z * f).sum() * (1.0 if self.generative else -1.0) + (v_d * div).sum()
+            for name, v_r in zip(self.regularizers, v[2:]):
+                integrand = kinetic_energy_integrand(f) if name == "kinetic_energy" else frob
+                outputs.append(T * integrand)
+                g_T = g_T + (v_r * integrand).sum()
+                if name == "kinetic_energy":  # ∂‖f‖²/∂f = 2 f
+                    g_f = g_f + (2.0 * T) * v_r.unsqueeze(1) * f
+                else:
+                    g_frob = T * v_r
+            g_t, g_z, *g_packed = tangents_backward(saved, g_f, v_d * T, g_frob)
+            g_T = g_T + g_t * dt_dT
         by_id = {id(self.end_time): g_T, **{id(p): g for p, g in zip(self.packed, g_packed)}}
-        return (scale * f, T * div), (g_z, None), [by_id.get(id(p)) for p in params]
+        return tuple(outputs), (g_z,) + (None,) * (len(state) - 1), [by_id.get(id(p)) for p in params]
 
     def forward(self, s: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         z = state[0]
