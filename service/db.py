@@ -118,8 +118,14 @@ class Dataset(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
-def make_engine(url: str) -> Engine:
-    """An engine for ``url``; SQLite gets WAL + busy timeout, servers get pre-ping (dropped connections)."""
+def make_engine(url: str, *, idle_in_transaction_timeout_s: float | None = None) -> Engine:
+    """An engine for ``url``; SQLite gets WAL + busy timeout, servers get pre-ping (dropped connections).
+
+    ``idle_in_transaction_timeout_s`` (PostgreSQL): the server ends a session that sits inside a
+    transaction longer than this. Workers set it to their lease: a worker frozen between an UPDATE
+    and its COMMIT (SIGSTOP, a paused VM) would otherwise hold the job row's lock for as long as it
+    is frozen, and the reconciler's requeue of that job would wait on the lock.
+    """
     if url.startswith("sqlite"):
         db_path = make_url(url).database
         if db_path and db_path != ":memory:":
@@ -135,7 +141,18 @@ def make_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    if idle_in_transaction_timeout_s and engine.dialect.name == "postgresql":
+        timeout_ms = max(1000, int(idle_in_transaction_timeout_s * 1000))
+
+        @event.listens_for(engine, "connect")
+        def _session_timeouts(dbapi_conn: Any, _record: Any) -> None:
+            cur = dbapi_conn.cursor()
+            cur.execute(f"SET idle_in_transaction_session_timeout = {timeout_ms}")
+            cur.close()
+            dbapi_conn.commit()  # the SET outlives this transaction; do not leave it open
+
+    return engine
 
 
 def init_db(engine: Engine) -> None:

@@ -163,3 +163,51 @@ def test_queued_jobs_whose_messages_the_broker_lost_are_republished(env, redis_c
     assert sorted(messages(redis_client, queue_name)) == sorted([a.id, b.id])
     again = reconcile(store.sessions, publisher, max_attempts=2, requeue_queued_after=after, now=future)
     assert again.republished == []
+
+
+def test_a_frozen_workers_open_transaction_is_ended_so_its_row_lock_frees(pg_url):
+    """A worker frozen between an UPDATE and its COMMIT holds the row lock; with the workers'
+    engine setting (idle_in_transaction_timeout_s = lease) PostgreSQL ends that session and the
+    lock frees, so the reconciler's requeue of the job does not wait on it. Control: without the
+    setting the same lock is still held after the same wait."""
+    import time
+
+    from sqlalchemy import text
+    from sqlalchemy.exc import DBAPIError
+
+    other = make_engine(pg_url)
+    with other.begin() as c:
+        c.execute(text("CREATE TABLE lock_probe (id int PRIMARY KEY, v int)"))
+        c.execute(text("INSERT INTO lock_probe VALUES (1, 0)"))
+
+    def lock_then_idle(engine) -> object:
+        conn = engine.connect()
+        conn.begin()
+        conn.execute(text("UPDATE lock_probe SET v = 1 WHERE id = 1"))  # row lock held, then "frozen"
+        return conn
+
+    def can_update_within(seconds: float) -> bool:
+        with other.begin() as c:
+            c.execute(text(f"SET LOCAL lock_timeout = '{int(seconds * 1000)}ms'"))
+            try:
+                c.execute(text("UPDATE lock_probe SET v = 2 WHERE id = 1"))
+                return True
+            except DBAPIError:
+                return False
+
+    plain = make_engine(pg_url)
+    held = lock_then_idle(plain)
+    time.sleep(1.5)
+    assert not can_update_within(1.0)  # control: an idle transaction keeps its lock
+    held.close()
+    plain.dispose()
+
+    worker_like = make_engine(pg_url, idle_in_transaction_timeout_s=1.0)
+    held = lock_then_idle(worker_like)
+    time.sleep(1.5)
+    assert can_update_within(1.0)  # the server ended the frozen session: the lock is free
+    with pytest.raises(DBAPIError):
+        held.execute(text("SELECT 1"))  # and the frozen worker's session is gone (its work fenced)
+    held.close()
+    worker_like.dispose()
+    other.dispose()
