@@ -122,9 +122,9 @@ def make_engine(url: str, *, idle_in_transaction_timeout_s: float | None = None)
     """An engine for ``url``; SQLite gets WAL + busy timeout, servers get pre-ping (dropped connections).
 
     ``idle_in_transaction_timeout_s`` (PostgreSQL): the server ends a session that sits inside a
-    transaction longer than this. Workers set it to their lease: a worker frozen between an UPDATE
-    and its COMMIT (SIGSTOP, a paused VM) would otherwise hold the job row's lock for as long as it
-    is frozen, and the reconciler's requeue of that job would wait on the lock.
+    transaction longer than this. Workers set it to half their lease: a worker frozen between an
+    UPDATE and its COMMIT (SIGSTOP, a paused VM) would otherwise hold the job row's lock for as
+    long as it is frozen, and the reconciler could not requeue that job.
     """
     if url.startswith("sqlite"):
         db_path = make_url(url).database

@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Protocol
 
-from sqlalchemy import and_, func, select, update
+from sqlalchemy import and_, func, select, text, update
+from sqlalchemy.exc import OperationalError
 
 from service.db import Job, utcnow
 
@@ -133,6 +134,19 @@ class ReconcileReport:
     failed: list[str] = field(default_factory=list)  # lease expired at the attempt limit: poison job
     republished: list[str] = field(default_factory=list)  # queued, but the broker had lost the message
     unpublished: list[str] = field(default_factory=list)  # requeued but the broker is down (retried later)
+    locked: list[str] = field(default_factory=list)  # row locked by a stuck holder: tried again next pass
+
+
+LOCK_WAIT_S = 2  # longest a pass waits for one job's row lock before moving on (PostgreSQL)
+
+
+def _bounded_lock_wait(session) -> None:
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text(f"SET LOCAL lock_timeout = '{LOCK_WAIT_S}s'"))
+
+
+def _is_lock_timeout(exc: OperationalError) -> bool:
+    return getattr(exc.orig, "sqlstate", None) == "55P03"  # lock_not_available
 
 
 def reconcile(
@@ -160,19 +174,28 @@ def reconcile(
         ).all()
     for row in expired:
         same = and_(Job.seq == row.seq, Job.token == row.token, Job.status == "running")
-        with sessions.begin() as s:
-            if row.attempts >= max_attempts:
+        try:
+            with sessions.begin() as s:
+                # a holder frozen mid-transaction keeps the row locked (until the server ends its
+                # session): skip the job this pass rather than stall every other one behind it
+                _bounded_lock_wait(s)
+                if row.attempts >= max_attempts:
+                    res = s.execute(update(Job).where(same).values(
+                        status="failed", token=Job.token + 1, lease_expires_at=None, finished_at=now, updated_at=now,
+                        error_type=ATTEMPTS_EXHAUSTED, error_detail=_exhausted_detail(row.attempts, max_attempts)))
+                    if res.rowcount == 1:
+                        report.failed.append(row.id)
+                    continue
+                # A new token fences the lost worker out, should it come back (paused VM, partition).
                 res = s.execute(update(Job).where(same).values(
-                    status="failed", token=Job.token + 1, lease_expires_at=None, finished_at=now, updated_at=now,
-                    error_type=ATTEMPTS_EXHAUSTED, error_detail=_exhausted_detail(row.attempts, max_attempts)))
-                if res.rowcount == 1:
-                    report.failed.append(row.id)
-                continue
-            # A new token fences the lost worker out, should it come back (paused VM, partition).
-            res = s.execute(update(Job).where(same).values(
-                status="queued", token=Job.token + 1, lease_expires_at=None, updated_at=now))
-            if res.rowcount != 1:
-                continue
+                    status="queued", token=Job.token + 1, lease_expires_at=None, updated_at=now))
+                if res.rowcount != 1:
+                    continue
+        except OperationalError as exc:
+            if not _is_lock_timeout(exc):
+                raise
+            report.locked.append(row.id)
+            continue
         if _publish(publisher, row.id):
             report.requeued.append(row.id)
         else:

@@ -61,9 +61,9 @@ class WorkerContext:
 def worker_context() -> WorkerContext:
     """Stores of this worker process, built once from the environment (schema created on start)."""
     settings = get_settings()
-    # a transaction left open longer than the lease (a frozen worker) is ended by the server, so
-    # its row locks cannot stall the reconciler's requeue of the job
-    engine = make_engine(settings.database_url, idle_in_transaction_timeout_s=settings.lease_s)
+    # a transaction left open for half the lease (a frozen worker) is ended by the server, so its
+    # row locks are gone before the lease can expire and the reconciler requeues the job
+    engine = make_engine(settings.database_url, idle_in_transaction_timeout_s=settings.lease_s / 2)
     init_db(engine)
     store = JobStore(make_sessionmaker(engine), lease_s=settings.lease_s, max_attempts=settings.max_attempts)
     return WorkerContext(settings, store, LocalArtifactStore(settings.artifact_dir))

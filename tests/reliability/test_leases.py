@@ -211,3 +211,44 @@ def test_a_frozen_workers_open_transaction_is_ended_so_its_row_lock_frees(pg_url
     held.close()
     worker_like.dispose()
     other.dispose()
+
+
+def test_the_reconciler_skips_a_locked_row_and_requeues_it_once_free(make_settings, pg_url):
+    """One expired job whose row a stuck holder keeps locked must not stall the pass: the other
+    expired job is requeued at once, the locked one on the first pass after the lock is gone."""
+    import time
+
+    from service.leases import LOCK_WAIT_S
+
+    settings = make_settings(database_url=pg_url, lease_s=30, max_attempts=3)
+    engine = make_engine(pg_url)
+    init_db(engine)
+    store = JobStore(make_sessionmaker(engine), lease_s=30, max_attempts=3)
+    broker = Broker(settings)
+    publisher = BrokerPublisher(broker)
+    holder = make_engine(pg_url)
+    try:
+        stuck, _ = store.create_job(SPEC)
+        free, _ = store.create_job(SPEC)
+        for job in (stuck, free):
+            store.claim(job.id)
+            expire(store, job.id)
+        conn = holder.connect()
+        conn.begin()
+        conn.execute(update(Job).where(Job.id == stuck.id).values(updated_at=utcnow()))  # lock held, not committed
+
+        start = time.monotonic()
+        report = reconcile(store.sessions, publisher, max_attempts=3, requeue_queued_after=timedelta(hours=1))
+        assert time.monotonic() - start < LOCK_WAIT_S + 5
+        assert report.locked == [stuck.id] and report.requeued == [free.id]
+        assert store.get_job(stuck.id).status == "running"
+
+        conn.rollback()
+        conn.close()
+        report = reconcile(store.sessions, publisher, max_attempts=3, requeue_queued_after=timedelta(hours=1))
+        assert report.requeued == [stuck.id] and report.locked == []
+        assert store.get_job(stuck.id).status == "queued"
+    finally:
+        holder.dispose()
+        broker.close()
+        engine.dispose()
