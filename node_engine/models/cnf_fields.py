@@ -74,8 +74,9 @@ class _GatedMLPTangents(torch.autograd.Function):
 
     Each layer y = (W x + c) ⊙ g + b t with g = sigmoid(a t + a0) is first folded into an ordinary
     affine map x (Wᵀ ⊙ g) + (c ⊙ g + b t); the gate/bias vectors of all layers come concatenated
-    (``ConcatSquashField.packed``), so the fold is a few kernels for the whole MLP. Forward-mode: rows 1..D of a (D+1, N, width) buffer
-    carry ∂h/∂z_i next to h in row 0, so each hidden layer is one (D+1)N-row matrix product. The
+    (``ConcatSquashField.packed``), so the fold is a few kernels for the whole MLP. Forward-mode:
+    rows 1..D of a (D+1, N, width) buffer carry ∂h/∂z_i next to h in row 0, so each hidden layer
+    is one (D+1)N-row matrix product. The
     backward pass is written out by hand (one autograd node instead of ~80 small ones; on a 2-core
     CPU the per-op cost, not the FLOPs, dominates at batch 512), and it is what the adjoint's VJP of
     the CNF dynamics costs. First-order only (``once_differentiable``): nothing here needs second
