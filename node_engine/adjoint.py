@@ -17,9 +17,15 @@ Two modes:
 ``adjoint_options=dict(norm="seminorm")`` leaves the parameter adjoint a_θ out of the backward
 step-size norm (Kidger, Chen, Lyons, "'Hey, that's not an ODE': Faster ODE Adjoints via
 Seminorms", ICML 2021): a_θ never feeds back into the dynamics, so its error need not be controlled.
+With the forward's method and tolerances (the default), the backward solve's first step is the
+step the forward controller proposed last, not Hairer's initial step: the backward retraces the
+forward trajectory, so this saves about one step per solve with the same error control.
 """
 
 from __future__ import annotations
+
+import dataclasses
+import math
 
 import torch
 from torch import nn
@@ -27,7 +33,7 @@ from torch import nn
 from .odeint import SolverConfig, add_info, check_t, is_per_sample, make_config, odeint_per_sample
 from .solvers.adaptive import SolveInfo, StepRecord
 from .solvers.rk import RKStepper
-from .solvers import METHODS
+from .solvers import ADAPTIVE, METHODS
 from .solvers.state import StateLayout, VectorField
 from .stats import SolverStats
 
@@ -104,6 +110,8 @@ class _Run:
         self.params = params
         self.stats = stats
         self.record: StepRecord | None = None
+        self.warm_start = False  # backsolve: first backward step = the forward's last proposal
+        self.next_step = math.nan
 
 
 class _OdeintAdjoint(torch.autograd.Function):
@@ -116,6 +124,7 @@ class _OdeintAdjoint(torch.autograd.Function):
             out = run.cfg.solve(vf, z0.detach(), run.times, info, record=record, grad=False)
         finally:
             add_info(run.stats, info, vf.nfe)
+        run.next_step = info.next_step
         ctx.run = run
         if record is not None:
             starts = torch.stack(record.starts) if record.starts else z0.new_empty(0, z0.numel())
@@ -157,9 +166,17 @@ def _backsolve(run: _Run, vf: VectorField, out, g_out, info):
     a = g_out[-1].clone() if T > 1 else torch.zeros_like(g_out[0])
     p_adj = out.new_zeros(P)
     times = run.times
+    # The backward solve retraces the forward trajectory, so it starts with the step the forward
+    # controller proposed last (and each later interval with the backward's own last proposal)
+    # instead of Hairer's cautious initial step: one step fewer per interval, same error control.
+    h = run.next_step if run.warm_start else math.nan
     for i in range(T - 1, 0, -1):
         z = torch.cat([out[i], a, p_adj])
-        res = run.adj_cfg.solve(aug, z, [times[i], times[i - 1]], info, grad=False)
+        cfg = run.adj_cfg
+        if math.isfinite(h):
+            cfg = dataclasses.replace(cfg, options={**cfg.options, "first_step": min(h, abs(times[i] - times[i - 1]))})
+        res = cfg.solve(aug, z, [times[i], times[i - 1]], info, grad=False)
+        h = info.next_step if run.warm_start else math.nan
         a = res[1, N : 2 * N]
         p_adj = res[1, 2 * N :]
         if i > 1:
@@ -254,7 +271,9 @@ def odeint_adjoint(
             solve in backsolve mode; default to the forward ones. ``adjoint_options`` also takes
             ``norm="default"`` (mixed norm: max of the RMS of y, a and a_θ) or ``"seminorm"``
             (a_θ left out; Kidger et al. 2021). Unused in checkpoint mode (its backward replays
-            the forward steps).
+            the forward steps). With the forward's method and tolerances the backward solve
+            starts with the forward's last proposed step; ``first_step`` here overrides that
+            (``first_step=None``: Hairer's initial step).
         adjoint_params: tensors to differentiate with respect to, beyond y0. Default:
             ``tuple(func.parameters())`` when func is an ``nn.Module``, else ``()``.
         adjoint_mode: ``"backsolve"`` (O(1) memory in steps; Chen et al. 2018) or
@@ -303,7 +322,7 @@ def odeint_adjoint(
     norm = adj_opts.pop("norm", "default")
     if norm not in NORMS:
         raise ValueError(f"unknown adjoint norm {norm!r}; valid: {', '.join(NORMS)}")
-    adj_cfg = None
+    adj_cfg, warm_start = None, False
     if adjoint_mode == "backsolve":
         adj_method = adjoint_method or method
         if adjoint_options is None and adj_method == method:
@@ -311,9 +330,13 @@ def odeint_adjoint(
         adj_rtol = rtol if adjoint_rtol is None else adjoint_rtol
         adj_atol = atol if adjoint_atol is None else adjoint_atol
         adj_cfg = _augmented_config(adj_method, adj_rtol, adj_atol, adj_opts, layout, params, norm)
+        # warm start only where the forward's step sizes mean something for the backward solve
+        warm_start = (adj_method == method and method in ADAPTIVE and "first_step" not in adj_opts
+                      and adjoint_rtol in (None, rtol) and adjoint_atol in (None, atol))
     elif adjoint_method is not None and adjoint_method != method:
         raise ValueError("adjoint_method is not used in checkpoint mode (the backward replays the forward steps)")
     run = _Run(func, layout, times, t_dtype, cfg, adj_cfg, adjoint_mode, params, stats)
+    run.warm_start = adjoint_mode == "backsolve" and warm_start
     z0 = layout.flatten(y0)
     if not (torch.is_grad_enabled() and (z0.requires_grad or params or t.requires_grad)):
         # nothing to differentiate (e.g. evaluation): a plain solve, no checkpoints kept

@@ -37,6 +37,7 @@ class SolveInfo:
     accepted: int = 0
     rejected: int = 0
     last_step: float = float("nan")
+    next_step: float = float("nan")  # the controller's proposal after the last accepted step
 
 
 @dataclass
@@ -185,6 +186,7 @@ def integrate_adaptive(
                     record.outputs.append((len(record.starts) - 1, None))
                 i_out += 1
         h = ctrl.accept(abs(hs), ratio)
+        info.next_step = h
         t, z = t_new, z_new
         if landing:
             i_stop += 1

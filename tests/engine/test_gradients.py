@@ -128,6 +128,23 @@ def test_seminorm_cuts_backward_nfe_with_equal_gradients():
     assert rel(grads["seminorm"], g_ck) < 1e-4 and rel(grads["default"], g_ck) < 1e-4
 
 
+def test_backsolve_starts_with_the_forward_step_and_keeps_the_gradient():
+    """The backward solve's first step is the forward controller's last proposal (not Hairer's
+    initial step): fewer backward evaluations, the same accuracy against finite differences."""
+    field = MLPField(dim=2, hidden=6)
+    y0 = torch.tensor([[0.5, -0.3], [1.0, 0.2]], dtype=f64)
+    t = torch.tensor([0.0, 0.4, 1.0, 1.5], dtype=f64)
+    w = torch.randn(4, 2, 2, generator=torch.Generator().manual_seed(1), dtype=f64)
+    g_fd = _fd(field, y0.clone(), t, w)
+    nfe, err = {}, {}
+    for name, opts in [("warm", None), ("hairer", dict(first_step=None))]:
+        s = SolverStats()
+        g = _grads(odeint_adjoint, field, y0, t, w, rtol=1e-7, atol=1e-7, stats=s, adjoint_options=opts)
+        nfe[name], err[name] = s.nfe_backward, _rel(g, g_fd)
+    assert nfe["warm"] < nfe["hairer"], nfe
+    assert err["warm"] < 1e-5 and err["hairer"] < 1e-5, err
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_tuple_state_adjoint(mode):
     omega = torch.tensor(1.3, dtype=f64, requires_grad=True)
