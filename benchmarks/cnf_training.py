@@ -1,7 +1,7 @@
 """CNF training throughput and adjoint cost: node_engine vs a torchdiffeq reference loop (issue 6,
 items 3 and 4), side by side in one process.
 
-    python benchmarks/cnf_training.py [--iters 6] [--batch 512] [--threads 1] [--pretrain 200] [--field-reps 30]
+    python benchmarks/cnf_training.py [--iters 6] [--batch 512] [--threads 1] [--device cuda] [--pretrain 200] [--field-reps 30]
         [--weights pretrained.safetensors]
 
 Model: FFJORD's toy configuration — one ConcatSquash field 2-64-64-64-2, tanh, exact trace,
@@ -38,7 +38,7 @@ import argparse
 import copy
 import statistics
 import sys
-import time
+import clock  # benchmarks/clock.py, beside this script
 from pathlib import Path
 
 import numpy as np
@@ -101,8 +101,8 @@ class RefODEFunc(nn.Module):
 
 
 def ref_log_prob(func: RefODEFunc, x, *, tol=TOL, adjoint=True, adjoint_options=None):
-    s = torch.tensor([0.0, 1.0], dtype=x.dtype)
-    state = (x, torch.zeros(x.shape[0], dtype=x.dtype))
+    s = torch.tensor([0.0, 1.0], dtype=x.dtype, device=x.device)
+    state = (x, torch.zeros(x.shape[0], dtype=x.dtype, device=x.device))
     if adjoint:
         z, delta = torchdiffeq.odeint_adjoint(func, state, s, rtol=tol, atol=tol, method="dopri5",
                                               adjoint_options=adjoint_options)
@@ -164,38 +164,38 @@ def gradient_rows(ours: CNF, xb: torch.Tensor, label: str):
             m.solver = type(m.solver)(method="dopri5", rtol=TOL, atol=TOL, adjoint=True,
                                       adjoint_norm="seminorm" if "semi" in name else "default")
             m.stats.reset()
-            start = time.perf_counter()
+            start = clock.now()
             loss = -m.log_prob(xb).mean()
             nfe_f = m.stats.nfe_forward
             g = torch.autograd.grad(loss, ours_params(m))
-            wall = time.perf_counter() - start
+            wall = clock.now() - start
             nfe_b = m.stats.nfe_backward
         else:
-            ref = RefODEFunc()
+            ref = RefODEFunc().to(xb.device)
             copy_weights(ours, ref)
-            start = time.perf_counter()
+            start = clock.now()
             loss = -ref_log_prob(ref, xb, adjoint_options=dict(norm="seminorm") if "semi" in name else None).mean()
             nfe_f = ref.calls
             g = torch.autograd.grad(loss, ref_params(ref))
-            wall = time.perf_counter() - start
+            wall = clock.now() - start
             nfe_b = ref.calls - nfe_f
         gv = torch.cat([x.reshape(-1) for x in g])
         rows.append((label, name, nfe_f, nfe_b, float((gv - g_ref).norm() / g_ref.norm()), wall, gv))
     return rows
 
 
-def field_rows(reps: int, batch: int):
+def field_rows(reps: int, batch: int, dev: torch.device):
     """Median µs of one exact-trace evaluation (no grad / with the adjoint's VJP), interleaved."""
     from node_engine.models.cnf_fields import ConcatSquashField
     from node_engine.models.cnf_divergence import divergence_exact
 
     torch.manual_seed(0)
-    field = ConcatSquashField(2, (64, 64, 64), "tanh")
+    field = ConcatSquashField(2, (64, 64, 64), "tanh").to(dev)
     params = tuple(field.parameters())
-    z0 = torch.randn(batch, 2)
-    t = torch.tensor(0.4)
-    a, a_div = torch.randn(batch, 2), torch.randn(batch)
-    eye = torch.eye(2).unsqueeze(1).expand(2, batch, 2)
+    z0 = torch.randn(batch, 2, device=dev)
+    t = torch.tensor(0.4, device=dev)
+    a, a_div = torch.randn(batch, 2, device=dev), torch.randn(batch, device=dev)
+    eye = torch.eye(2, device=dev).unsqueeze(1).expand(2, batch, 2)
 
     def forward_mode(fused):
         def run(with_vjp):
@@ -229,15 +229,15 @@ def field_rows(reps: int, batch: int):
     plain = []
     for r in range(reps):
         order = list(ways.items()) if r % 2 == 0 else list(ways.items())[::-1]
-        start = time.perf_counter()
+        start = clock.now()
         with torch.no_grad():
             field(t, z0)
-        plain.append(time.perf_counter() - start)
+        plain.append(clock.now() - start)
         for name, run in order:
             for with_vjp in (False, True):
-                start = time.perf_counter()
+                start = clock.now()
                 run(with_vjp)
-                times[(name, with_vjp)].append(time.perf_counter() - start)
+                times[(name, with_vjp)].append(clock.now() - start)
     ConcatSquashField.fused_tangents = True
     base = statistics.median(plain)
     print(f"\nOne exact-trace evaluation, batch {batch}, medians of {reps} interleaved rounds "
@@ -254,6 +254,7 @@ def main():
     ap.add_argument("--iters", type=int, default=6)
     ap.add_argument("--batch", type=int, default=512)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     ap.add_argument("--test", type=int, default=4096)
     ap.add_argument("--pretrain", type=int, default=0, help="node_engine iterations before the comparison")
     ap.add_argument("--pretrain-lr", type=float, default=1e-2)
@@ -262,17 +263,18 @@ def main():
                     help="cache of the pretrained weights: loaded if the file exists, else written after pretraining")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    dev = clock.use_device(args.device)
     if args.field_reps:
-        field_rows(args.field_reps, args.batch)
+        field_rows(args.field_reps, args.batch, dev)
 
     train = moons(20000, 0)
     mean, std = train.mean(0), train.std(0)
-    train = torch.tensor((train - mean) / std, dtype=torch.float32)
-    test = torch.tensor((moons(args.test, 1) - mean) / std, dtype=torch.float32)
+    train = torch.tensor((train - mean) / std, dtype=torch.float32, device=dev)
+    test = torch.tensor((moons(args.test, 1) - mean) / std, dtype=torch.float32, device=dev)
     g = torch.Generator().manual_seed(0)
-    batches = [train[torch.randint(0, len(train), (args.batch,), generator=g)] for _ in range(args.iters)]
+    batches = [train[torch.randint(0, len(train), (args.batch,), generator=g).to(dev)] for _ in range(args.iters)]
 
-    ours = make_ours()
+    ours = make_ours().to(dev)
     if args.weights is not None and args.weights.exists():
         ours.load_state_dict(safetensors.torch.load_file(args.weights))
         print(f"loaded pretrained weights from {args.weights}", flush=True)
@@ -283,15 +285,15 @@ def main():
         gp = torch.Generator().manual_seed(1)
         for i in range(args.pretrain):
             opt.zero_grad()
-            (-ours.log_prob(train[torch.randint(0, len(train), (args.batch,), generator=gp)]).mean()).backward()
+            (-ours.log_prob(train[torch.randint(0, len(train), (args.batch,), generator=gp).to(dev)]).mean()).backward()
             opt.step()
         ours.stats.reset()
         print(f"pretrained {args.pretrain} iterations (lr {args.pretrain_lr}); NFE now {ours.stats.nfe_forward}",
               flush=True)
         ours = copy.deepcopy(ours)
         if args.weights is not None:
-            safetensors.torch.save_file({k: v.contiguous() for k, v in ours.state_dict().items()}, args.weights)
-    ref = RefODEFunc()
+            safetensors.torch.save_file({k: v.cpu().contiguous() for k, v in ours.state_dict().items()}, args.weights)
+    ref = RefODEFunc().to(dev)
     copy_weights(ours, ref)
     opt_o = torch.optim.Adam(ours.parameters(), lr=1e-3)
     opt_r = torch.optim.Adam(ref.parameters(), lr=1e-3)
@@ -302,7 +304,7 @@ def main():
     t_o, t_r, nfe_o, nfe_r = [], [], [], []
     for it, xb in enumerate(batches):
         for who in (("ours", "ref") if it % 2 == 0 else ("ref", "ours")):
-            start = time.perf_counter()
+            start = clock.now()
             if who == "ours":
                 ours.train()
                 ours.stats.reset()
@@ -310,7 +312,7 @@ def main():
                 loss = -ours.log_prob(xb).mean()
                 loss.backward()
                 opt_o.step()
-                t_o.append(time.perf_counter() - start)
+                t_o.append(clock.now() - start)
                 nfe_o.append((ours.stats.nfe_forward, ours.stats.nfe_backward))
             else:
                 ref.calls = 0
@@ -319,7 +321,7 @@ def main():
                 nf = ref.calls
                 loss.backward()
                 opt_r.step()
-                t_r.append(time.perf_counter() - start)
+                t_r.append(clock.now() - start)
                 nfe_r.append((nf, ref.calls - nf))
         print(f"iter {it}: ours {t_o[-1]:.2f}s nfe {nfe_o[-1]}  ref {t_r[-1]:.2f}s nfe {nfe_r[-1]}", flush=True)
 
@@ -332,7 +334,7 @@ def main():
     mo, mr = statistics.median(t_o), statistics.median(t_r)
     print()
     print(f"FFJORD toy CNF (2-64-64-64-2 ConcatSquash, tanh, exact trace, dopri5 rtol=atol={TOL:g}), moons, batch "
-          f"{args.batch}, {args.iters} iterations each, interleaved, threads={args.threads}")
+          f"{args.batch}, {args.iters} iterations each, interleaved, device {dev}, threads={args.threads}")
     print()
     print("| loop | s / iteration (median) | iterations / s | speed-up (ours/ref it/s) | NFE fwd / bwd per iteration (median) "
           f"| test NLL after {args.iters} it [nats] |")

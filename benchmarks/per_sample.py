@@ -1,6 +1,6 @@
 """Per-sample step control vs joint stepping (issue 6, item 2), side by side in one process.
 
-    python benchmarks/per_sample.py [--reps 5] [--batch 256] [--tol 1e-5]
+    python benchmarks/per_sample.py [--reps 5] [--batch 256] [--tol 1e-5] [--device cuda]
 
 Problem: van der Pol x'' = μ(1 - x²)x' - x, batch 256, μ ~ U[0.5, 10] and y0 ~ N(0, 2²) per
 sample (seed 0), t ∈ [0, 10], dopri5, rtol = atol = 1e-5, float64. Contenders, interleaved (the
@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
+import clock  # benchmarks/clock.py, beside this script
 from pathlib import Path
 
 import numpy as np
@@ -73,7 +73,7 @@ def run(kind, y0, mu, t, tol):
     if kind == "per_sample_tight":  # per-sample at a 100x tighter tolerance: its error vs joint's
         kind, tol = "per_sample", tol / 100
     stats = SolverStats()
-    start = time.perf_counter()
+    start = clock.now()
     with torch.no_grad():
         if kind == "tdq":
             f = Joint(mu)
@@ -89,7 +89,7 @@ def run(kind, y0, mu, t, tol):
             y = ys[-1]
             nfe, work = stats.nfe_forward, stats.sample_evaluations
             steps = (stats.steps_accepted + stats.steps_rejected) / y0.shape[0]
-    return time.perf_counter() - start, nfe, work, steps, y
+    return clock.now() - start, nfe, work, steps, y
 
 
 def main():
@@ -98,11 +98,17 @@ def main():
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--tol", type=float, default=1e-5)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    ap.add_argument("--ref-samples", type=int, default=None,
+                    help="error columns over the first N samples only (scipy references take ~10 ms each)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    dev = clock.use_device(args.device)
     y0, mu = make_problem(args.batch)
-    t = torch.tensor([0.0, 10.0], dtype=torch.float64)
-    ref = references(y0, mu, 10.0)
+    n_ref = min(args.ref_samples or args.batch, args.batch)
+    ref = references(y0[:n_ref], mu[:n_ref], 10.0)
+    y0, mu = y0.to(dev), mu.to(dev)
+    t = torch.tensor([0.0, 10.0], dtype=torch.float64, device=dev)
     kinds = ["tdq", "joint", "per_sample", "per_sample_tight"]
     walls = {k: [] for k in kinds}
     info = {}
@@ -111,13 +117,14 @@ def main():
         for k in order:
             wall, nfe, work, steps, y = run(k, y0, mu, t, args.tol)
             walls[k].append(wall)
-            err = np.abs(y.numpy() - ref).max(axis=1)
+            err = np.abs(y[:n_ref].cpu().numpy() - ref).max(axis=1)
             info[k] = (nfe, work, steps, float(err.max()), float(np.median(err)))
     med = {k: statistics.median(v) for k, v in walls.items()}
     # torchdiffeq's steps: NFE = 6 per trial step + 2 (initial step selection), FSAL
     tdq_steps = (info["tdq"][0] - 2) / 6
     print(f"van der Pol, batch {args.batch}, mu~U[0.5,10], y0~N(0,2^2), t in [0,10], dopri5, rtol=atol={args.tol:g}, "
-          f"float64, {args.reps} reps, threads={args.threads}")
+          f"float64, {args.reps} reps, device {dev}, threads={args.threads}"
+          + (f"; errors over the first {n_ref} samples" if n_ref < args.batch else ""))
     print("| mode | trial steps | batched field calls | work (sample-evaluations) | work / tdq joint | "
           "work / ours joint | wall [ms] | wall / tdq joint | wall / ours joint | max err | median err |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")

@@ -1,6 +1,6 @@
 """Solver benchmark: node_engine vs torchdiffeq 0.2.5, side by side in one process (issue 3).
 
-    python benchmarks/solvers.py [--reps 7] [--threads 1] [--quick] [--only TEXT] [--replay]
+    python benchmarks/solvers.py [--reps 7] [--threads 1] [--device cuda] [--quick] [--only TEXT] [--replay]
 
 Rows: an MLP vector field (dim 2 at batch 256 and 4096; dim 16 at batch 512), van der Pol
 (batch 256, μ = 2), the paper's ODE-Net conv block (64×7×7, batch 16), and the adjoint of the dim-2/batch-256 MLP with the default norm and with the
@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
+import clock  # benchmarks/clock.py, beside this script
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +34,8 @@ import torchdiffeq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from node_engine import SolverStats, odeint, odeint_adjoint
+
+DEVICE = torch.device("cpu")  # --device
 
 
 class MLP(nn.Module):
@@ -105,10 +107,10 @@ def _to64(field: nn.Module) -> nn.Module:
 
 def time_call(field, y0, n=200, backward=False, rounds=5):
     """Median seconds of one field call (or call + vjp), over ``rounds`` blocks of ``n`` calls."""
-    t = torch.tensor(0.0, dtype=y0.dtype)
+    t = torch.tensor(0.0, dtype=y0.dtype, device=y0.device)
     ts = []
     for _ in range(rounds):
-        start = time.perf_counter()
+        start = clock.now()
         for _ in range(n):
             if backward:
                 y = y0.detach().requires_grad_(True)
@@ -117,19 +119,19 @@ def time_call(field, y0, n=200, backward=False, rounds=5):
             else:
                 with torch.no_grad():
                     field(t, y0)
-        ts.append((time.perf_counter() - start) / n)
+        ts.append((clock.now() - start) / n)
     return statistics.median(ts)
 
 
 def run_forward(lib, field, y0, t, rtol, atol):
     field.calls = 0
     with torch.no_grad():
-        start = time.perf_counter()
+        start = clock.now()
         if lib == "ours":
             out = odeint(field, y0, t, rtol=rtol, atol=atol, method="dopri5")
         else:
             out = torchdiffeq.odeint(field, y0, t, rtol=rtol, atol=atol, method="dopri5")
-        wall = time.perf_counter() - start
+        wall = clock.now() - start
     return wall, field.calls, 0, out[-1]
 
 
@@ -137,7 +139,7 @@ def run_adjoint(lib, field, y0, t, rtol, atol, norm):
     field.calls = 0
     y = y0.detach().requires_grad_(True)
     params = tuple(field.parameters())
-    start = time.perf_counter()
+    start = clock.now()
     if lib == "ours":
         s = SolverStats()
         out = odeint_adjoint(field, y, t, rtol=rtol, atol=atol, method="dopri5",
@@ -151,7 +153,7 @@ def run_adjoint(lib, field, y0, t, rtol, atol, norm):
         nf = field.calls
         loss = (out[-1] ** 2).sum()
         grads = torch.autograd.grad(loss, (y,) + params)
-    wall = time.perf_counter() - start
+    wall = clock.now() - start
     return wall, nf, field.calls - nf, torch.cat([g.reshape(-1) for g in grads])
 
 
@@ -173,9 +175,9 @@ def solver_alone(field, y0, t, rtol, atol, reps):
     outs, field_s, solve_s = [], [], []
 
     def record(tt, y):
-        start = time.perf_counter()
+        start = clock.now()
         out = field(tt, y)
-        field_s[-1] += time.perf_counter() - start
+        field_s[-1] += clock.now() - start
         outs.append(out)
         return out
 
@@ -188,9 +190,9 @@ def solver_alone(field, y0, t, rtol, atol, reps):
             field_s.append(0.0)
             odeint(record, y0, t, rtol=rtol, atol=atol, method="dopri5")
             it = iter(range(len(outs)))
-            start = time.perf_counter()
+            start = clock.now()
             odeint(replay, y0, t, rtol=rtol, atol=atol, method="dopri5")
-            solve_s.append(time.perf_counter() - start)
+            solve_s.append(clock.now() - start)
     return statistics.median(field_s), statistics.median(solve_s)
 
 
@@ -201,6 +203,7 @@ def bench_row(name, field, y0, t, rtol, atol, reps, adjoint=None):
         ref = scipy_reference(field, y0, float(t[-1]), tol=1e-12 if rtol < 1e-4 else 1e-9)
     else:
         ref = reference_gradient(field, y0, t)
+    field, y0, t = field.to(DEVICE), y0.to(DEVICE), t.to(DEVICE)  # references above: on the CPU
     res = {"ours": [], "torchdiffeq": []}
     calls, vjps = [], []
     for r in range(reps + 1):  # first round is warm-up
@@ -223,9 +226,9 @@ def bench_row(name, field, y0, t, rtol, atol, reps, adjoint=None):
         wall = statistics.median(x[0] for x in runs)
         nf, nb, val = runs[-1][1], runs[-1][2], runs[-1][3]
         if adjoint is None:
-            err = float((val.double() - ref).abs().max())
+            err = float((val.double().cpu() - ref).abs().max())
         else:
-            err = float((val.double() - ref).norm() / ref.norm())
+            err = float((val.double().cpu() - ref).norm() / ref.norm())
         R = wall / (nf * t_call + nb * t_vjp)
         row[lib] = dict(wall=wall, nfe_f=nf, nfe_b=nb, err=err, R=R)
     row["ratio"] = row["ours"]["wall"] / row["torchdiffeq"]["wall"]
@@ -236,12 +239,15 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (the field and state live there)")
     ap.add_argument("--quick", action="store_true", help="fewer rows (smoke test)")
     ap.add_argument("--only", default="", help="run only rows whose name contains this text")
     ap.add_argument("--replay", action="store_true",
                     help="also time node_engine's solver alone (replayed field outputs) on the forward rows")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    global DEVICE
+    DEVICE = clock.use_device(args.device)
     torch.manual_seed(0)
     rows = []
     t = torch.tensor([0.0, 1.0])
@@ -270,10 +276,10 @@ def main(argv=None):
     for name, field, y0, tt, rtol, atol, adj in cases:
         rows.append(bench_row(name, field, y0, tt, rtol, atol, args.reps, adj))
         if args.replay and adj is None:
-            alone[name] = solver_alone(field, y0, tt, rtol, atol, max(args.reps, 7))
+            alone[name] = solver_alone(field, y0.to(DEVICE), tt.to(DEVICE), rtol, atol, max(args.reps, 7))
         print(f"done: {name}", flush=True)
     print()
-    print(f"dopri5, float32 (vdP rows float64), rtol=atol=1e-5 unless noted, torch threads={args.threads}, "
+    print(f"dopri5, float32 (vdP rows float64), rtol=atol=1e-5 unless noted, device {DEVICE}, torch threads={args.threads}, "
           f"medians of {args.reps} interleaved runs")
     print()
     print("| row | wall ratio (ours/tdq) | wall ours / tdq [ms] | NFE fwd ours / tdq | NFE bwd ours / tdq "

@@ -1,0 +1,156 @@
+"""node_engine on an accelerator (issue 6, item 6): the solvers, both adjoints, per-sample control
+and a whole CNF job (train, checkpoint, log-density, sample) on CUDA give the CPU's answers, and
+a solve synchronises with the host once per trial step, not per stage.
+
+Runs where CUDA is present (skipped in CI, which has no GPU). ``ODEFORGE_TEST_DEVICE=cpu`` runs
+the same checks on the CPU, to exercise them without a GPU (the sync count needs CUDA). The
+GPU check of ``benchmarks/device_check.sh`` runs this file first.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from torch import nn
+
+from node_engine import SolverStats, odeint, odeint_adjoint
+from node_engine.inference import load_model
+from node_engine.training import build_trainer
+
+DEVICE = os.environ.get("ODEFORGE_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else None)
+pytestmark = pytest.mark.skipif(DEVICE is None, reason="no CUDA device (set ODEFORGE_TEST_DEVICE=cpu to run on CPU)")
+f64 = torch.float64
+
+
+class MLPField(nn.Module):
+    def __init__(self, dim=2, hidden=16, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.l1 = nn.Linear(dim + 1, hidden).double()
+        self.l2 = nn.Linear(hidden, dim).double()
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g, dtype=f64) * 0.5)
+
+    def forward(self, t, y):
+        tt = t.expand(*y.shape[:-1], 1).to(y.dtype)
+        return self.l2(torch.tanh(self.l1(torch.cat([y, tt], -1))))
+
+
+@pytest.mark.parametrize("method", ["dopri5", "tsit5", "bosh3", "dopri8"])
+def test_linear_system_on_device_matches_the_matrix_exponential(method):
+    """y' = A y: y(t) = expm(A t) y0 (scipy), at several output times, state on the device."""
+    A = np.array([[-0.1, 2.0, 0.0], [-2.0, -0.1, 0.3], [0.0, -0.3, -0.5]])
+    y0 = np.array([1.0, 0.5, -1.0])
+    t = np.array([0.0, 0.3, 1.1, 2.5])
+    A_d = torch.tensor(A, device=DEVICE)
+    out = odeint(lambda _t, y: A_d @ y, torch.tensor(y0, device=DEVICE), torch.tensor(t, device=DEVICE),
+                 rtol=1e-9, atol=1e-9, method=method)
+    assert out.device.type == torch.device(DEVICE).type
+    exact = np.stack([scipy.linalg.expm(A * ti) @ y0 for ti in t])
+    np.testing.assert_allclose(out.cpu().numpy(), exact, rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("mode", ["backsolve", "checkpoint"])
+def test_adjoint_gradients_on_device_equal_the_cpu_ones(mode):
+    field_cpu = MLPField()
+    field_dev = MLPField().to(DEVICE)
+    y0 = torch.tensor([[0.5, -0.3], [1.0, 0.2], [-0.7, 0.9]], dtype=f64)
+    t = torch.tensor([0.0, 0.5, 1.0], dtype=f64)
+    w = torch.randn(3, 3, 2, generator=torch.Generator().manual_seed(1), dtype=f64)
+
+    def grads(field, dev):
+        y = y0.to(dev).requires_grad_(True)
+        out = odeint_adjoint(field, y, t.to(dev), rtol=1e-9, atol=1e-9, adjoint_mode=mode,
+                             adjoint_options=dict(norm="seminorm") if mode == "backsolve" else None)
+        gs = torch.autograd.grad((out * w.to(dev)).sum(), [y, *field.parameters()])
+        return torch.cat([g.reshape(-1).cpu() for g in gs])
+
+    g_cpu, g_dev = grads(field_cpu, "cpu"), grads(field_dev, DEVICE)
+    assert float((g_dev - g_cpu).norm() / g_cpu.norm()) < 1e-7
+
+
+def test_per_sample_control_on_device_matches_the_cpu():
+    """van der Pol with μ per sample (a tuple member with zero derivative), per-sample steps."""
+    g = torch.Generator().manual_seed(0)
+    mu = torch.empty(16, dtype=f64).uniform_(0.5, 5.0, generator=g)
+    y0 = 2 * torch.randn(16, 2, dtype=f64, generator=g)
+    t = torch.tensor([0.0, 1.0, 3.0], dtype=f64)
+
+    def vdp(_t, s):
+        y, m = s
+        x, v = y[:, 0], y[:, 1]
+        return torch.stack([v, m * (1 - x * x) * v - x], 1), torch.zeros_like(m)
+
+    def solve(dev):
+        stats = SolverStats()
+        ys, _ = odeint(vdp, (y0.to(dev), mu.to(dev)), t.to(dev), rtol=1e-8, atol=1e-8,
+                       options=dict(step_control="per_sample"), stats=stats)
+        return ys.cpu(), stats.sample_evaluations
+
+    (y_cpu, work_cpu), (y_dev, work_dev) = solve("cpu"), solve(DEVICE)
+    assert torch.allclose(y_dev, y_cpu, rtol=0, atol=1e-6)
+    assert work_dev == pytest.approx(work_cpu, rel=0.05)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="counts CUDA host synchronisations")
+@pytest.mark.parametrize("control", ["joint", "per_sample"])
+def test_one_host_sync_per_trial_step(control):
+    """The accept decision is the only per-step sync: no .item() per stage or per output."""
+    mlp = MLPField(dim=2, hidden=64).to(DEVICE)
+    rows = []  # active rows per field call (host-side shapes: counting them syncs nothing)
+
+    def field(t, y):
+        rows.append(y.shape[0])
+        return mlp(t, y)
+
+    y0 = torch.randn(256, 2, dtype=f64, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    t = torch.linspace(0, 2, 5, dtype=f64, device=DEVICE)
+    opts = dict(step_control=control)
+    with torch.no_grad():
+        odeint(field, y0, t, rtol=1e-7, atol=1e-7, options=opts)  # warm-up (allocator, kernels)
+        rows.clear()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                odeint(field, y0, t, rtol=1e-7, atol=1e-7, options=opts)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = sum("synchronizing" in str(w.message) for w in caught)
+    trials = (len(rows) - 2) // 6  # dopri5 (FSAL): 6 calls per trial step, 2 to start
+    compactions = sum(b < a for a, b in zip(rows, rows[1:]))  # per-sample: finished rows leave
+    assert trials > 10
+    # + the start (reading t, the initial step) and the dense-output weights of output steps
+    assert syncs <= trials + compactions + 6 + len(t), (syncs, trials, compactions)
+
+
+def test_cnf_job_on_device_trains_like_the_cpu_and_its_checkpoint_loads_anywhere():
+    """The same small CNF job on the CPU and on the device (same seed): the same losses; then
+    log-densities from the device checkpoint, loaded on the CPU and on the device, agree."""
+    spec = {"model": {"type": "cnf", "hidden_dims": [16, 16]}, "dataset": {"name": "moons", "n_samples": 1000},
+            "solver": {"rtol": 1e-5, "atol": 1e-5},
+            "training": {"iterations": 4, "batch_size": 128, "eval_every": 4, "checkpoint_every": 4}}
+    runs = {}
+    for dev in ("cpu", DEVICE):
+        trainer = build_trainer(spec, device=dev)
+        runs[dev] = (trainer, trainer.run())
+    trainer, m_dev = runs[DEVICE]
+    m_cpu = runs["cpu"][1]
+    assert next(trainer.model.parameters()).device.type == torch.device(DEVICE).type
+    assert m_dev["loss"] == pytest.approx(m_cpu["loss"], rel=1e-3)
+    assert m_dev["test_nll"] == pytest.approx(m_cpu["test_nll"], rel=1e-3)
+    data = trainer.checkpoint()
+    on_cpu, on_dev = load_model(data, device="cpu"), load_model(data, device=DEVICE)
+    x = np.random.default_rng(0).normal(size=(64, 2))
+    lp_cpu, _ = on_cpu.log_density(x)
+    lp_dev, _ = on_dev.log_density(x)
+    np.testing.assert_allclose(lp_dev, lp_cpu, rtol=1e-4, atol=1e-4)
+    samples = on_dev.sample(32, seed=3)
+    assert samples.shape == (32, 2) and np.isfinite(samples).all()
