@@ -398,7 +398,7 @@ def _integrate(vf: _Field, z0: torch.Tensor, times: list[float], tab: ButcherTab
             k1 = torch.where(a1, f_last, k1)
         if n_done:
             if stats is not None:
-                last_h = float(hs.abs().max())
+                last_h = hs_abs.max()  # a device tensor: read once, after the loop
             if n_done == Ba:
                 break
             # compaction: finished rows leave the active set (one more sync, only on these steps)
@@ -410,7 +410,7 @@ def _integrate(vf: _Field, z0: torch.Tensor, times: list[float], tab: ButcherTab
     if stats is not None:
         stats.steps_accepted += accepted_total
         stats.steps_rejected += rejected_total
-        stats.last_step_size = last_h
+        stats.last_step_size = float(last_h)
     return out[:T]
 
 

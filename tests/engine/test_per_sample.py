@@ -171,6 +171,8 @@ def test_float32_and_work_counts():
     ref = np.stack([vdp_scipy(y0[i].numpy(), float(mu[i]), np.array([0.0, 2.0]))[-1] for i in range(16)])
     assert np.abs(y[-1].numpy() - ref).max() < 1e-2
     assert 0 < s.sample_evaluations <= 16 * s.nfe_forward
+    # the largest last step of the samples: a positive float below the span
+    assert isinstance(s.last_step_size, float) and 0 < s.last_step_size <= 2.0
 
 
 @pytest.mark.parametrize("bad", [
