@@ -5,7 +5,8 @@
 # 1. tests/engine/test_device.py on the device (CPU answers, one host sync per trial step);
 # 2. benchmarks/solvers.py, per_sample.py (batch 256 and 16384) and cnf_training.py on the device,
 #    side by side with torchdiffeq. Uses the machine's python3 with torch and torchdiffeq (no
-#    install: node_engine runs from this checkout). About 6 minutes on an H200.
+#    install: node_engine runs from this checkout). At most 8 minutes (each step has its own
+#    time limit), so it fits one device command (10 minutes) with room for the machine's start.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 out="${OUT:-device-out}"
@@ -23,8 +24,8 @@ step() {  # name, time limit [s], command...: output to the terminal and to $out
 'torchdiffeq', torchdiffeq.__version__, 'cuda', torch.cuda.is_available() and torch.cuda.get_device_name())"; } \
   > "$out/env.txt" 2>&1
 cat "$out/env.txt"
-ODEFORGE_TEST_DEVICE="$dev" step tests 240 "$py" -m pytest -q -p no:cacheprovider tests/engine/test_device.py
-step solvers 200 "$py" benchmarks/solvers.py --device "$dev" --reps "$reps" "${solver_args[@]}"
-step per_sample 120 "$py" benchmarks/per_sample.py --device "$dev" --reps "$reps"
-step per_sample_big 150 "$py" benchmarks/per_sample.py --device "$dev" --reps "$reps" --batch "$big" --ref-samples 256
-step cnf_training 240 "$py" benchmarks/cnf_training.py --device "$dev" --iters "$iters" --test 4096 --field-reps 10
+ODEFORGE_TEST_DEVICE="$dev" step tests 100 "$py" -m pytest -q -p no:cacheprovider -o addopts=-ra tests/engine/test_device.py
+step solvers 140 "$py" benchmarks/solvers.py --device "$dev" --reps "$reps" "${solver_args[@]}"
+step per_sample 50 "$py" benchmarks/per_sample.py --device "$dev" --reps "$reps"
+step per_sample_big 70 "$py" benchmarks/per_sample.py --device "$dev" --reps "$reps" --batch "$big" --ref-samples 256
+step cnf_training 120 "$py" benchmarks/cnf_training.py --device "$dev" --iters "$iters" --test 4096 --field-reps 10

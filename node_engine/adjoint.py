@@ -173,7 +173,7 @@ def _backsolve(run: _Run, vf: VectorField, out, g_out, info):
     for i in range(T - 1, 0, -1):
         z = torch.cat([out[i], a, p_adj])
         cfg = run.adj_cfg
-        if math.isfinite(h):
+        if h > 0 and math.isfinite(h):
             cfg = dataclasses.replace(cfg, options={**cfg.options, "first_step": min(h, abs(times[i] - times[i - 1]))})
         res = cfg.solve(aug, z, [times[i], times[i - 1]], info, grad=False)
         h = info.next_step if run.warm_start else math.nan
@@ -332,7 +332,7 @@ def odeint_adjoint(
         adj_cfg = _augmented_config(adj_method, adj_rtol, adj_atol, adj_opts, layout, params, norm)
         # warm start only where the forward's step sizes mean something for the backward solve
         warm_start = (adj_method == method and method in ADAPTIVE and "first_step" not in adj_opts
-                      and adjoint_rtol in (None, rtol) and adjoint_atol in (None, atol))
+                      and adjoint_rtol is None and adjoint_atol is None)
     elif adjoint_method is not None and adjoint_method != method:
         raise ValueError("adjoint_method is not used in checkpoint mode (the backward replays the forward steps)")
     run = _Run(func, layout, times, t_dtype, cfg, adj_cfg, adjoint_mode, params, stats)

@@ -235,10 +235,11 @@ def _integrate(vf: _Field, z0: torch.Tensor, times: list[float], tab: ButcherTab
         raise ValueError(f"options['max_num_steps'] must be a positive int, got {mns!r}")
 
     s = tab.stages
-    A = torch.zeros(s, s, dtype=dt, device=dev)
+    A = torch.zeros(s, s, dtype=dt)  # filled on the host, moved once
     for i, row in enumerate(tab.a):
         if row:
             A[i, : len(row)] = torch.tensor(row, dtype=dt)
+    A = A.to(dev)
     b_err = torch.tensor(tab.b_err, dtype=dt, device=dev).unsqueeze(0)
     a_rows = [A[i, :i].unsqueeze(0) for i in range(s)]
     P = torch.as_tensor(np.array(tab.dense), dtype=dt, device=dev)  # (s, deg)

@@ -128,14 +128,10 @@ def test_seminorm_cuts_backward_nfe_with_equal_gradients():
     assert rel(grads["seminorm"], g_ck) < 1e-4 and rel(grads["default"], g_ck) < 1e-4
 
 
-def test_backsolve_starts_with_the_forward_step_and_keeps_the_gradient():
+def test_backsolve_starts_with_the_forward_step_and_keeps_the_gradient(mlp_case):
     """The backward solve's first step is the forward controller's last proposal (not Hairer's
     initial step): fewer backward evaluations, the same accuracy against finite differences."""
-    field = MLPField(dim=2, hidden=6)
-    y0 = torch.tensor([[0.5, -0.3], [1.0, 0.2]], dtype=f64)
-    t = torch.tensor([0.0, 0.4, 1.0, 1.5], dtype=f64)
-    w = torch.randn(4, 2, 2, generator=torch.Generator().manual_seed(1), dtype=f64)
-    g_fd = _fd(field, y0.clone(), t, w)
+    field, y0, t, w, g_fd = mlp_case
     nfe, err = {}, {}
     for name, opts in [("warm", None), ("hairer", dict(first_step=None))]:
         s = SolverStats()
@@ -143,6 +139,14 @@ def test_backsolve_starts_with_the_forward_step_and_keeps_the_gradient():
         nfe[name], err[name] = s.nfe_backward, _rel(g, g_fd)
     assert nfe["warm"] < nfe["hairer"], nfe
     assert err["warm"] < 1e-5 and err["hairer"] < 1e-5, err
+
+
+def test_per_component_adjoint_tolerances(mlp_case):
+    """Tensor adjoint_rtol/atol (one per state component) are accepted and honoured."""
+    field, y0, t, w, g_fd = mlp_case
+    tol = torch.full(y0.shape, 1e-8, dtype=f64)
+    g = _grads(odeint_adjoint, field, y0, t, w, rtol=1e-8, atol=1e-8, adjoint_rtol=tol, adjoint_atol=tol)
+    assert _rel(g, g_fd) < 1e-5
 
 
 @pytest.mark.parametrize("mode", MODES)
