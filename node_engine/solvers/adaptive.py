@@ -185,10 +185,8 @@ def integrate_adaptive(
                 if record is not None:
                     record.outputs.append((len(record.starts) - 1, None))
                 i_out += 1
-        h_tried = h
         h = ctrl.accept(abs(hs), ratio)
-        # a step cut short to land on a stop says little about the step size: keep the larger
-        info.next_step = max(h, h_tried) if landing else h
+        info.next_step = h
         t, z = t_new, z_new
         if landing:
             i_stop += 1
