@@ -10,6 +10,7 @@ import numpy as np
 import scipy.integrate
 import scipy.linalg
 import torch
+from torch import nn
 
 ADAPTIVE_METHODS = ["bosh3", "dopri5", "tsit5", "dopri8"]
 FIXED_METHODS = ["euler", "midpoint", "rk4"]
@@ -70,3 +71,21 @@ def van_der_pol_reference(mu: float, y0: np.ndarray, t: np.ndarray) -> np.ndarra
     sol = scipy.integrate.solve_ivp(f, (t[0], t[-1]), y0, method="DOP853", t_eval=t, rtol=1e-12, atol=1e-12)
     assert sol.success
     return sol.y.T
+
+
+class MLPField(nn.Module):
+    """A small float64 tanh MLP field f(t, y) with t as an input; t may be one time or one per row
+    of y (per-sample step control)."""
+
+    def __init__(self, dim=2, hidden=16, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.l1 = nn.Linear(dim + 1, hidden).double()
+        self.l2 = nn.Linear(hidden, dim).double()
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.5)
+
+    def forward(self, t, y):
+        tt = (t.reshape(-1, 1) if t.dim() else t).expand(*y.shape[:-1], 1).to(y.dtype)
+        return self.l2(torch.tanh(self.l1(torch.cat([y, tt], -1))))

@@ -16,30 +16,16 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
-from torch import nn
 
 from node_engine import SolverStats, odeint, odeint_adjoint
 from node_engine.inference import load_model
 from node_engine.training import build_trainer
 
+from .problems import MLPField
+
 DEVICE = os.environ.get("ODEFORGE_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else None)
 pytestmark = pytest.mark.skipif(DEVICE is None, reason="no CUDA device (set ODEFORGE_TEST_DEVICE=cpu to run on CPU)")
 f64 = torch.float64
-
-
-class MLPField(nn.Module):
-    def __init__(self, dim=2, hidden=16, seed=0):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.l1 = nn.Linear(dim + 1, hidden).double()
-        self.l2 = nn.Linear(hidden, dim).double()
-        with torch.no_grad():
-            for p in self.parameters():
-                p.copy_(torch.randn(p.shape, generator=g, dtype=f64) * 0.5)
-
-    def forward(self, t, y):
-        tt = t.reshape(-1, 1).expand(y.shape[0], 1).to(y.dtype)  # one time, or one per row (per-sample)
-        return self.l2(torch.tanh(self.l1(torch.cat([y, tt], -1))))
 
 
 @pytest.mark.parametrize("method", ["dopri5", "tsit5", "bosh3", "dopri8"])

@@ -10,23 +10,10 @@ from torch import nn
 
 from node_engine import SolverStats, odeint, odeint_adjoint
 
+from .problems import MLPField
+
 f64 = torch.float64
 MODES = ["backsolve", "checkpoint"]
-
-
-class MLPField(nn.Module):
-    def __init__(self, dim=2, hidden=16, seed=0):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.l1 = nn.Linear(dim + 1, hidden).double()
-        self.l2 = nn.Linear(hidden, dim).double()
-        with torch.no_grad():
-            for p in self.parameters():
-                p.copy_(torch.randn(p.shape, generator=g, dtype=f64) * 0.5)
-
-    def forward(self, t, y):
-        tt = t.expand(*y.shape[:-1], 1).to(y.dtype)
-        return self.l2(torch.tanh(self.l1(torch.cat([y, tt], -1))))
 
 
 def _loss(out, w):
