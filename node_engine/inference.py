@@ -64,7 +64,7 @@ class DensityModel:
         z = torch.as_tensor(self.standardization.forward(x), dtype=self._dtype, device=self.device)
         stats = self.model.stats
         stats.reset()
-        generator = torch.Generator(device=self.device).manual_seed(0)  # Hutchinson: reproducible answers
+        generator = torch.Generator().manual_seed(0)  # Hutchinson: reproducible answers, on any device
         out = []
         solver = getattr(self.model, "solver", None)
         if solver is not None and hasattr(solver, "step_control"):
@@ -84,7 +84,7 @@ class DensityModel:
         """
         if int(n) < 1:
             raise ValueError(f"n must be >= 1, got {n}")
-        generator = torch.Generator(device=self.device).manual_seed(int(seed))
+        generator = torch.Generator().manual_seed(int(seed))  # host draws: the same samples on any device
         with torch.no_grad():
             z = self.model.sample(int(n), generator=generator)
         return self.standardization.inverse(z.double().cpu().numpy())

@@ -517,7 +517,9 @@ class CNF(nn.Module):
         if int(n) < 1:
             raise ValueError(f"number of samples must be >= 1, got {n!r}")
         ref = self._reference()
-        return torch.randn(int(n), self.dim, generator=generator, dtype=ref.dtype, device=ref.device)
+        # drawn on the generator's device (a CPU generator: the same points on every device)
+        where = generator.device if generator is not None else ref.device
+        return torch.randn(int(n), self.dim, generator=generator, dtype=ref.dtype, device=where).to(ref.device)
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:

@@ -38,17 +38,20 @@ def sample_noise(
         shape: (N, D) usually.
         kind: "rademacher" (±1 with probability ½, the lower-variance choice) or "gaussian".
         dtype, device: of the result.
-        generator: optional torch.Generator for reproducible draws.
+        generator: optional torch.Generator for reproducible draws. The draw happens on the
+            generator's device and is then moved to ``device``, so a CPU generator gives the same
+            noise on every device.
     Returns:
         Tensor of ``shape``.
     Raises:
         ValueError: unknown ``kind``.
     """
+    where = generator.device if generator is not None else device
     if kind == "rademacher":
-        bits = torch.randint(0, 2, shape, generator=generator, device=device)
-        return (2 * bits - 1).to(dtype)
+        bits = torch.randint(0, 2, shape, generator=generator, device=where)
+        return (2 * bits - 1).to(device=device, dtype=dtype)
     if kind == "gaussian":
-        return torch.randn(shape, generator=generator, dtype=dtype, device=device)
+        return torch.randn(shape, generator=generator, dtype=dtype, device=where).to(device)
     raise ValueError(f"noise must be one of {NOISES}, got {kind!r}")
 
 

@@ -124,7 +124,9 @@ class PlanarFlow(nn.Module):
         if int(n) < 1:
             raise ValueError(f"number of samples must be >= 1, got {n!r}")
         ref = self.layers[0].u
-        return torch.randn(int(n), self.dim, generator=generator, dtype=ref.dtype, device=ref.device)
+        # drawn on the generator's device (a CPU generator: the same points on every device)
+        where = generator.device if generator is not None else ref.device
+        return torch.randn(int(n), self.dim, generator=generator, dtype=ref.dtype, device=where).to(ref.device)
 
     def from_base(self, z: Tensor) -> tuple[Tensor, Tensor]:
         """x = f_K ∘ … ∘ f_1(z) and Σ_k log|det| along the way: (N, D) -> ((N, D), (N,))."""

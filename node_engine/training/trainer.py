@@ -84,7 +84,9 @@ class Trainer:
         self.step = 0
         self.elapsed_seconds = 0.0
         self.last_eval: dict[str, Any] = {}
-        self._noise = torch.Generator(device=self.device).manual_seed(self.config.seed)
+        # noise (Hutchinson, base samples) comes from a host generator: the same draws on every
+        # device, and a checkpoint's generator state resumes on any device
+        self._noise = torch.Generator().manual_seed(self.config.seed)
         self._global_rng = torch.Generator().manual_seed(self.config.seed + 1).get_state()
         self._train_rtol = float(self.spec["solver"]["rtol"])
         self._train_atol = float(self.spec["solver"]["atol"])
@@ -207,7 +209,7 @@ class Trainer:
         self.model.set_tolerances(float(solver["eval_rtol"] or self._train_rtol),
                                   float(solver["eval_atol"] or self._train_atol))
         self.model.eval()
-        generator = torch.Generator(device=self.device).manual_seed(self.config.seed * _SEED_MIX + self.step + 7)
+        generator = torch.Generator().manual_seed(self.config.seed * _SEED_MIX + self.step + 7)
         try:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.config.seed * _SEED_MIX + self.step + 11)
