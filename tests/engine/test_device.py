@@ -52,9 +52,11 @@ def test_adjoint_gradients_on_device_equal_the_cpu_ones(mode):
 
     def grads(field, dev):
         y = y0.to(dev).requires_grad_(True)
-        out = odeint_adjoint(field, y, t.to(dev), rtol=1e-9, atol=1e-9, adjoint_mode=mode,
+        tt = t.to(dev).requires_grad_(True)  # output times too (one field call per time)
+        out = odeint_adjoint(field, y, tt, rtol=1e-9, atol=1e-9, adjoint_mode=mode,
                              adjoint_options=dict(norm="seminorm") if mode == "backsolve" else None)
-        gs = torch.autograd.grad((out * w.to(dev)).sum(), [y, *field.parameters()])
+        gs = torch.autograd.grad((out * w.to(dev)).sum(), [y, tt, *field.parameters()])
+        assert all(g.device == y.device for g in gs)
         return torch.cat([g.reshape(-1).cpu() for g in gs])
 
     g_cpu, g_dev = grads(field_cpu, "cpu"), grads(field_dev, DEVICE)
