@@ -175,7 +175,8 @@ def test_cancel_a_running_and_a_queued_job(make_settings, start_worker):
 def test_sigterm_requeues_the_running_job_which_resumes_on_the_next_worker(make_settings, start_worker):
     settings = make_settings()
     with TestClient(create_app(settings)) as client:
-        spec = {**TINY_CNF, "training": {**TINY_CNF["training"], "iterations": 14, "eval_every": 14,
+        # long enough (in steps, ~0.2 s each) that the SIGTERM lands mid-training on a fast machine too
+        spec = {**TINY_CNF, "training": {**TINY_CNF["training"], "iterations": 60, "eval_every": 60,
                                          "checkpoint_every": 5}}
         job_id = client.post("/v1/jobs", json=spec).json()["id"]
         first = start_worker(settings)
@@ -183,14 +184,14 @@ def test_sigterm_requeues_the_running_job_which_resumes_on_the_next_worker(make_
         first.terminate()  # SIGTERM: warm shutdown
         first.wait(60)
         job = client.get(f"/v1/jobs/{job_id}").json()
-        assert job["status"] == "queued" and 2 <= job["step"] < 14, job
+        assert job["status"] == "queued" and 2 <= job["step"] < 60, job
         stopped_at = job["step"]
         names = [c["name"] for c in client.get(f"/v1/jobs/{job_id}/checkpoints").json()["checkpoints"]]
         assert f"step-{stopped_at:06d}.safetensors" in names  # checkpointed where it stopped
 
         second = start_worker(settings)
         job = wait_for_job(client, job_id, ("succeeded",), timeout=180)
-        assert job["step"] == 14
+        assert job["step"] == 60
         history = client.get(f"/v1/jobs/{job_id}/metrics").json()["history"]
-        assert [r["step"] for r in history] == list(range(1, 15))  # no gap, no duplicate at the resume
+        assert [r["step"] for r in history] == list(range(1, 61))  # no gap, no duplicate at the resume
         assert f"resuming from step-{stopped_at:06d}.safetensors" in second.log_path.read_text()
