@@ -7,6 +7,7 @@ WORKDIR /app
 RUN pip install "torch==2.13.0" --index-url "${TORCH_INDEX_URL}"
 COPY pyproject.toml README.md ./
 COPY node_engine ./node_engine
+COPY jobs ./jobs
 COPY service ./service
 COPY worker ./worker
 RUN pip install .

@@ -11,20 +11,18 @@ import logging
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
-from fastapi import FastAPI, Request
-from starlette.responses import Response
+from fastapi import FastAPI
 
+from jobs.settings import Settings, get_settings
 from service.auth import ApiKeyMiddleware
 from service.container import Services
-from service.errors import install_handlers, problem_response
-from service.leases import BrokerPublisher, Reconciler
+from service.errors import install_handlers
 from service.limits import BodySizeLimitMiddleware
 from service.observability import ApiMetrics
 from service.openapi_docs import document_common_responses
 from service.outages import install_outage_handlers
 from service.routers import api_router
 from service.runtime import freeze_startup_heap
-from service.settings import Settings, get_settings
 
 API_DESCRIPTION = """Train Neural ODEs and continuous normalizing flows on request.
 
@@ -44,9 +42,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.services = services
         freeze_startup_heap()  # full GC passes would otherwise stall every request (service/runtime.py)
         # Requeues jobs whose worker was lost (expired lease) and republishes lost messages.
-        reconciler = Reconciler(services.store.sessions, BrokerPublisher(services.broker),
-                                every_s=settings.reconcile_every_s, max_attempts=settings.max_attempts,
-                                requeue_queued_after_s=settings.requeue_queued_after_s).start()
+        reconciler = services.reconciler().start()
         app.state.reconciler = reconciler
         try:
             yield
@@ -59,19 +55,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_outage_handlers(app)
     document_common_responses(app)
     app.include_router(api_router())
-    # Innermost middleware (added first): it also counts bodies streamed without Content-Length, and
-    # its 413 reaches the problem+json handler directly, not wrapped by the middlewares around it.
+    # Innermost middleware (added first): it refuses a declared Content-Length over the limit before
+    # the body is read and counts bodies streamed without one; its streamed 413 reaches the
+    # problem+json handler directly, not wrapped by the middlewares around it.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
-
-    @app.middleware("http")
-    async def body_limit(request: Request, call_next):  # type: ignore[no-untyped-def]
-        # Refuse oversized bodies by their declared length before reading them.
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > settings.max_body_bytes:
-            return problem_response(request, 413, f"request body larger than {settings.max_body_bytes} bytes",
-                                    slug="body-too-large")
-        return await call_next(request)
-
     # API keys are checked before any body is read.
     app.add_middleware(ApiKeyMiddleware, keys=settings.api_key_owners)
     app.middleware("http")(metrics.middleware)

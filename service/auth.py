@@ -3,7 +3,8 @@
 
 ``ODEFORGE_API_KEYS`` is a comma-separated list of ``name:key`` (the name is the owner recorded on
 jobs and shown in logs) or bare keys (owner ``key-<sha256 prefix>``; the key itself is never
-stored). Keys must be at least 16 characters. A request for another owner's job gets the same 404
+stored). Keys must be at least 16 characters (checked when the settings are read:
+:func:`jobs.settings.parse_api_keys`). A request for another owner's job gets the same 404
 as an unknown id, so a key cannot probe which job ids exist (RFC 9110 section 15.5.5 allows a 404
 in place of a 403 to hide a resource). Unset: no authentication, all jobs visible to every caller
 (the embedded single-user default).
@@ -13,61 +14,45 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from service.errors import problem
+
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
-MIN_KEY_LENGTH = 16
 
 
-def parse_api_keys(raw: str | None) -> dict[str, str]:
-    """``"alice:k1,bob:k2"`` / ``"k1,k2"`` -> ``{key: owner}``. Raises ValueError for short or repeated keys."""
-    keys: dict[str, str] = {}
-    for entry in (raw or "").split(","):
-        entry = entry.strip()
-        if not entry:
-            continue
-        name, sep, key = entry.partition(":")
-        if not sep:
-            name, key = "key-" + hashlib.sha256(entry.encode()).hexdigest()[:16], entry
-        name, key = name.strip(), key.strip()
-        if len(key) < MIN_KEY_LENGTH:
-            raise ValueError(f"API key for {name!r} is shorter than {MIN_KEY_LENGTH} characters")
-        if not name or len(name) > 64:
-            raise ValueError("API key names must be 1-64 characters")
-        if key in keys:
-            raise ValueError(f"API key listed twice (owners {keys[key]!r} and {name!r})")
-        keys[key] = name
-    return keys
+@dataclass(frozen=True)
+class Caller:
+    """Who sent a request: the owner name of its API key (None when keys are off) and whether keys are on."""
 
+    owner: str | None = None
+    auth_enabled: bool = False
 
-def request_owner(request: Request) -> str | None:
-    """The owner name of the authenticated caller; None when API keys are off."""
-    return request.scope.get("state", {}).get("owner")
+    @classmethod
+    def of(cls, request: Request) -> "Caller":
+        """The caller recorded by :class:`ApiKeyMiddleware` (a FastAPI dependency)."""
+        state = request.scope.get("state", {})
+        return cls(owner=state.get("owner"), auth_enabled=bool(state.get("auth_enabled")))
 
+    def may_see(self, resource_owner: str | None) -> bool:
+        """May the caller see a job/data set owned by ``resource_owner``? (Everyone may when keys are off.)"""
+        return not self.auth_enabled or (resource_owner is not None and resource_owner == self.owner)
 
-def owns(request: Request, resource_owner: str | None) -> bool:
-    """May the caller see a job/data set owned by ``resource_owner``? (Everyone may when keys are off.)"""
-    if not request.scope.get("state", {}).get("auth_enabled"):
-        return True
-    return resource_owner is not None and resource_owner == request_owner(request)
-
-
-def scoped_idempotency_key(owner: str | None, key: str | None) -> str | None:
-    """Idempotency keys live in one namespace per owner: another key's ``Idempotency-Key: 1`` must
-    neither replay nor reveal this owner's job. Stored hashed (fits the column, leaks nothing)."""
-    if key is None or owner is None:
-        return key
-    return "o:" + hashlib.sha256(f"{owner}\x1f{key}".encode()).hexdigest()
+    def idempotency_key(self, key: str | None) -> str | None:
+        """Idempotency keys live in one namespace per owner: another key's ``Idempotency-Key: 1`` must
+        neither replay nor reveal this owner's job. Stored hashed (fits the column, leaks nothing)."""
+        if key is None or self.owner is None:
+            return key
+        return "o:" + hashlib.sha256(f"{self.owner}\x1f{key}".encode()).hexdigest()
 
 
 def _unauthorized(path: str, detail: str) -> JSONResponse:
-    body = {"type": "https://odeforge.dev/problems/unauthorized", "title": "Unauthorized", "status": 401,
-            "detail": detail, "instance": path}
-    return JSONResponse(body, status_code=401, media_type="application/problem+json",
-                        headers={"WWW-Authenticate": 'Bearer realm="odeforge"'})
+    return problem(401, detail, instance=path, slug="unauthorized",
+                   headers={"WWW-Authenticate": 'Bearer realm="odeforge"'})
 
 
 class ApiKeyMiddleware:

@@ -27,12 +27,15 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from jobs.status import TERMINAL, JobStatus
+
 app = typer.Typer(help="odeforge: train Neural ODEs and CNFs on request.", no_args_is_help=True,
                   add_completion=False)
 console = Console()
 
-DEFAULT_URL = os.environ.get("ODEFORGE_URL", "http://127.0.0.1:8000")
-UrlOpt = typer.Option(DEFAULT_URL, "--url", help="base URL of the API (env ODEFORGE_URL)")
+DEFAULT_URL = "http://127.0.0.1:8000"
+# ODEFORGE_URL is read when a command runs (click's envvar), not when this module is imported.
+UrlOpt = typer.Option(DEFAULT_URL, "--url", envvar="ODEFORGE_URL", help="base URL of the API (env ODEFORGE_URL)")
 
 # The README's main job: a small FFJORD-style CNF on the two-moons data set.
 DEMO_SPEC: dict[str, Any] = {
@@ -63,7 +66,7 @@ def serve(
     # SystemExit lets the `finally` below stop the worker and then the broker in order.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
-        worker = spawn([sys.executable, "-m", "service.cli", "worker"], dict(os.environ), data_dir / "worker.log")
+        worker = spawn([sys.executable, "-m", "worker"], dict(os.environ), data_dir / "worker.log")
         console.print(f"[bold]odeforge[/] serving on http://{host}:{port}  (data: {data_dir}, worker log: "
                       f"{data_dir / 'worker.log'})")
         _run_api(host, port)
@@ -75,8 +78,8 @@ def serve(
 def _run_api(host: str, port: int) -> None:
     import uvicorn
 
+    from jobs.settings import Settings
     from service.app import create_app
-    from service.settings import Settings
 
     uvicorn.run(create_app(Settings()), host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
 
@@ -97,20 +100,19 @@ def worker(
     name: Optional[str] = typer.Option(None, help="Celery node name"),
     loglevel: str = typer.Option("INFO", help="log level"),
 ) -> None:
-    """A training worker: one process, one job at a time (start one per GPU with --device cuda:N)."""
+    """A training worker: one process, one job at a time (start one per GPU with --device cuda:N).
+
+    This process becomes ``python -m worker`` (same pid, so signals reach the worker): the API
+    package never imports the worker's code.
+    """
     if device:
         os.environ["ODEFORGE_DEVICE"] = device
     if queue:
         os.environ["ODEFORGE_QUEUE"] = queue
-    from service.settings import get_settings
-
-    get_settings.cache_clear()
-    settings = get_settings()
-    from worker.celery_app import celery_app
-
-    argv = ["worker", "--pool", "solo", "--concurrency", "1", "--queues", settings.queue, "--loglevel", loglevel,
-            "--without-gossip", "--without-mingle", "--hostname", name or f"odeforge-{settings.device}-{os.getpid()}@%h"]
-    celery_app.worker_main(argv)
+    argv = [sys.executable, "-m", "worker", "--loglevel", loglevel] + (["--hostname", name] if name else [])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, argv)
 
 
 # ---- using the service --------------------------------------------------------------------------
@@ -133,7 +135,7 @@ def follow(client: httpx.Client, job_id: str, poll_s: float = 0.5) -> dict:
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), TaskProgressColumn(),
                TextColumn("{task.fields[info]}"), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task(f"job {job_id[:8]}", total=1.0, info="queued")
+        task = progress.add_task(f"job {job_id[:8]}", total=1.0, info=JobStatus.QUEUED.value)
         while True:
             resp = client.get(f"/v1/jobs/{job_id}")
             if resp.status_code != 200:
@@ -146,7 +148,7 @@ def follow(client: httpx.Client, job_id: str, poll_s: float = 0.5) -> dict:
             if m.get("nfe_forward") is not None:
                 info += f"  NFE {m.get('nfe_forward')}/{m.get('nfe_backward')}"
             progress.update(task, completed=job["progress"], info=info)
-            if job["status"] in ("succeeded", "failed", "cancelled"):
+            if job["status"] in TERMINAL:
                 return job
             time.sleep(poll_s)
 
@@ -170,7 +172,7 @@ def submit(
         if wait:
             job = follow(client, job["id"])
             _print_job(job)
-            if job["status"] != "succeeded":
+            if job["status"] != JobStatus.SUCCEEDED:
                 raise typer.Exit(1)
 
 
@@ -237,7 +239,7 @@ def demo(
                 _fail(resp)
             job = follow(client, resp.json()["id"])
             _print_job(job)
-            if job["status"] != "succeeded":
+            if job["status"] != JobStatus.SUCCEEDED:
                 raise typer.Exit(1)
             # Top of the upper moon, bottom of the lower moon, the gap between them, far away.
             labelled = [("upper moon", [-1.0, 1.8]), ("lower moon", [1.0, -1.2]), ("between the moons", [0.0, 0.3]),

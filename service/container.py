@@ -4,43 +4,49 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy.engine import Engine
-
-from service.artifacts import ArtifactStore, LocalArtifactStore
-from service.broker import Broker
-from service.db import init_db, make_engine, make_sessionmaker
+from jobs.artifacts import ArtifactStore, LocalArtifactStore
+from jobs.leases import Reconciler
+from jobs.queue import Broker
+from jobs.settings import Settings
+from jobs.store import JobStore
 from service.inference import ModelCache
+from service.job_service import JobService
 from service.observability import ApiMetrics
-from service.settings import Settings
-from service.store import JobStore
 
 
 @dataclass
 class Services:
     settings: Settings
-    engine: Engine
     store: JobStore
     artifacts: ArtifactStore
     broker: Broker
+    jobs: JobService
     models: ModelCache
     metrics: ApiMetrics
 
     @classmethod
     def build(cls, settings: Settings, metrics: ApiMetrics) -> "Services":
-        engine = make_engine(settings.database_url)
-        init_db(engine)
+        """Connect the job store (schema created on start), the artifact store and the broker publisher."""
+        store = JobStore.from_settings(settings)
         artifacts = LocalArtifactStore(settings.artifact_dir)
+        broker = Broker(settings)
         return cls(
             settings=settings,
-            engine=engine,
-            store=JobStore(make_sessionmaker(engine), lease_s=settings.lease_s, max_attempts=settings.max_attempts),
+            store=store,
             artifacts=artifacts,
-            broker=Broker(settings),
+            broker=broker,
+            jobs=JobService(store, broker, metrics),
             # The API answers queries on CPU; GPUs belong to the workers.
             models=ModelCache(artifacts, settings.inference_cache_size, device="cpu"),
             metrics=metrics,
         )
 
+    def reconciler(self) -> Reconciler:
+        """The thread that requeues jobs whose worker was lost (expired lease) and republishes lost messages."""
+        s = self.settings
+        return Reconciler(self.store.sessions, self.broker, every_s=s.reconcile_every_s, max_attempts=s.max_attempts,
+                          requeue_queued_after_s=s.requeue_queued_after_s)
+
     def close(self) -> None:
         self.broker.close()
-        self.engine.dispose()
+        self.store.close()

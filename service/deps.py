@@ -6,16 +6,16 @@ from typing import Annotated
 
 from fastapi import Depends, Path, Request
 
-from service.artifacts import ArtifactStore
-from service.auth import owns
-from service.broker import Broker
+from jobs.artifacts import ArtifactStore
+from jobs.queue import Broker
+from jobs.settings import Settings
+from jobs.store import JobStore
+from jobs.tables import Job
+from service.auth import Caller
 from service.container import Services
-from service.db import Job
-from service.errors import ProblemError
 from service.inference import ModelCache
+from service.job_service import JobService
 from service.observability import ApiMetrics
-from service.settings import Settings
-from service.store import JobStore
 
 
 def get_services(request: Request) -> Services:
@@ -49,20 +49,23 @@ def get_metrics(services: ServicesDep) -> ApiMetrics:
     return services.metrics
 
 
+def get_job_service(services: ServicesDep) -> JobService:
+    return services.jobs
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 StoreDep = Annotated[JobStore, Depends(get_store)]
 ArtifactsDep = Annotated[ArtifactStore, Depends(get_artifacts)]
 BrokerDep = Annotated[Broker, Depends(get_broker)]
 ModelsDep = Annotated[ModelCache, Depends(get_models)]
 MetricsDep = Annotated[ApiMetrics, Depends(get_metrics)]
+JobServiceDep = Annotated[JobService, Depends(get_job_service)]
+CallerDep = Annotated[Caller, Depends(Caller.of)]
 
 
-def get_job(job_id: Annotated[str, Path(max_length=64)], store: StoreDep, request: Request) -> Job:
+def get_job(job_id: Annotated[str, Path(max_length=64)], jobs: JobServiceDep, caller: CallerDep) -> Job:
     """The job named in the path, or a 404 problem (also for another API key's job: existence is not leaked)."""
-    job = store.get_job(job_id)
-    if job is None or not owns(request, job.owner):
-        raise ProblemError(404, "job-not-found", f"no job with id {job_id!r}")
-    return job
+    return jobs.get(job_id, caller)
 
 
 JobDep = Annotated[Job, Depends(get_job)]

@@ -1,8 +1,14 @@
 """RFC 9457 problem details: every error the API returns is ``application/problem+json``.
 
-``ProblemError`` is raised by routes; handlers turn it, FastAPI's validation errors (422 with one
-``{"field", "reason"}`` per failing field) and Starlette's HTTP errors (404 route, 405) into problem
-bodies. An unexpected exception is still a problem document (500) and is logged with its traceback.
+One builder, :func:`problem`, writes every problem document: the exception handlers below, the
+pure-ASGI middlewares that answer before a route runs (401 in ``service.auth``, 413 in
+``service.limits``) and the outage handlers (503 in ``service.outages``).
+
+``ProblemError`` is raised by routes and the service layer; it is a Starlette ``HTTPException``, so
+it also passes through FastAPI's body parsing (a body refused while it streams in is a 413, not a
+400). Handlers turn it, FastAPI's validation errors (422 with one ``{"field", "reason"}`` per failing
+field) and Starlette's own HTTP errors (404 route, 405) into problem bodies. An unexpected exception
+is still a problem document (500) and is logged with its traceback.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ PROBLEM_JSON = "application/problem+json"
 PROBLEM_BASE = "https://odeforge.dev/problems/"
 
 
-class ProblemError(Exception):
+class ProblemError(StarletteHTTPException):
     """An HTTP error with a problem type slug (e.g. ``job-not-found``) and optional field reasons."""
 
     def __init__(
@@ -34,35 +40,47 @@ class ProblemError(Exception):
         errors: list[dict[str, str]] | None = None,
         headers: dict[str, str] | None = None,
     ):
-        super().__init__(detail)
-        self.status, self.slug, self.detail, self.errors, self.headers = status, slug, detail, errors, headers
+        super().__init__(status, detail, headers)
+        self.status, self.slug, self.errors = status, slug, errors
 
 
-def problem_response(
-    request: Request,
+def problem(
     status: int,
     detail: str | None,
     *,
+    instance: str,
     slug: str | None = None,
     errors: list[dict[str, str]] | None = None,
     headers: dict[str, str] | None = None,
 ) -> JSONResponse:
+    """The problem+json response: ``type`` (``PROBLEM_BASE + slug``, or ``about:blank``), ``title``
+    (the status's reason phrase), ``status``, ``detail``, ``instance`` (the request path) and, when
+    given, ``errors``: ``[{"field": ..., "reason": ...}]``."""
     body: dict[str, Any] = {
         "type": PROBLEM_BASE + slug if slug else "about:blank",
         "title": HTTPStatus(status).phrase,
         "status": status,
         "detail": detail,
-        "instance": request.url.path,
+        "instance": instance,
     }
     if errors:
         body["errors"] = errors
     return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON, headers=headers)
 
 
-_MODEL_TAGS = {"cnf", "planar", "odenet", "rknet", "resnet", "mlp"}
+def problem_response(request: Request, status: int, detail: str | None, **fields: Any) -> JSONResponse:
+    """:func:`problem` for ``request`` (its path is the ``instance``)."""
+    return problem(status, detail, instance=request.url.path, **fields)
 
 
-def _field(loc: tuple[Any, ...]) -> str:
+def _union_tag(body: Any) -> str | None:
+    """The job spec's ``model.type`` (the tag pydantic puts in the location of a model field's errors)."""
+    model = body.get("model") if isinstance(body, dict) else None
+    tag = model.get("type") if isinstance(model, dict) else None
+    return tag if isinstance(tag, str) else None
+
+
+def _field(loc: tuple[Any, ...], tag: str | None = None) -> str:
     """("body", "model", "cnf", "hidden_dims", 0) -> "model.hidden_dims[0]" (location and union tag dropped)."""
     parts: list[str] = []
     for i, p in enumerate(loc):
@@ -73,7 +91,7 @@ def _field(loc: tuple[Any, ...]) -> str:
                 parts[-1] += f"[{p}]"
             else:
                 parts.append(f"[{p}]")
-        elif i > 0 and loc[i - 1] == "model" and p in _MODEL_TAGS:
+        elif i > 0 and loc[i - 1] == "model" and p == tag:
             continue
         else:
             parts.append(str(p))
@@ -81,31 +99,31 @@ def _field(loc: tuple[Any, ...]) -> str:
 
 
 def validation_errors(exc: RequestValidationError) -> list[dict[str, str]]:
+    """One ``{"field": "model.hidden_dims[0]", "reason": ...}`` per failing field of a request."""
+    tag = _union_tag(getattr(exc, "body", None))
     out = []
     for e in exc.errors():
         reason = e.get("msg", "invalid")
         if reason.startswith("Value error, "):
             reason = reason[len("Value error, "):]
-        out.append({"field": _field(tuple(e.get("loc", ()))), "reason": reason})
+        out.append({"field": _field(tuple(e.get("loc", ())), tag), "reason": reason})
     return out
 
 
 def install_handlers(app: FastAPI) -> None:
     """Register the problem+json handlers on ``app``."""
 
-    @app.exception_handler(ProblemError)
-    async def _problem(request: Request, exc: ProblemError) -> JSONResponse:
-        return problem_response(request, exc.status, exc.detail, slug=exc.slug, errors=exc.errors, headers=exc.headers)
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # ProblemError and Starlette's own (unknown route, wrong method) alike
+        return problem_response(request, exc.status_code, str(exc.detail), slug=getattr(exc, "slug", None),
+                                errors=getattr(exc, "errors", None), headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = validation_errors(exc)
         detail = "; ".join(f"{e['field']}: {e['reason']}" for e in errors[:5])
         return problem_response(request, 422, detail, slug="invalid-request", errors=errors)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return problem_response(request, exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

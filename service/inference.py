@@ -15,7 +15,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-from service.artifacts import ArtifactStore, checkpoint_prefix, latest_checkpoint
+from jobs.artifacts import ArtifactStore, checkpoint_prefix, latest_checkpoint
 
 
 @dataclass

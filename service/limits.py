@@ -10,15 +10,13 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from starlette.exceptions import HTTPException
-from starlette.responses import JSONResponse
+from service.errors import ProblemError, problem
 
 
-def _too_large(path: str, limit: int) -> JSONResponse:
-    body = {"type": "https://odeforge.dev/problems/body-too-large", "title": "Content Too Large", "status": 413,
-            "detail": f"request body larger than {limit} bytes", "instance": path,
-            "errors": [{"field": "body", "reason": f"larger than {limit} bytes"}]}
-    return JSONResponse(body, status_code=413, media_type="application/problem+json", headers={"Connection": "close"})
+def _too_large(limit: int) -> dict[str, Any]:
+    """The fields of the 413 problem (sent by this middleware or raised through the app's handler)."""
+    return dict(slug="body-too-large", errors=[{"field": "body", "reason": f"larger than {limit} bytes"}],
+                headers={"Connection": "close"})
 
 
 class BodySizeLimitMiddleware:
@@ -38,7 +36,9 @@ class BodySizeLimitMiddleware:
             except ValueError:
                 too_large = False  # a malformed length is the server's (uvicorn's) problem to reject
             if too_large:
-                await _too_large(scope["path"], self.max_bytes)(scope, receive, send)
+                response = problem(413, f"request body larger than {self.max_bytes} bytes", instance=scope["path"],
+                                   **_too_large(self.max_bytes))
+                await response(scope, receive, send)
                 return
         received = 0
 
@@ -48,9 +48,10 @@ class BodySizeLimitMiddleware:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
-                    # Raised inside the app's body parsing: FastAPI passes HTTPException through to the
-                    # problem+json handler, so the client gets a 413, not a 400 or a 500.
-                    raise HTTPException(413, f"request body larger than {self.max_bytes} bytes")
+                    # Raised inside the app's body parsing: FastAPI passes HTTPException (ProblemError is
+                    # one) through to the problem+json handler, so the client gets a 413, not a 400 or a 500.
+                    raise ProblemError(413, detail=f"request body larger than {self.max_bytes} bytes",
+                                       **_too_large(self.max_bytes))
             return message
 
         await self.app(scope, limited_receive, send)

@@ -84,7 +84,7 @@ def broker_url(redis_client) -> str:
 
 @pytest.fixture
 def make_settings(tmp_path: Path, broker_url: str, queue_name: str) -> Callable[..., "Settings"]:  # noqa: F821
-    from service.settings import Settings
+    from jobs.settings import Settings
 
     def make(**overrides):
         values = dict(

@@ -20,11 +20,12 @@ from typing import Any
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
-from service.artifacts import ArtifactStore, LocalArtifactStore, checkpoint_prefix, latest_checkpoint
-from service.db import Job, init_db, make_engine, make_sessionmaker
-from service.settings import Settings, get_settings
-from service.store import JobStore
-from worker.leases import LeaseKeeper
+from jobs.artifacts import ArtifactStore, LocalArtifactStore, checkpoint_key, dataset_key, latest_checkpoint
+from jobs.leases import LeaseKeeper
+from jobs.settings import Settings, get_settings
+from jobs.status import JobStatus
+from jobs.store import JobStore
+from jobs.tables import Job
 
 log = logging.getLogger("odeforge.worker")
 
@@ -63,9 +64,7 @@ def worker_context() -> WorkerContext:
     settings = get_settings()
     # a transaction left open for half the lease (a frozen worker) is ended by the server, so its
     # row locks are gone before the lease can expire and the reconciler requeues the job
-    engine = make_engine(settings.database_url, idle_in_transaction_timeout_s=settings.lease_s / 2)
-    init_db(engine)
-    store = JobStore(make_sessionmaker(engine), lease_s=settings.lease_s, max_attempts=settings.max_attempts)
+    store = JobStore.from_settings(settings, idle_in_transaction_timeout_s=settings.lease_s / 2)
     return WorkerContext(settings, store, LocalArtifactStore(settings.artifact_dir))
 
 
@@ -119,7 +118,7 @@ def _make_callbacks(ctx: WorkerContext, job: Job, token: int, trainer: Any, leas
         def on_checkpoint(self, name: str, data: bytes) -> None:
             self.flush()  # the history must reach the checkpoint's step before the checkpoint exists
             if not self.lost:  # a cancelled job keeps its last checkpoint; a superseded one writes nothing
-                ctx.artifacts.put(f"{checkpoint_prefix(job.id)}/{name}", data)
+                ctx.artifacts.put(checkpoint_key(job.id, name), data)
 
         def should_stop(self) -> bool:
             if _shutdown.is_set():
@@ -147,9 +146,14 @@ def _engine_spec(job: Job, ctx: WorkerContext, stack: ExitStack) -> dict:
     spec = {k: dict(v) for k, v in job.spec.items()}
     spec["dataset"].setdefault("path", None)
     if spec["dataset"]["name"] == "upload":
-        key = f"datasets/{spec['dataset']['id']}.npy"
+        key = dataset_key(spec["dataset"]["id"])
         spec["dataset"]["path"] = str(stack.enter_context(ctx.artifacts.local_path(key)))
     return spec
+
+
+def _finish(ctx: WorkerContext, job: Job, token: int, status: JobStatus, **values: Any) -> str:
+    """Write the final ``status`` under our fencing token; ``"superseded"`` when the job is no longer ours."""
+    return status if ctx.store.finish(job, token, status, **values) else "superseded"
 
 
 def run_job(job_id: str, ctx: WorkerContext | None = None) -> str:
@@ -158,7 +162,7 @@ def run_job(job_id: str, ctx: WorkerContext | None = None) -> str:
     Returns the status written: succeeded, failed, cancelled, ``requeued`` (the worker is shutting
     down; the job is queued again and resumes from its checkpoint), ``skipped`` (not claimable),
     ``superseded`` (another claim took the job over) or ``store-unavailable`` (the database went
-    away; the job's lease runs out and the reconciler requeues it, see ``service/leases.py``).
+    away; the job's lease runs out and the reconciler requeues it, see ``jobs/leases.py``).
     """
     ctx = ctx or worker_context()
     try:
@@ -181,7 +185,7 @@ def run_job(job_id: str, ctx: WorkerContext | None = None) -> str:
             spec = _engine_spec(job, ctx, stack)
             resume = latest_checkpoint(ctx.artifacts, job.id)
             if resume is not None:
-                data = ctx.artifacts.get(f"{checkpoint_prefix(job.id)}/{resume}")
+                data = ctx.artifacts.get(checkpoint_key(job.id, resume))
                 trainer = Trainer.from_checkpoint(data, device=ctx.device, dataset_path=spec["dataset"]["path"])
                 ctx.store.truncate_metrics_after(job, token, int(trainer.step))
                 log.info("job %s: resuming from %s at step %d", job_id, resume, trainer.step)
@@ -197,11 +201,11 @@ def run_job(job_id: str, ctx: WorkerContext | None = None) -> str:
         if callbacks.lost:
             status = "superseded"
         elif stopped_early and ctx.store.should_stop(job, token):  # cancel requested
-            status = "cancelled" if ctx.store.finish(job, token, "cancelled", latest=latest) else "superseded"
+            status = _finish(ctx, job, token, JobStatus.CANCELLED, latest=latest)
         elif stopped_early and callbacks.interrupted:
             status = "requeued" if ctx.store.release(job, token) else "superseded"
         else:
-            status = "succeeded" if ctx.store.finish(job, token, "succeeded", latest=latest) else "superseded"
+            status = _finish(ctx, job, token, JobStatus.SUCCEEDED, latest=latest)
     except _STORE_ERRORS as exc:
         # The job store went away mid-job: nothing can be recorded now. The lease runs out and the
         # reconciler requeues the job, which resumes from its last checkpoint.
@@ -219,7 +223,6 @@ def run_job(job_id: str, ctx: WorkerContext | None = None) -> str:
                 callbacks.flush()
             except Exception:
                 log.exception("job %s: could not write the last metric rows", job_id)
-        ok = ctx.store.finish(job, token, "failed", latest=latest, error=(type(exc).__name__, str(exc)))
-        status = "failed" if ok else "superseded"
+        status = _finish(ctx, job, token, JobStatus.FAILED, latest=latest, error=(type(exc).__name__, str(exc)))
     log.info("job %s: %s", job_id, status)
     return status

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+from celery import shared_task
 from celery.exceptions import Reject
 from celery.signals import worker_ready, worker_shutting_down
 
-from worker.celery_app import TRAIN_TASK, celery_app
+from jobs.queue import TRAIN_TASK
 from worker.runner import request_shutdown, run_job, worker_context
 
 
-@celery_app.task(name=TRAIN_TASK, acks_late=True, ignore_result=True)
+@shared_task(name=TRAIN_TASK, acks_late=True, ignore_result=True)
 def train(job_id: str) -> str:
     """Train job ``job_id`` (see :func:`worker.runner.run_job`); returns its final status.
 

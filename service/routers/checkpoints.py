@@ -6,7 +6,7 @@ import re
 
 from fastapi import APIRouter, Response
 
-from service.artifacts import checkpoint_prefix
+from jobs.artifacts import checkpoint_key, checkpoint_prefix
 from service.deps import ArtifactsDep, JobDep
 from service.errors import ProblemError
 from service.routers.jobs import PROBLEMS
@@ -31,8 +31,8 @@ def list_checkpoints(job: JobDep, artifacts: ArtifactsDep) -> CheckpointsPublic:
 @router.get("/{job_id}/checkpoints/{name}", responses={**PROBLEMS, 200: {"content": {"application/octet-stream": {}}}})
 def download_checkpoint(job: JobDep, name: str, artifacts: ArtifactsDep) -> Response:
     """The checkpoint file (safetensors: tensors + JSON metadata, loadable without pickle)."""
-    if not _NAME.match(name) or not artifacts.exists(f"{checkpoint_prefix(job.id)}/{name}"):
+    if not _NAME.match(name) or not artifacts.exists(checkpoint_key(job.id, name)):
         raise ProblemError(404, "checkpoint-not-found", f"job {job.id} has no checkpoint {name!r}")
-    data = artifacts.get(f"{checkpoint_prefix(job.id)}/{name}")
+    data = artifacts.get(checkpoint_key(job.id, name))
     return Response(data, media_type="application/octet-stream",
                     headers={"Content-Disposition": f'attachment; filename="{job.id}-{name}"'})

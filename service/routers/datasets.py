@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Annotated
 
 import numpy as np
-from fastapi import APIRouter, File, Request, UploadFile
+from fastapi import APIRouter, File, UploadFile
 
-from service.auth import request_owner
-from service.deps import ArtifactsDep, SettingsDep, StoreDep
+from jobs.artifacts import dataset_key
+from service.deps import ArtifactsDep, CallerDep, SettingsDep, StoreDep
 from service.errors import ProblemError
 from service.routers.jobs import PROBLEMS
 from service.schemas import DatasetPublic, Problem
@@ -33,7 +33,7 @@ def upload_dataset(
     store: StoreDep,
     artifacts: ArtifactsDep,
     settings: SettingsDep,
-    request: Request,
+    caller: CallerDep,
 ) -> DatasetPublic:
     """Validate (2-D, numeric, finite, 10+ rows, no constant column) and store a data set.
 
@@ -61,6 +61,6 @@ def upload_dataset(
     dataset_id = uuid.uuid4().hex
     buf = io.BytesIO()
     np.save(buf, array, allow_pickle=False)
-    artifacts.put(f"datasets/{dataset_id}.npy", buf.getvalue())
-    store.create_dataset(dataset_id, list(array.shape), (file.filename or "")[:255], owner=request_owner(request))
+    artifacts.put(dataset_key(dataset_id), buf.getvalue())
+    store.create_dataset(dataset_id, list(array.shape), (file.filename or "")[:255], owner=caller.owner)
     return DatasetPublic(id=dataset_id, shape=list(array.shape))

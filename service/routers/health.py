@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service.broker import BrokerUnavailable
+from jobs.queue import BrokerUnavailable
 from service.deps import BrokerDep, MetricsDep, StoreDep
 from service.errors import ProblemError
 from service.schemas import Problem

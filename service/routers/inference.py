@@ -15,7 +15,7 @@ import numpy as np
 from fastapi import APIRouter
 
 from service.batching import LogDensityBatcher
-from service.db import Job
+from jobs.tables import Job
 from service.deps import JobDep, MetricsDep, ModelsDep, SettingsDep
 from service.errors import ProblemError
 from service.inference import LoadedModel, ModelCache, NoCheckpoint

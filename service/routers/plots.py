@@ -5,8 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Response
 
 from service import plots
-from service.artifacts import ArtifactStore
-from service.db import Job
+from jobs.artifacts import ArtifactStore
+from jobs.tables import Job
 from service.deps import ArtifactsDep, JobDep, ModelsDep, StoreDep
 from service.errors import ProblemError
 from service.routers.inference import RESPONSES, load_job_model

@@ -11,9 +11,8 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from jobs.settings import Settings, parse_api_keys
 from service.app import create_app
-from service.auth import parse_api_keys
-from service.settings import Settings
 
 pytestmark = pytest.mark.redis
 

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from jobs.artifacts import LocalArtifactStore, checkpoint_prefix
 from service.app import create_app
-from service.artifacts import LocalArtifactStore, checkpoint_prefix
 from tests.reliability.test_leases import messages
 
 pytestmark = pytest.mark.redis
@@ -69,7 +69,7 @@ def assert_nothing_created(client, redis_client, queue_name, jobs_before: int = 
 
 # ---- every spec field is bounded -----------------------------------------------------------------
 def _schemas() -> dict:
-    from service.settings import Settings
+    from jobs.settings import Settings
 
     return create_app(Settings()).openapi()["components"]["schemas"]
 

@@ -17,10 +17,10 @@ import time
 import pytest
 from fastapi.testclient import TestClient
 
+from jobs.artifacts import LocalArtifactStore
+from jobs.store import JobStore
+from jobs.tables import make_engine, make_sessionmaker
 from service.app import create_app
-from service.artifacts import LocalArtifactStore
-from service.db import make_engine, make_sessionmaker
-from service.store import JobStore
 from tests.conftest import wait_for_job
 from tests.reliability.conftest import wait_until
 from tests.reliability.test_leases import messages

@@ -30,8 +30,8 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
+from jobs.settings import Settings
 from service.app import create_app
-from service.settings import Settings
 from tests.conftest import REDIS_HOST, REDIS_PORT, TEST_REDIS_DB
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
@@ -57,7 +57,7 @@ def fuzz_target(tmp_path_factory, redis_client):
     checkpoints, and a queued job without one (random ids alone only ever reach the 404 path)."""
     from fastapi.testclient import TestClient
 
-    from service.artifacts import LocalArtifactStore, checkpoint_prefix
+    from jobs.artifacts import LocalArtifactStore, checkpoint_prefix
 
     data = tmp_path_factory.mktemp("fuzz")
     queue = f"odeforge-fuzz-{uuid.uuid4().hex[:8]}"

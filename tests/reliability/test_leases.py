@@ -14,10 +14,10 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import update
 
-from service.broker import Broker
-from service.db import Job, init_db, make_engine, make_sessionmaker, utcnow
-from service.leases import ATTEMPTS_EXHAUSTED, BrokerPublisher, reconcile, renew
-from service.store import JobStore
+from jobs.leases import ATTEMPTS_EXHAUSTED, reconcile, renew
+from jobs.queue import Broker
+from jobs.store import JobStore
+from jobs.tables import Job, init_db, make_engine, make_sessionmaker, utcnow
 
 pytestmark = pytest.mark.redis
 
@@ -31,7 +31,7 @@ def env(make_settings, database_url):
     init_db(engine)
     store = JobStore(make_sessionmaker(engine), lease_s=settings.lease_s, max_attempts=settings.max_attempts)
     broker = Broker(settings)
-    yield settings, store, BrokerPublisher(broker)
+    yield settings, store, broker
     broker.close()
     engine.dispose()
 
@@ -218,14 +218,13 @@ def test_the_reconciler_skips_a_locked_row_and_requeues_it_once_free(make_settin
     expired job is requeued at once, the locked one on the first pass after the lock is gone."""
     import time
 
-    from service.leases import LOCK_WAIT_S
+    from jobs.leases import LOCK_WAIT_S
 
     settings = make_settings(database_url=pg_url, lease_s=30, max_attempts=3)
     engine = make_engine(pg_url)
     init_db(engine)
     store = JobStore(make_sessionmaker(engine), lease_s=30, max_attempts=3)
-    broker = Broker(settings)
-    publisher = BrokerPublisher(broker)
+    publisher = Broker(settings)
     holder = make_engine(pg_url)
     try:
         stuck, _ = store.create_job(SPEC)
@@ -250,5 +249,5 @@ def test_the_reconciler_skips_a_locked_row_and_requeues_it_once_free(make_settin
         assert store.get_job(stuck.id).status == "queued"
     finally:
         holder.dispose()
-        broker.close()
+        publisher.close()
         engine.dispose()

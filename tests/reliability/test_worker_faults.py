@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from jobs.store import JobStore
+from jobs.tables import make_engine, make_sessionmaker
 from service.app import create_app
-from service.db import make_engine, make_sessionmaker
-from service.store import JobStore
 from tests.conftest import wait_for_job
 from tests.reliability.conftest import log_text, wait_until
 

@@ -16,10 +16,10 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import update
 
+from jobs.artifacts import LocalArtifactStore
+from jobs.store import JobStore
+from jobs.tables import Job, make_engine, make_sessionmaker
 from service.app import create_app
-from service.artifacts import LocalArtifactStore
-from service.db import Job, make_engine, make_sessionmaker
-from service.store import JobStore
 
 pytestmark = pytest.mark.redis
 

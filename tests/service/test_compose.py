@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from jobs.settings import Settings
 from service.cli import app as cli_app
-from service.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
 

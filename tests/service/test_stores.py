@@ -7,9 +7,9 @@ import os
 import pytest
 from pydantic import ValidationError
 
-from service.artifacts import InvalidArtifactKey, LocalArtifactStore, latest_checkpoint
+from jobs.artifacts import InvalidArtifactKey, LocalArtifactStore, latest_checkpoint
+from jobs.settings import Settings
 from service.schemas import JobCreate
-from service.settings import Settings
 
 
 def test_local_artifact_store_roundtrip_and_listing(tmp_path):

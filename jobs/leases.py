@@ -2,9 +2,11 @@
 
 A worker *claims* a job: one conditional UPDATE sets it ``running``, bumps its fencing ``token``,
 counts an attempt and sets ``lease_expires_at = now + lease``. While it trains, the worker renews the
-lease (a heartbeat thread, :class:`worker.leases.LeaseKeeper`) and every write it makes (metric rows,
-progress, final status) is conditioned on the token it got (Kleppmann's fencing token), so a worker
-that was paused, partitioned or superseded cannot write after another one took the job over.
+lease (a heartbeat thread, :class:`LeaseKeeper`) and every write it makes (metric rows, progress,
+final status) is conditioned on the token it got (Kleppmann's fencing token), so a worker that was
+paused, partitioned or superseded cannot write after another one took the job over. That condition
+is :func:`fenced`, the one place it is written; every other transition here is the same
+compare-and-set on the ``(token, status)`` a pass has just read.
 
 A lease that is not renewed expires: the worker was killed (SIGKILL, OOM), its machine died or it
 hangs. :func:`reconcile` (run periodically by the API, :class:`Reconciler`) puts such jobs back to
@@ -20,6 +22,10 @@ that is already training is skipped.
 
 Every transition is an optimistic compare-and-set on ``(token, status)``; it is correct on SQLite
 (no ``SELECT ... FOR UPDATE``) and PostgreSQL, and with several API replicas reconciling at once.
+
+Renewal runs in its own thread (:class:`LeaseKeeper`), not between training steps: one step (or one
+evaluation on a large test set) may take longer than the lease, and a worker that is merely slow must
+not look dead. The thread dies with the process, so a SIGKILLed or crashed worker stops renewing.
 """
 
 from __future__ import annotations
@@ -30,10 +36,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Protocol
 
-from sqlalchemy import and_, func, select, text, update
+from sqlalchemy import ColumnElement, and_, func, select, text, update
 from sqlalchemy.exc import OperationalError
 
-from service.db import Job, utcnow
+from jobs.status import TERMINAL, JobStatus
+from jobs.tables import Job, utcnow
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import sessionmaker
@@ -44,16 +51,31 @@ ATTEMPTS_EXHAUSTED = "JobAttemptsExhausted"
 
 
 class Publisher(Protocol):
-    """What the reconciler needs of :class:`service.broker.Broker`."""
+    """What the reconciler needs of :class:`jobs.queue.Broker`."""
 
     def enqueue_training(self, job_id: str) -> None: ...
 
     def queue_depth(self) -> int: ...
 
 
-def _exhausted_detail(attempts: int, max_attempts: int) -> str:
-    return (f"gave up after {attempts} attempts (limit ODEFORGE_MAX_ATTEMPTS={max_attempts}): each time, the worker "
-            f"training this job stopped renewing its lease without finishing it (killed, out of memory, or hung)")
+def _exhausted(attempts: int, max_attempts: int, now: datetime) -> dict:
+    """Column values of a job failed as a poison job (its lease expired ``attempts`` times)."""
+    detail = (f"gave up after {attempts} attempts (limit ODEFORGE_MAX_ATTEMPTS={max_attempts}): each time, the worker "
+              f"training this job stopped renewing its lease without finishing it (killed, out of memory, or hung)")
+    return dict(status=JobStatus.FAILED, token=Job.token + 1, lease_expires_at=None, finished_at=now, updated_at=now,
+                error_type=ATTEMPTS_EXHAUSTED, error_detail=detail)
+
+
+def fenced(job_seq: int, token: int, status: JobStatus = JobStatus.RUNNING) -> ColumnElement[bool]:
+    """The fencing predicate: row ``job_seq`` still carries ``token`` and ``status``.
+
+    A worker may write job ``job_seq`` only under ``fenced(job_seq, token)``: while the job is
+    ``running`` under the token its claim returned (Kleppmann, "How to do distributed locking",
+    2016: a fencing token checked by the storage). Every claim, requeue and failure bumps the token,
+    so once any of them has happened, an UPDATE under this predicate matches no row. The reconciler
+    and the claim use it with the ``(token, status)`` they have just read, as a compare-and-set.
+    """
+    return and_(Job.seq == job_seq, Job.token == token, Job.status == status)
 
 
 @dataclass
@@ -80,20 +102,18 @@ def claim(sessions: "sessionmaker", job_id: str, *, lease: timedelta, max_attemp
         ).first()
         if row is None:
             return Claim(None, "unknown")
-        if row.status in ("succeeded", "failed", "cancelled"):
+        if row.status in TERMINAL:
             return Claim(None, "finished")
         if row.cancel_requested:
             return Claim(None, "cancelled")
-        if row.status == "running" and row.lease_expires_at is not None and row.lease_expires_at > now:
+        if row.status == JobStatus.RUNNING and row.lease_expires_at is not None and row.lease_expires_at > now:
             return Claim(None, "leased")  # a duplicate message while another worker trains it
-        same = and_(Job.seq == row.seq, Job.token == row.token, Job.status == row.status)
+        same = fenced(row.seq, row.token, row.status)
         if row.attempts >= max_attempts:
-            res = s.execute(update(Job).where(same).values(
-                status="failed", token=Job.token + 1, lease_expires_at=None, finished_at=now, updated_at=now,
-                error_type=ATTEMPTS_EXHAUSTED, error_detail=_exhausted_detail(row.attempts, max_attempts)))
+            res = s.execute(update(Job).where(same).values(**_exhausted(row.attempts, max_attempts, now)))
             return Claim(None, "exhausted" if res.rowcount == 1 else "raced")
         res = s.execute(update(Job).where(same).values(
-            status="running", token=Job.token + 1, attempts=Job.attempts + 1, updated_at=now,
+            status=JobStatus.RUNNING, token=Job.token + 1, attempts=Job.attempts + 1, updated_at=now,
             lease_expires_at=now + lease, started_at=func.coalesce(Job.started_at, now)))
         if res.rowcount != 1:
             return Claim(None, "raced")
@@ -104,11 +124,7 @@ def renew(sessions: "sessionmaker", job_seq: int, token: int, lease: timedelta) 
     """Extend the lease of a job the caller holds; False when the claim is no longer ours."""
     now = utcnow()
     with sessions.begin() as s:
-        res = s.execute(
-            update(Job)
-            .where(Job.seq == job_seq, Job.token == token, Job.status == "running")
-            .values(lease_expires_at=now + lease)
-        )
+        res = s.execute(update(Job).where(fenced(job_seq, token)).values(lease_expires_at=now + lease))
         return res.rowcount == 1
 
 
@@ -121,8 +137,8 @@ def release(sessions: "sessionmaker", job_seq: int, token: int) -> bool:
     with sessions.begin() as s:
         res = s.execute(
             update(Job)
-            .where(Job.seq == job_seq, Job.token == token, Job.status == "running")
-            .values(status="queued", token=Job.token + 1, attempts=Job.attempts - 1, lease_expires_at=None,
+            .where(fenced(job_seq, token))
+            .values(status=JobStatus.QUEUED, token=Job.token + 1, attempts=Job.attempts - 1, lease_expires_at=None,
                     updated_at=utcnow())
         )
         return res.rowcount == 1
@@ -169,26 +185,24 @@ def reconcile(
     with sessions() as s:
         expired = s.execute(
             select(Job.seq, Job.id, Job.token, Job.attempts)
-            .where(Job.status == "running", Job.lease_expires_at.is_not(None), Job.lease_expires_at < now)
+            .where(Job.status == JobStatus.RUNNING, Job.lease_expires_at.is_not(None), Job.lease_expires_at < now)
             .order_by(Job.seq).limit(batch)
         ).all()
     for row in expired:
-        same = and_(Job.seq == row.seq, Job.token == row.token, Job.status == "running")
+        same = fenced(row.seq, row.token)
         try:
             with sessions.begin() as s:
                 # a holder frozen mid-transaction keeps the row locked (until the server ends its
                 # session): skip the job this pass rather than stall every other one behind it
                 _bounded_lock_wait(s)
                 if row.attempts >= max_attempts:
-                    res = s.execute(update(Job).where(same).values(
-                        status="failed", token=Job.token + 1, lease_expires_at=None, finished_at=now, updated_at=now,
-                        error_type=ATTEMPTS_EXHAUSTED, error_detail=_exhausted_detail(row.attempts, max_attempts)))
+                    res = s.execute(update(Job).where(same).values(**_exhausted(row.attempts, max_attempts, now)))
                     if res.rowcount == 1:
                         report.failed.append(row.id)
                     continue
                 # A new token fences the lost worker out, should it come back (paused VM, partition).
                 res = s.execute(update(Job).where(same).values(
-                    status="queued", token=Job.token + 1, lease_expires_at=None, updated_at=now))
+                    status=JobStatus.QUEUED, token=Job.token + 1, lease_expires_at=None, updated_at=now))
                 if res.rowcount != 1:
                     continue
         except OperationalError as exc:
@@ -215,12 +229,12 @@ def _republish_lost(sessions: "sessionmaker", publisher: Publisher, after: timed
     with sessions() as s:
         stale = s.execute(
             select(Job.seq, Job.id, Job.token)
-            .where(Job.status == "queued", Job.cancel_requested.is_(False), Job.updated_at < cutoff)
+            .where(Job.status == JobStatus.QUEUED, Job.cancel_requested.is_(False), Job.updated_at < cutoff)
             .order_by(Job.seq).limit(batch)
         ).all()
         if not stale:
             return []
-        queued = s.scalar(select(func.count()).select_from(Job).where(Job.status == "queued"))
+        queued = s.scalar(select(func.count()).select_from(Job).where(Job.status == JobStatus.QUEUED))
     try:
         depth = publisher.queue_depth()
     except Exception as exc:  # broker down: nothing to compare with; the next pass tries again
@@ -232,8 +246,8 @@ def _republish_lost(sessions: "sessionmaker", publisher: Publisher, after: timed
     for row in stale:
         with sessions.begin() as s:
             # Touch updated_at so that each pass republishes a job at most once per interval.
-            res = s.execute(update(Job).where(Job.seq == row.seq, Job.token == row.token, Job.status == "queued",
-                                              Job.updated_at < cutoff).values(updated_at=now))
+            res = s.execute(update(Job).where(fenced(row.seq, row.token, JobStatus.QUEUED), Job.updated_at < cutoff)
+                            .values(updated_at=now))
             if res.rowcount != 1:
                 continue
         if _publish(publisher, row.id):
@@ -288,26 +302,36 @@ class Reconciler:
             self._thread.join(timeout=10)
 
 
-__all__ = ["ATTEMPTS_EXHAUSTED", "Claim", "ReconcileReport", "Reconciler", "claim", "reconcile", "release", "renew"]
+class LeaseKeeper:
+    """The worker's heartbeat: renews the lease of ``(job_seq, token)`` every ``lease / 3`` until stopped or lost.
 
+    When a renewal finds the claim gone (the job was requeued to another worker, cancelled or
+    finished), :attr:`lost` is set and the training loop stops at its next step; its writes would be
+    refused anyway (:func:`fenced`). A database that is briefly unreachable is retried until the
+    lease runs out.
+    """
 
-class BrokerPublisher:
-    """:class:`Publisher` over :class:`service.broker.Broker` (adds the queue depth the reconciler compares)."""
+    def __init__(self, sessions: "sessionmaker", job_seq: int, token: int, lease: timedelta):
+        self.sessions, self.job_seq, self.token, self.lease = sessions, job_seq, token, lease
+        self.lost = threading.Event()  # our claim was superseded (or the job ended elsewhere)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"lease-{job_seq}", daemon=True)
 
-    def __init__(self, broker) -> None:  # service.broker.Broker (not imported: it imports Celery)
-        self.broker = broker
-
-    def enqueue_training(self, job_id: str) -> None:
-        self.broker.enqueue_training(job_id)
-
-    def queue_depth(self) -> int:
-        """Messages waiting in the job queue (not counting ones a worker holds unacknowledged)."""
-        from kombu.exceptions import ChannelError
-
-        settings = self.broker.settings
-        with self.broker.celery.connection_for_write() as conn:
-            conn.ensure_connection(max_retries=1, timeout=settings.broker_timeout_s)
+    def _run(self) -> None:
+        interval = self.lease.total_seconds() / 3
+        while not self._stop.wait(interval):
             try:
-                return int(conn.default_channel.queue_declare(queue=settings.queue, passive=True).message_count)
-            except ChannelError:  # Redis drops an empty list: the queue "does not exist" when it is empty
-                return 0
+                if not renew(self.sessions, self.job_seq, self.token, self.lease):
+                    log.warning("job #%d: lease lost (token %d superseded); stopping", self.job_seq, self.token)
+                    self.lost.set()
+                    return
+            except Exception as exc:  # database briefly unreachable: keep trying until the lease runs out
+                log.warning("job #%d: lease renewal failed: %s: %s", self.job_seq, type(exc).__name__, exc)
+
+    def __enter__(self) -> "LeaseKeeper":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)

@@ -1,7 +1,8 @@
 """The job store: every read and write of job state, shared by the API and the workers.
 
 Worker writes are *fenced*: ``claim`` bumps the job's ``token`` and returns it, and every later write
-(``record``, ``finish``) only applies while the row still carries that token and is ``running``.
+(``record``, ``finish``, ``release``, ``truncate_metrics_after``) only applies while the row still
+carries that token and is ``running`` (:func:`jobs.leases.fenced`).
 A worker whose claim was superseded (or whose job was cancelled) sees ``False`` and stops, so two
 workers never both write one job's history.
 """
@@ -17,10 +18,11 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import sessionmaker
 
-from service.db import Dataset, Job, JobMetric, utcnow
-
-TERMINAL = ("succeeded", "failed", "cancelled")
-STATUSES = ("queued", "running", *TERMINAL)
+from jobs import leases
+from jobs.leases import fenced
+from jobs.settings import Settings
+from jobs.status import JobStatus
+from jobs.tables import Dataset, Job, JobMetric, init_db, make_engine, make_sessionmaker, utcnow
 
 
 class IdempotencyConflict(Exception):
@@ -42,9 +44,24 @@ class JobStore:
         self.max_attempts = max_attempts
         self.last_claim_reason: str | None = None  # why the last claim() returned None (worker logs)
 
+    @classmethod
+    def from_settings(cls, settings: Settings, *, idle_in_transaction_timeout_s: float | None = None) -> "JobStore":
+        """Connect to ``settings.database_url`` and create the schema if it is missing.
+
+        ``idle_in_transaction_timeout_s``: see :func:`jobs.tables.make_engine` (workers pass half
+        their lease). Raises SQLAlchemy's ``OperationalError`` when the database is unreachable.
+        """
+        engine = make_engine(settings.database_url, idle_in_transaction_timeout_s=idle_in_transaction_timeout_s)
+        init_db(engine)
+        return cls(make_sessionmaker(engine), lease_s=settings.lease_s, max_attempts=settings.max_attempts)
+
     @property
     def sessions(self) -> sessionmaker:
         return self._sessions
+
+    def close(self) -> None:
+        """Close the pooled connections (the store reconnects if used again)."""
+        self._sessions.kw["bind"].dispose()
 
     # ---- jobs: API side -------------------------------------------------------------------------
     def create_job(
@@ -60,7 +77,7 @@ class JobStore:
                 return self._replay(existing, spec), False
         job = Job(
             id=uuid.uuid4().hex,
-            status="queued",
+            status=JobStatus.QUEUED,
             spec=spec,
             model_type=spec["model"]["type"],
             progress=0.0,
@@ -101,7 +118,7 @@ class JobStore:
             return s.scalar(select(Job).where(Job.id == job_id))
 
     def list_jobs(
-        self, *, status: str | None = None, limit: int = 50, before_seq: int | None = None, owner: str | None = None
+        self, *, status: JobStatus | None = None, limit: int = 50, before_seq: int | None = None, owner: str | None = None
     ) -> tuple[list[Job], int | None]:
         """Newest first (only ``owner``'s when given). Returns ``(jobs, next_before_seq)``; None on the last page."""
         q = select(Job).order_by(Job.seq.desc()).limit(limit + 1)
@@ -123,20 +140,21 @@ class JobStore:
             job = s.scalar(select(Job).where(Job.id == job_id).with_for_update())
             if job is None:
                 return CancelResult(None)
-            if job.status == "queued":
-                job.status = "cancelled"
+            if job.status == JobStatus.QUEUED:
+                job.status = JobStatus.CANCELLED
                 job.cancel_requested = True
                 job.finished_at = utcnow()
-            elif job.status == "running":
+            elif job.status == JobStatus.RUNNING:
                 job.cancel_requested = True
-            elif job.status in ("succeeded", "failed"):
+            elif job.status in (JobStatus.SUCCEEDED, JobStatus.FAILED):
                 return CancelResult(job, conflict=True)
         return CancelResult(self.get_job(job_id))
 
-    def count_by_status(self) -> dict[str, int]:
+    def count_by_status(self) -> dict[JobStatus, int]:
+        """Number of jobs in each status (every status present, zeros included)."""
         with self._sessions() as s:
             rows = s.execute(select(Job.status, func.count()).group_by(Job.status)).all()
-        counts = {k: 0 for k in STATUSES}
+        counts = {k: 0 for k in JobStatus}
         counts.update({status: n for status, n in rows})
         return counts
 
@@ -159,11 +177,9 @@ class JobStore:
         """Mark a queued job (or a running one whose lease expired) as running under a new fencing token.
 
         Returns ``(job, token)``, or None when the job is unknown, finished, cancelled, leased by a live
-        worker, or has used up its attempts (then it is failed; see ``service.leases``).
+        worker, or has used up its attempts (then it is failed; see :mod:`jobs.leases`).
         """
-        from service.leases import claim
-
-        result = claim(self._sessions, job_id, lease=self.lease, max_attempts=self.max_attempts)
+        result = leases.claim(self._sessions, job_id, lease=self.lease, max_attempts=self.max_attempts)
         self.last_claim_reason = result.reason
         if result.token is None:
             return None
@@ -188,7 +204,7 @@ class JobStore:
         with self._sessions.begin() as s:
             res = s.execute(
                 update(Job)
-                .where(Job.seq == job.seq, Job.token == token, Job.status == "running")
+                .where(fenced(job.seq, token))
                 .values(step=step, total_steps=total_steps, progress=progress, metrics=latest, updated_at=utcnow(),
                         lease_expires_at=utcnow() + self.lease)
             )
@@ -214,8 +230,7 @@ class JobStore:
     def truncate_metrics_after(self, job: Job, token: int, step: int) -> bool:
         """Drop metric rows past ``step`` (a resumed job replays them from its checkpoint)."""
         with self._sessions.begin() as s:
-            held = s.scalar(select(Job.token).where(Job.seq == job.seq, Job.status == "running"))
-            if held != token:
+            if s.scalar(select(Job.seq).where(fenced(job.seq, token))) is None:
                 return False
             s.execute(delete(JobMetric).where(JobMetric.job_seq == job.seq, JobMetric.step > step))
         return True
@@ -223,38 +238,40 @@ class JobStore:
     def should_stop(self, job: Job, token: int) -> bool:
         """True when a cancel was requested or another claim superseded ours."""
         with self._sessions() as s:
-            row = s.execute(select(Job.token, Job.status, Job.cancel_requested).where(Job.seq == job.seq)).first()
-        return row is None or row.token != token or row.status != "running" or bool(row.cancel_requested)
+            cancel_requested = s.scalar(select(Job.cancel_requested).where(fenced(job.seq, token)))
+        return cancel_requested is None or bool(cancel_requested)
 
     def finish(
         self,
         job: Job,
         token: int,
-        status: str,
+        status: JobStatus,
         *,
         latest: dict | None = None,
         error: tuple[str, str] | None = None,
     ) -> bool:
-        """Set the final status (succeeded/failed/cancelled); fenced like ``record``."""
+        """Set the final status (succeeded/failed/cancelled); fenced like ``record``.
+
+        Raises ValueError for a status that is not final (``queued``/``running``: see ``release``).
+        """
+        status = JobStatus(status)
+        if not status.terminal:
+            raise ValueError(f"finish() takes a final status, not {status!r}")
         values: dict[str, Any] = {"status": status, "finished_at": utcnow(), "updated_at": utcnow(),
                                   "lease_expires_at": None}
         if latest is not None:
             values["metrics"] = latest
-        if status == "succeeded":
+        if status == JobStatus.SUCCEEDED:
             values["progress"] = 1.0
         if error is not None:
             values["error_type"], values["error_detail"] = error[0][:128], error[1][:10_000]
         with self._sessions.begin() as s:
-            res = s.execute(
-                update(Job).where(Job.seq == job.seq, Job.token == token, Job.status == "running").values(**values)
-            )
+            res = s.execute(update(Job).where(fenced(job.seq, token)).values(**values))
             return res.rowcount == 1
 
     def release(self, job: Job, token: int) -> bool:
         """Put a running job back to ``queued`` (its worker is shutting down); fenced like ``record``."""
-        from service.leases import release
-
-        return release(self._sessions, job.seq, token)
+        return leases.release(self._sessions, job.seq, token)
 
     # ---- uploaded data sets --------------------------------------------------------------------
     def create_dataset(self, dataset_id: str, shape: list[int], filename: str | None, owner: str | None = None) -> Dataset:

@@ -1,4 +1,4 @@
-"""SQLAlchemy 2 tables of the job store and the engine factory.
+"""SQLAlchemy 2 tables of the job store and the engine factory (shared by the API and the workers).
 
 The job store is the source of truth for a job's status (not Celery's result backend). Tables:
 
@@ -22,6 +22,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     DateTime,
+    Enum,
     Float,
     ForeignKey,
     Integer,
@@ -35,6 +36,8 @@ from sqlalchemy import (
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+
+from jobs.status import JobStatus
 
 
 def utcnow() -> datetime:
@@ -70,7 +73,10 @@ class Job(Base):
 
     seq: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
     id: Mapped[str] = mapped_column(String(32), unique=True, index=True)
-    status: Mapped[str] = mapped_column(String(16), index=True)  # queued|running|succeeded|failed|cancelled
+    # VARCHAR(16) holding the enum's values ("queued", ...), exactly the strings stored before the enum;
+    # rows read back as JobStatus members.
+    status: Mapped[JobStatus] = mapped_column(
+        Enum(JobStatus, native_enum=False, length=16, values_callable=lambda e: [m.value for m in e]), index=True)
     spec: Mapped[dict] = mapped_column(JSON)
     model_type: Mapped[str] = mapped_column(String(16))
     progress: Mapped[float] = mapped_column(Float, default=0.0)
@@ -165,4 +171,5 @@ def init_db(engine: Engine) -> None:
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker:
+    """Sessions whose objects stay readable after commit (rows are handed to routes and workers)."""
     return sessionmaker(engine, expire_on_commit=False)

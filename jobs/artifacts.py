@@ -4,7 +4,8 @@
 object names); ``LocalArtifactStore`` keeps artifacts in a directory. Keys are validated so that no
 key, however crafted (``..``, absolute paths, backslashes, NUL), can reach outside the root.
 
-Key layout: ``jobs/{job_id}/checkpoints/{name}.safetensors``, ``datasets/{id}.npy``.
+Key layout (built only by the functions at the end of this module): ``jobs/{job_id}/checkpoints/
+{name}.safetensors`` (:func:`checkpoint_key`), ``datasets/{id}.npy`` (:func:`dataset_key`).
 """
 
 from __future__ import annotations
@@ -105,7 +106,18 @@ class LocalArtifactStore:
 
 
 def checkpoint_prefix(job_id: str) -> str:
+    """The folder key of a job's checkpoints (list it with ``ArtifactStore.list``)."""
     return f"jobs/{job_id}/checkpoints"
+
+
+def checkpoint_key(job_id: str, name: str) -> str:
+    """The key of checkpoint ``name`` (``step-000100.safetensors``, ``final.safetensors``) of a job."""
+    return f"{checkpoint_prefix(job_id)}/{name}"
+
+
+def dataset_key(dataset_id: str) -> str:
+    """The key of an uploaded data set: an (N, D) float array saved with ``np.save`` (no pickles)."""
+    return f"datasets/{dataset_id}.npy"
 
 
 def latest_checkpoint(store: ArtifactStore, job_id: str) -> str | None:

@@ -1,0 +1,90 @@
+"""The service layer under the ``/v1/jobs`` routes: submit, read, list and cancel jobs.
+
+Routes parse the request and shape the answer; what a request *does* to the job store and the
+broker is here, with the API's problems (``ProblemError``) for what a client got wrong. Built once
+per app (:class:`service.container.Services`); it holds no per-request state and is thread-safe.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from jobs.queue import Broker, BrokerUnavailable
+from jobs.status import JobStatus
+from jobs.store import IdempotencyConflict, JobStore
+from jobs.tables import Job
+from service import pagination
+from service.auth import Caller
+from service.errors import ProblemError
+from service.observability import ApiMetrics
+
+BROKER_RETRY_AFTER_S = 5
+
+
+class JobService:
+    """Jobs of the API: the job store for state, the broker for work."""
+
+    def __init__(self, store: JobStore, broker: Broker, metrics: ApiMetrics):
+        self.store, self.broker, self.metrics = store, broker, metrics
+
+    def submit(self, spec: dict[str, Any], caller: Caller, idempotency_key: str | None = None) -> tuple[Job, bool]:
+        """Store a queued job for ``spec`` (a validated ``JobCreate`` dumped to JSON), then publish it.
+
+        Returns ``(job, created)``; ``created`` is False when ``idempotency_key`` replays an earlier
+        submission of the same spec. The message is published only after the row is committed, and
+        a job the broker refused is deleted again, so a 503 leaves nothing behind.
+        Raises ProblemError: 422 ``invalid-request`` (an uploaded data set the caller cannot see),
+        422 ``idempotency-key-reused`` (the key with another spec), 503 ``broker-unavailable``.
+        """
+        dataset = spec["dataset"]
+        if dataset["name"] == "upload" and not self._visible_dataset(dataset.get("id"), caller):
+            raise ProblemError(422, "invalid-request", f"no uploaded data set with id {dataset.get('id')!r}",
+                               errors=[{"field": "dataset.id", "reason": "unknown uploaded data set"}])
+        try:
+            job, created = self.store.create_job(spec, idempotency_key=caller.idempotency_key(idempotency_key),
+                                                 owner=caller.owner)
+        except IdempotencyConflict as exc:
+            raise ProblemError(422, "idempotency-key-reused",
+                               f"Idempotency-Key was used for job {exc} with a different body",
+                               errors=[{"field": "Idempotency-Key", "reason": "reused with a different request body"}])
+        if created:
+            try:
+                self.broker.enqueue_training(job.id)
+            except BrokerUnavailable as exc:
+                self.store.delete_job(job.id)  # a rejected submission leaves nothing behind
+                self.metrics.broker_errors.inc()
+                raise ProblemError(503, "broker-unavailable", f"the job queue is unavailable, retry later ({exc})",
+                                   headers={"Retry-After": str(BROKER_RETRY_AFTER_S)})
+            self.metrics.jobs_submitted.inc()
+        return job, created
+
+    def _visible_dataset(self, dataset_id: str, caller: Caller) -> bool:
+        ds = self.store.get_dataset(dataset_id)
+        return ds is not None and caller.may_see(ds.owner)
+
+    def get(self, job_id: str, caller: Caller) -> Job:
+        """The job ``job_id``; 404 problem when unknown or another API key's (existence is not revealed)."""
+        job = self.store.get_job(job_id)
+        if job is None or not caller.may_see(job.owner):
+            raise ProblemError(404, "job-not-found", f"no job with id {job_id!r}")
+        return job
+
+    def list(self, caller: Caller, *, status: JobStatus | None, limit: int,
+             page_token: str | None) -> tuple[list[Job], str | None]:
+        """The caller's jobs, newest first, ``limit`` per page; the second value is the next page's token.
+
+        Raises ProblemError 422 for a ``page_token`` this endpoint did not return.
+        """
+        jobs, next_seq = self.store.list_jobs(status=status, limit=limit,
+                                              before_seq=pagination.decode("jobs", page_token), owner=caller.owner)
+        return jobs, (pagination.encode("jobs", next_seq) if next_seq is not None else None)
+
+    def cancel(self, job: Job) -> Job:
+        """Cancel ``job``: a queued one at once, a running one between training steps (it stays
+        ``running`` until its worker stops). 409 problem when it already succeeded or failed."""
+        result = self.store.request_cancel(job.id)
+        if result.job is None:
+            raise ProblemError(404, "job-not-found", f"no job with id {job.id!r}")
+        if result.conflict:
+            raise ProblemError(409, "job-finished", f"job {job.id} already {result.job.status}; nothing to cancel")
+        return result.job
