@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any, Callable
 
 from fastapi import Depends, Path, Request
 
@@ -25,41 +25,23 @@ def get_services(request: Request) -> Services:
 ServicesDep = Annotated[Services, Depends(get_services)]
 
 
-def get_settings_dep(services: ServicesDep) -> Settings:
-    return services.settings
+def _service(name: str) -> Callable[[Services], Any]:
+    """A dependency returning the app's long-lived ``Services.<name>``."""
+
+    def get(services: ServicesDep) -> Any:
+        return getattr(services, name)
+
+    get.__name__ = f"get_{name}"
+    return get
 
 
-def get_store(services: ServicesDep) -> JobStore:
-    return services.store
-
-
-def get_artifacts(services: ServicesDep) -> ArtifactStore:
-    return services.artifacts
-
-
-def get_broker(services: ServicesDep) -> Broker:
-    return services.broker
-
-
-def get_models(services: ServicesDep) -> ModelCache:
-    return services.models
-
-
-def get_metrics(services: ServicesDep) -> ApiMetrics:
-    return services.metrics
-
-
-def get_job_service(services: ServicesDep) -> JobService:
-    return services.jobs
-
-
-SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
-StoreDep = Annotated[JobStore, Depends(get_store)]
-ArtifactsDep = Annotated[ArtifactStore, Depends(get_artifacts)]
-BrokerDep = Annotated[Broker, Depends(get_broker)]
-ModelsDep = Annotated[ModelCache, Depends(get_models)]
-MetricsDep = Annotated[ApiMetrics, Depends(get_metrics)]
-JobServiceDep = Annotated[JobService, Depends(get_job_service)]
+SettingsDep = Annotated[Settings, Depends(_service("settings"))]
+StoreDep = Annotated[JobStore, Depends(_service("store"))]
+ArtifactsDep = Annotated[ArtifactStore, Depends(_service("artifacts"))]
+BrokerDep = Annotated[Broker, Depends(_service("broker"))]
+ModelsDep = Annotated[ModelCache, Depends(_service("models"))]
+MetricsDep = Annotated[ApiMetrics, Depends(_service("metrics"))]
+JobServiceDep = Annotated[JobService, Depends(_service("jobs"))]
 CallerDep = Annotated[Caller, Depends(Caller.of)]
 
 
