@@ -72,3 +72,14 @@ def test_gpu_worker_reserves_a_device_and_runs_the_worker_command(compose):
     assert api["command"][:2] == ["odeforge", "api"] and "api" in commands
     assert "8000:8000" in api["ports"] and "--port" in api["command"]
     assert api["command"][api["command"].index("--port") + 1] == "8000"
+
+
+def test_the_image_holds_every_package_the_project_installs():
+    import tomllib
+
+    include = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    packages = {p.rstrip("*") for p in include}
+    assert {"node_engine", "jobs", "service", "worker"} <= packages
+    copied = {line.split()[1] for line in (REPO / "Dockerfile").read_text().splitlines() if line.startswith("COPY ")}
+    assert packages <= copied, f"Dockerfile does not COPY {packages - copied}"
+    assert all((REPO / p / "__init__.py").is_file() for p in packages)
