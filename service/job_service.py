@@ -1,4 +1,4 @@
-"""The service layer under the ``/v1/jobs`` routes: submit, read, list and cancel jobs.
+"""The service layer under the ``/v1/jobs`` routes: submit, read, list and cancel jobs, page their metrics.
 
 Routes parse the request and shape the answer; what a request *does* to the job store and the
 broker is here, with the API's problems (``ProblemError``) for what a client got wrong. Built once
@@ -88,3 +88,13 @@ class JobService:
         if result.conflict:
             raise ProblemError(409, "job-finished", f"job {job.id} already {result.job.status}; nothing to cancel")
         return result.job
+
+    def history(self, job: Job, *, since_step: int | None, limit: int,
+                page_token: str | None) -> tuple[list[dict[str, Any]], str | None]:
+        """Metric rows of ``job`` after ``since_step`` (or after the page token's step), in step order,
+        ``limit`` per page; the second value is the next page's token. 422 problem for a foreign token."""
+        after = pagination.decode("metrics", page_token)
+        if after is None:
+            after = since_step if since_step is not None else -1
+        rows, more = self.store.metrics_history(job, after_step=after, limit=limit)
+        return rows, (pagination.encode("metrics", more) if more is not None else None)
