@@ -35,7 +35,7 @@ class Services:
             store=store,
             artifacts=artifacts,
             broker=broker,
-            jobs=JobService(store, broker, metrics),
+            jobs=JobService(store, broker, artifacts, metrics, max_upload_bytes=settings.max_upload_bytes),
             # The API answers queries on CPU; GPUs belong to the workers.
             models=ModelCache(artifacts, settings.inference_cache_size, device="cpu"),
             metrics=metrics,

@@ -1,31 +1,42 @@
-"""The service layer under the ``/v1/jobs`` routes: submit, read, list and cancel jobs, page their metrics.
+"""The service layer under the ``/v1/jobs`` and ``/v1/datasets`` routes.
 
-Routes parse the request and shape the answer; what a request *does* to the job store and the
+Submit, read, list and cancel jobs, page their metrics, store uploaded data sets. Routes parse the
+request and shape the answer; what a request *does* to the job store, the artifact store and the
 broker is here, with the API's problems (``ProblemError``) for what a client got wrong. Built once
 per app (:class:`service.container.Services`); it holds no per-request state and is thread-safe.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import io
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any, BinaryIO
 
+import numpy as np
+
+from jobs.artifacts import ArtifactStore, dataset_key
 from jobs.queue import Broker, BrokerUnavailable
 from jobs.status import JobStatus
 from jobs.store import IdempotencyConflict, JobStore
-from jobs.tables import Job
+from jobs.tables import Dataset, Job
 from service import pagination
 from service.auth import Caller
 from service.errors import ProblemError
 from service.observability import ApiMetrics
 
 BROKER_RETRY_AFTER_S = 5
+UPLOAD_SUFFIXES = (".npy", ".csv", ".txt")
 
 
 class JobService:
-    """Jobs of the API: the job store for state, the broker for work."""
+    """Jobs of the API: the job store for state, the broker for work, the artifact store for uploads."""
 
-    def __init__(self, store: JobStore, broker: Broker, metrics: ApiMetrics):
-        self.store, self.broker, self.metrics = store, broker, metrics
+    def __init__(self, store: JobStore, broker: Broker, artifacts: ArtifactStore, metrics: ApiMetrics, *,
+                 max_upload_bytes: int):
+        self.store, self.broker, self.artifacts, self.metrics = store, broker, artifacts, metrics
+        self.max_upload_bytes = max_upload_bytes
 
     def submit(self, spec: dict[str, Any], caller: Caller, idempotency_key: str | None = None) -> tuple[Job, bool]:
         """Store a queued job for ``spec`` (a validated ``JobCreate`` dumped to JSON), then publish it.
@@ -98,3 +109,39 @@ class JobService:
             after = since_step if since_step is not None else -1
         rows, more = self.store.metrics_history(job, after_step=after, limit=limit)
         return rows, (pagination.encode("metrics", more) if more is not None else None)
+
+    def upload_dataset(self, filename: str | None, stream: BinaryIO, caller: Caller) -> Dataset:
+        """Validate an uploaded (N, D) array (``.npy`` without pickles, or CSV) and store it.
+
+        Validation is node_engine's own (2-D, numeric, finite, 10+ rows, no constant column): the
+        worker applies the same when it trains. Raises ProblemError: 422 ``invalid-dataset`` naming
+        the reason, 413 ``upload-too-large`` past ``max_upload_bytes``.
+        """
+        from node_engine.datasets.tabular import load_array
+        from node_engine.errors import DatasetError
+
+        suffix = Path(filename or "").suffix.lower()
+        if suffix not in UPLOAD_SUFFIXES:
+            raise _bad_upload(f"unsupported file type {suffix or '(none)'!r}; upload .npy or .csv")
+        data = stream.read(self.max_upload_bytes + 1)
+        if len(data) > self.max_upload_bytes:
+            raise ProblemError(413, "upload-too-large", f"upload exceeds {self.max_upload_bytes} bytes",
+                               errors=[{"field": "file", "reason": f"larger than {self.max_upload_bytes} bytes"}])
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / f"upload{suffix}"
+            path.write_bytes(data)
+            try:
+                array = load_array(path)
+            except DatasetError as exc:
+                raise _bad_upload(str(exc)) from None
+            except EOFError:  # np.load of an empty .npy (not a DatasetError in node_engine)
+                raise _bad_upload("empty or truncated file") from None
+        dataset_id = uuid.uuid4().hex
+        buf = io.BytesIO()
+        np.save(buf, array, allow_pickle=False)
+        self.artifacts.put(dataset_key(dataset_id), buf.getvalue())
+        return self.store.create_dataset(dataset_id, list(array.shape), (filename or "")[:255], owner=caller.owner)
+
+
+def _bad_upload(reason: str) -> ProblemError:
+    return ProblemError(422, "invalid-dataset", reason, errors=[{"field": "file", "reason": reason}])
