@@ -17,7 +17,8 @@ import scipy.linalg
 import torch
 from torch import nn
 
-from node_engine.models.cnf import CNF, SolverConfig
+from node_engine.models.cnf import CNF
+from node_engine.specs import SolverSection as SolverConfig
 from node_engine.models.regularizers import RNODEWeights
 
 D64 = torch.float64
