@@ -241,3 +241,13 @@ def test_resume_reads_the_upload_where_the_resuming_worker_sees_it(tmp_path):
     resumed.run()
     for a, b in zip(resumed.model.parameters(), uninterrupted.model.parameters()):
         assert torch.equal(a, b)
+
+
+def test_mlp_on_digits_learns_with_the_defaults():
+    # {"model": {"type": "mlp"}, "dataset": {"name": "digits"}}: the classifier family's batch of 128
+    # (Chen et al. 2018) gives 12 steps an epoch; at FFJORD's 512 it was 3 and 5 epochs reached 87%
+    spec = {"model": {"type": "mlp"}, "dataset": {"name": "digits"}, "training": {"epochs": 5, "eval_every": 10**6}}
+    trainer = build_trainer(spec)
+    assert trainer.config.batch_size == 128
+    out = trainer.run()
+    assert out["step"] == 5 * 12 and out["test_accuracy"] > 0.89  # measured 0.916
