@@ -42,36 +42,8 @@ def field_entry(request) -> LoadedModel:
                    "training": {"iterations": 30, "batch_size": 64, "lr": 1e-2, "eval_every": 1000}})
 
 
-def test_concurrent_clients_get_their_answers_alone_to_1e6(field_entry):
-    # one large request (more than a 4096-point micro-batch) and small ones, all at once
-    rng = np.random.default_rng(3)
-    requests = [rng.normal(scale=2.0, size=(int(n), 2)) for n in (1, 4, 5000, 1, 37, 4)]
-    probes = [rng.normal(scale=2.0, size=(1, 2)) for _ in requests]
-    requests = [np.concatenate([p, x]) for p, x in zip(probes, requests)]  # a probe point leads each request
-    alone = np.array([field_entry.model.log_density(p)[0][0] for p in probes])
-    batcher = LogDensityBatcher()
-    answers: list = [None] * len(requests)
-    start = threading.Barrier(len(requests))
-
-    def ask(i: int) -> None:
-        start.wait()
-        answers[i] = batcher.log_density(field_entry, requests[i])
-
-    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(requests))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(300)
-    got = np.array([a[0][0] for a in answers])
-    np.testing.assert_allclose(got, alone, rtol=1e-6, atol=1e-6 * np.abs(alone).max())
-    assert batcher.batches < len(requests)  # some requests shared a micro-batch
-
-
-def test_concurrent_requests_are_batched_and_answered_as_if_alone(entry):
-    rng = np.random.default_rng(1)
-    requests = [rng.normal(size=(int(n), 2)) for n in rng.integers(1, 300, size=24)]
-    alone = [entry.model.log_density(x)[0] for x in requests]
-    batcher = LogDensityBatcher(max_points=1500)
+def _ask_at_once(batcher: LogDensityBatcher, entry: LoadedModel, requests: list) -> list:
+    """Each request from its own thread, released together; the answers in request order."""
     answers: list = [None] * len(requests)
     start = threading.Barrier(len(requests))
 
@@ -83,7 +55,30 @@ def test_concurrent_requests_are_batched_and_answered_as_if_alone(entry):
     for t in threads:
         t.start()
     for t in threads:
-        t.join(120)
+        t.join(300)
+    return answers
+
+
+def test_concurrent_clients_get_their_answers_alone_to_1e6(field_entry):
+    # one large request (more than a 4096-point micro-batch) and small ones, all at once
+    rng = np.random.default_rng(3)
+    requests = [rng.normal(scale=2.0, size=(int(n), 2)) for n in (1, 4, 5000, 1, 37, 4)]
+    probes = [rng.normal(scale=2.0, size=(1, 2)) for _ in requests]
+    requests = [np.concatenate([p, x]) for p, x in zip(probes, requests)]  # a probe point leads each request
+    alone = np.array([field_entry.model.log_density(p)[0][0] for p in probes])
+    batcher = LogDensityBatcher()
+    answers = _ask_at_once(batcher, field_entry, requests)
+    got = np.array([a[0][0] for a in answers])
+    np.testing.assert_allclose(got, alone, rtol=1e-6, atol=1e-6 * np.abs(alone).max())
+    assert batcher.batches < len(requests)  # some requests shared a micro-batch
+
+
+def test_concurrent_requests_are_batched_and_answered_as_if_alone(entry):
+    rng = np.random.default_rng(1)
+    requests = [rng.normal(size=(int(n), 2)) for n in rng.integers(1, 300, size=24)]
+    alone = [entry.model.log_density(x)[0] for x in requests]
+    batcher = LogDensityBatcher(max_points=1500)
+    answers = _ask_at_once(batcher, entry, requests)
     for got, want, x in zip(answers, alone, requests):
         assert got is not None and got[0].shape == (len(x),) and got[1] > 0
         np.testing.assert_allclose(got[0], want, rtol=1e-6, atol=1e-9)
