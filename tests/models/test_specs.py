@@ -124,3 +124,52 @@ def test_checkpoint_with_the_old_family_name_loads_and_resumes():
     assert isinstance(load_model(old), ClassifierModel)
     resumed = Trainer.from_checkpoint(old)
     assert resumed.kind == "classifier" and resumed.step == 2
+
+
+def test_a_new_family_is_one_class_and_one_registration(monkeypatch):
+    # a family the trainer, checkpoints and inference have never heard of: regression of y = 2x on
+    # points, with an mlp-free model (a planar flow's generate as the regressor)
+    import torch
+
+    from node_engine.datasets import DatasetEntry, DensityData, Standardization
+    from node_engine.families import Family
+
+    class Regression(Family):
+        name = "regression"
+        model_input = "points"
+        default_batch_size = 16
+        serves = ("predict_points",)
+        train_metrics = ("mse",)
+        eval_metrics = ("test_mse",)
+
+        def data_info(self, data):
+            return {"dim": data.dim}
+
+        def train_tensors(self, data):
+            return (data.train,)
+
+        def loss(self, model, data, batch, size, generator):
+            mse = ((model.generate(batch[0]) - 2 * batch[0]) ** 2).mean()
+            return mse, {"mse": mse.item()}
+
+        def evaluate(self, model, data, *, batch_size, device, generator):
+            return {"test_mse": float(((model.generate(data.test) - 2 * data.test) ** 2).mean()), "nfe_forward": 0}
+
+        def served(self, model, info, *, spec, step, metrics, device):
+            return model
+
+    def load(spec):
+        x = torch.linspace(-1, 1, 40).reshape(20, 2)
+        return DensityData("lines", x[:16], x[16:], Standardization.identity(2))
+
+    monkeypatch.setitem(FAMILIES, "regression", Regression())  # the one registration line
+    monkeypatch.setitem(DATASETS, "lines", DatasetEntry("lines", "regression", "y = 2x", load))
+    trainer = build_trainer({"model": {"type": "planar", "num_layers": 2}, "dataset": {"name": "lines"},
+                             "training": {"iterations": 30, "lr": 0.05, "eval_every": 30}})
+    assert trainer.batch_size == 16 and trainer.kind == "regression"
+    first = trainer.evaluate()["test_mse"]
+    out = trainer.run()
+    assert out["test_mse"] < first and "mse" in out
+    served = load_model(trainer.checkpoint())
+    assert served.generate(torch.zeros(1, 2, dtype=torch.float64)).shape == (1, 2)
+    assert load_checkpoint(trainer.checkpoint()).kind == "regression"
