@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import operator
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -47,9 +48,9 @@ def _violation(value: Any, meta: Mapping[str, Any]) -> str | None:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if isinstance(value, float) and not math.isfinite(value):
             return "must be finite"
-        for key, ok, word in (("ge", value >= meta.get("ge", -math.inf), ">="), ("gt", "gt" not in meta or value > meta["gt"], ">"),
-                              ("le", value <= meta.get("le", math.inf), "<="), ("lt", "lt" not in meta or value < meta["lt"], "<")):
-            if key in meta and not ok:
+        for key, word, ok in (("ge", ">=", operator.ge), ("gt", ">", operator.gt),
+                              ("le", "<=", operator.le), ("lt", "<", operator.lt)):
+            if key in meta and not ok(value, meta[key]):
                 return f"must be {word} {meta[key]:g}"
     if isinstance(value, (tuple, list)):
         if len(value) < meta.get("min_items", 0) or len(value) > meta.get("max_items", math.inf):
