@@ -37,7 +37,9 @@ def _served(model_spec: dict, dataset: dict, iterations: int = 30) -> object:
 
 @pytest.fixture(scope="module", params=sorted(FLOWS))
 def flow(request):
-    return _served(FLOWS[request.param], {"name": "8gaussians", "n_samples": 512})
+    # the planar field needs some training to leave its nearly linear start; noise shows at once
+    iterations = 30 if request.param == "planar-field" else 5
+    return _served(FLOWS[request.param], {"name": "8gaussians", "n_samples": 512}, iterations)
 
 
 def _assert_same(got: np.ndarray, want: np.ndarray) -> None:
