@@ -313,7 +313,8 @@ def normalize_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
     model = dict(out["model"])
     section = MODEL_SECTIONS.get(model.get("type"))
     if section is None:
-        raise ValueError(f"unknown model type {model.get('type')!r}; expected one of {', '.join(sorted(MODEL_SECTIONS))}")
+        raise ValueError(f"unknown model type {model.get('type')!r}; "
+                         f"expected one of {', '.join(sorted(MODEL_SECTIONS))}")
     out["model"] = {"type": model["type"], **section.from_spec(model).to_json()}
     dataset = dict(out["dataset"])
     out["dataset"] = {**DatasetSection.from_spec(dataset).to_json(), "path": dataset.get("path"),
