@@ -27,8 +27,13 @@ def _png(fig: Figure) -> bytes:
     return buf.getvalue()
 
 
-def training_png(history: Sequence[dict[str, Any]], title: str) -> bytes:
-    """Loss / test metric / NFE against step from the job's metric rows."""
+def training_png(history: Sequence[dict[str, Any]], title: str, train_metrics: Sequence[str],
+                 eval_metrics: Sequence[str]) -> bytes:
+    """Loss / the family's metrics / NFE against step from the job's metric rows.
+
+    ``train_metrics``, ``eval_metrics``: the model family's metric names (``Family.train_metrics``,
+    ``Family.eval_metrics``); the first training metric is drawn next to the evaluation metrics.
+    """
     fig = Figure(figsize=(12, 3.8), layout="constrained")
     axes = fig.subplots(1, 3)
     def series(key: str) -> tuple[list[int], list[float]]:
@@ -37,10 +42,11 @@ def training_png(history: Sequence[dict[str, Any]], title: str) -> bytes:
 
     axes[0].plot(*series("loss"), lw=1)
     axes[0].set(xlabel="step", ylabel="training loss", title="loss")
-    xs, ys = series("nll")  # the training batch's NLL in data coordinates, comparable to test_nll
-    if xs:
-        axes[1].plot(xs, ys, lw=0.8, alpha=0.5, label="train nll")
-    for key in ("test_nll", "test_bits_per_dim", "test_accuracy"):
+    for key in list(train_metrics)[:1]:  # e.g. the training batch's NLL in data coordinates, next to test_nll
+        xs, ys = series(key)
+        if xs:
+            axes[1].plot(xs, ys, lw=0.8, alpha=0.5, label=f"train {key}")
+    for key in eval_metrics:
         xs, ys = series(key)
         if xs:
             axes[1].plot(xs, ys, marker="o", ms=3, label=key)

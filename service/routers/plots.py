@@ -32,8 +32,11 @@ def plot(job: JobDep, name: str, store: StoreDep, models: ModelsDep, artifacts: 
         raise ProblemError(404, "plot-not-found", f"no plot {name!r}; available: {', '.join(plots.PLOTS)}")
     title = f"job {job.id[:8]}: {job.model_type} on {job.spec['dataset']['name']}"
     if name == "training":
+        from node_engine.families import family_for_spec
+
+        family = family_for_spec(job.spec)
         history, _ = store.metrics_history(job, after_step=-1, limit=1_000_000)
-        png = plots.training_png(history, title)
+        png = plots.training_png(history, title, family.train_metrics, family.eval_metrics)
     else:
         entry = load_job_model(job, models, name, f"plot {name!r}")
         reason = plots.unavailable(name, entry.model)
