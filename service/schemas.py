@@ -2,8 +2,10 @@
 
 Every request model forbids unknown fields and bounds every number, so a typo (``"lerning_rate"``)
 or an absurd value (``rtol = 0``) is a 422 naming the field, never a job that fails an hour later.
-Defaults follow the job spec in ``docs/architecture.md``; ``{"model": {"type": "cnf"},
-"dataset": {"name": "moons"}}`` is a complete job.
+The job-spec schemas are built from ``node_engine.specs`` (``spec_field``, ``choices``), which owns
+every default and bound; the family of the data set fills ``training.batch_size`` when it is null
+(``node_engine.families``). ``{"model": {"type": "cnf"}, "dataset": {"name": "moons"}}`` is a
+complete job.
 """
 
 from __future__ import annotations
