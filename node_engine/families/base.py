@@ -61,6 +61,11 @@ class Family:
         """JSON-ready shapes and sizes of ``data`` that rebuild the model (saved in checkpoints)."""
         raise NotImplementedError
 
+    def resume_info(self, saved: Mapping[str, Any], current: dict[str, Any]) -> dict[str, Any]:
+        """The data info to rebuild a checkpoint's model with: ``current`` (:meth:`data_info` of the
+        data now) plus what the checkpoint ``saved`` decides about the model's construction."""
+        return current
+
     def build_model(self, spec: Mapping[str, Any], info: Mapping[str, Any]) -> nn.Module:
         """The model of a normalized spec for data described by ``info`` (:meth:`data_info`).
 

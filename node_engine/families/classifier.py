@@ -11,6 +11,7 @@ from typing import Any, ClassVar
 import torch.nn.functional as F
 
 from node_engine.families.base import Family
+from node_engine.models import build_model
 
 
 class ClassifierFamily(Family):
@@ -21,9 +22,21 @@ class ClassifierFamily(Family):
     train_metrics: ClassVar[tuple[str, ...]] = ("accuracy",)
     eval_metrics: ClassVar[tuple[str, ...]] = ("test_accuracy", "test_loss")
 
+    #: GroupNorm grouping of the conv models built now (``classifiers.group_norm``); checkpoints
+    #: without ``min_channels_per_group`` in their data info were built with 1 (the paper's rule)
+    MIN_CHANNELS_PER_GROUP: ClassVar[int] = 2
+
     def data_info(self, data) -> dict[str, Any]:
         return {"input_shape": list(data.input_shape), "num_classes": data.num_classes,
-                "n_train": int(len(data.y_train)), "n_test": int(len(data.y_test))}
+                "n_train": int(len(data.y_train)), "n_test": int(len(data.y_test)),
+                "min_channels_per_group": self.MIN_CHANNELS_PER_GROUP}
+
+    def resume_info(self, saved, current):
+        return {**current, "min_channels_per_group": int(saved.get("min_channels_per_group", 1))}
+
+    def build_model(self, spec, info):
+        return build_model(spec["model"], spec["solver"], input_shape=tuple(int(s) for s in info["input_shape"]),
+                           min_channels_per_group=int(info.get("min_channels_per_group", 1)))
 
     def train_tensors(self, data):
         return (data.x_train, data.y_train)

@@ -31,7 +31,8 @@ def _build_planar(model_spec, solver_spec, info):
 def _build_classifier(model_spec, solver_spec, info):
     from node_engine.models.classifiers import build_classifier
 
-    return build_classifier(model_spec, solver_spec, tuple(info["input_shape"]))
+    return build_classifier(model_spec, solver_spec, tuple(info["input_shape"]),
+                            min_channels_per_group=int(info.get("min_channels_per_group") or 2))
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,8 @@ def get_model_type(name: Any) -> ModelType:
 
 
 def build_model(model_spec: Mapping[str, Any], solver_spec: Mapping[str, Any] | None, *,
-                dim: int | None = None, input_shape: tuple[int, ...] | None = None) -> nn.Module:
+                dim: int | None = None, input_shape: tuple[int, ...] | None = None,
+                min_channels_per_group: int | None = None) -> nn.Module:
     """Build the model a job spec names.
 
     Args:
@@ -92,6 +94,8 @@ def build_model(model_spec: Mapping[str, Any], solver_spec: Mapping[str, Any] | 
         solver_spec: the spec's ``solver`` section (method, rtol, atol, adjoint...).
         dim: data dimension D, required by point models (``cnf``, ``planar``).
         input_shape: image shape (C, H, W), required by image models (classifiers).
+        min_channels_per_group: GroupNorm grouping of conv classifiers (default 2; 1 for checkpoints
+            written before the grouping fix, see ``classifiers.group_norm``).
 
     Returns:
         An ``nn.Module`` with a ``stats: SolverStats`` attribute and ``set_tolerances(rtol, atol)``.
@@ -100,7 +104,7 @@ def build_model(model_spec: Mapping[str, Any], solver_spec: Mapping[str, Any] | 
         ValueError: unknown type or missing ``dim``/``input_shape``.
     """
     entry = get_model_type(model_spec.get("type") if isinstance(model_spec, Mapping) else None)
-    info = {"dim": dim, "input_shape": input_shape}
+    info = {"dim": dim, "input_shape": input_shape, "min_channels_per_group": min_channels_per_group}
     if info[_INFO_KEY[entry.input]] is None:
         raise ValueError(f"model type {entry.name!r} needs {_INFO_KEY[entry.input]}")
     return entry.build(model_spec, solver_spec, info)

@@ -17,7 +17,8 @@ With C = 64 and 28x28 inputs this gives 0.225M parameters (odenet, rknet), 0.593
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from functools import partial
 from typing import Any
 
 import torch
@@ -33,16 +34,17 @@ from node_engine.stats import SolverStats
 RKNET_DEFAULT_STEP = 0.1  #: RK-Net's step when the spec gives none: 10 steps of RK4 = 40 evaluations
 
 
-def group_norm(channels: int) -> nn.GroupNorm:
-    """GroupNorm (Wu & He 2018) with at most 32 groups of at least 2 channels each (1 group for C = 1).
+def group_norm(channels: int, min_per_group: int = 2) -> nn.GroupNorm:
+    """GroupNorm (Wu & He 2018) with at most 32 groups of at least ``min_per_group`` (2) channels each.
 
     The paper's code uses min(32, C) groups; for C <= 32 that is one channel per group, and on the
     2x2 feature maps of 8x8 digits each group then normalizes 4 numbers: the block's output no longer
     depends on the input and training stays at chance (measured: odenet, C = 16, digits, 5 epochs:
     9% test accuracy with 16 groups, 68% with 8). For C = 64 both rules give the paper's 32 groups.
-    The group count is the largest divisor of C not above min(32, C // 2).
+    The group count is the largest divisor of C not above min(32, C // min_per_group);
+    ``min_per_group=1`` is the paper's rule, kept for checkpoints written before this one.
     """
-    groups = max(1, min(32, channels // 2))
+    groups = max(1, min(32, channels // min_per_group))
     while channels % groups:
         groups -= 1
     return nn.GroupNorm(groups, channels)
@@ -54,12 +56,12 @@ class ResBlock(nn.Module):
     Shapes: (N, C, H, W) -> (N, C, ceil(H/stride), ceil(W/stride)).
     """
 
-    def __init__(self, channels: int, stride: int = 1):
+    def __init__(self, channels: int, stride: int = 1, norm: Callable[[int], nn.Module] = group_norm):
         super().__init__()
         self.stride = stride
-        self.norm1 = group_norm(channels)
+        self.norm1 = norm(channels)
         self.conv1 = nn.Conv2d(channels, channels, 3, stride, 1, bias=False)
-        self.norm2 = group_norm(channels)
+        self.norm2 = norm(channels)
         self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -88,13 +90,13 @@ class ConvODEFunc(nn.Module):
     t is 0-dim or (N,); GroupNorm normalizes each image on its own, so row i of f depends on image i only.
     """
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, norm: Callable[[int], nn.Module] = group_norm):
         super().__init__()
-        self.norm1 = group_norm(channels)
+        self.norm1 = norm(channels)
         self.conv1 = ConcatConv2d(channels, channels)
-        self.norm2 = group_norm(channels)
+        self.norm2 = norm(channels)
         self.conv2 = ConcatConv2d(channels, channels)
-        self.norm3 = group_norm(channels)
+        self.norm3 = norm(channels)
 
     def forward(self, t: Tensor, h: Tensor) -> Tensor:
         out = self.conv1(t, F.relu(self.norm1(h)))
@@ -172,15 +174,16 @@ class ImageClassifier(nn.Module):
 
 
 def _conv_classifier(kind: str, spec: ODENetSection | ResNetSection, solver: SolverSection,
-                     input_shape: tuple[int, int, int]) -> ImageClassifier:
+                     input_shape: tuple[int, int, int], min_per_group: int) -> ImageClassifier:
     channels = spec.channels
+    norm = partial(group_norm, min_per_group=min_per_group)
     stats = SolverStats()
-    downsampling = [nn.Conv2d(input_shape[0], channels, 3, 1), ResBlock(channels, 2), ResBlock(channels, 2)]
+    downsampling = [nn.Conv2d(input_shape[0], channels, 3, 1), ResBlock(channels, 2, norm), ResBlock(channels, 2, norm)]
     if isinstance(spec, ResNetSection):
-        features: list[nn.Module] = [ResBlock(channels) for _ in range(spec.num_blocks)]
+        features: list[nn.Module] = [ResBlock(channels, 1, norm) for _ in range(spec.num_blocks)]
     else:
-        features = [ODEBlock(ConvODEFunc(channels), solver, fixed_step=(kind == "rknet"), stats=stats)]
-    head = [group_norm(channels), nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        features = [ODEBlock(ConvODEFunc(channels, norm), solver, fixed_step=(kind == "rknet"), stats=stats)]
+    head = [norm(channels), nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
             nn.Linear(channels, 10)]
     return ImageClassifier(nn.Sequential(*downsampling, *features, *head), input_shape, solver, stats)
 
@@ -196,10 +199,11 @@ _SECTIONS = {"odenet": ODENetSection, "rknet": ODENetSection, "resnet": ResNetSe
 
 
 def build_classifier(model_spec: Mapping[str, Any], solver_spec: Mapping[str, Any] | None,
-                     input_shape: tuple[int, ...]) -> ImageClassifier:
+                     input_shape: tuple[int, ...], *, min_channels_per_group: int = 2) -> ImageClassifier:
     """Build ``odenet``, ``rknet``, ``resnet`` or ``mlp`` for inputs of ``input_shape`` = (C, H, W) or (H, W).
 
     Missing sizes take the defaults of ``node_engine.specs`` (ODENetSection, ResNetSection, MLPSection).
+    ``min_channels_per_group``: see :func:`group_norm` (1 rebuilds models of older checkpoints).
 
     Raises:
         ValueError: unknown type, non-square or too small input (H < 5), invalid sizes.
@@ -216,4 +220,4 @@ def build_classifier(model_spec: Mapping[str, Any], solver_spec: Mapping[str, An
     solver = SolverSection.from_spec(solver_spec, strict=False)
     if isinstance(spec, MLPSection):
         return _mlp(spec, solver, shape)  # type: ignore[arg-type]
-    return _conv_classifier(kind, spec, solver, shape)  # type: ignore[arg-type]
+    return _conv_classifier(kind, spec, solver, shape, min_channels_per_group)  # type: ignore[arg-type]

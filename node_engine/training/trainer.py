@@ -51,7 +51,8 @@ class Trainer:
         last_eval: the latest evaluation metrics (dict, empty before the first).
     """
 
-    def __init__(self, spec: Mapping[str, Any], *, device: str | torch.device = "cpu"):
+    def __init__(self, spec: Mapping[str, Any], *, device: str | torch.device = "cpu",
+                 saved_info: Mapping[str, Any] | None = None):
         self.spec = normalize_spec(spec)
         self.config = TrainingSection.from_spec(self.spec["training"])
         self.device = torch.device(device)
@@ -60,6 +61,8 @@ class Trainer:
         self.family.check_model_type(self.spec["model"]["type"], self.spec["dataset"]["name"])
         self.data = load_dataset(self.spec["dataset"])
         self._info = self.family.data_info(self.data)
+        if saved_info is not None:  # resuming: the model is built as the checkpoint's was
+            self._info = self.family.resume_info(saved_info, self._info)
         with torch.random.fork_rng(devices=[]):  # the initial weights depend on training.seed only
             torch.manual_seed(self.config.seed)
             self.model = self.family.build_model(self.spec, self._info)
@@ -272,7 +275,7 @@ class Trainer:
         spec = copy.deepcopy(ckpt.spec)
         if dataset_path is not None:
             spec["dataset"]["path"] = dataset_path
-        trainer = cls(spec, device=device)
+        trainer = cls(spec, device=device, saved_info=ckpt.dataset)
         try:
             same = get_family(ckpt.kind) is trainer.family  # older checkpoints may spell the family differently
         except ValueError:

@@ -173,3 +173,25 @@ def test_a_new_family_is_one_class_and_one_registration(monkeypatch):
     served = load_model(trainer.checkpoint())
     assert served.generate(torch.zeros(1, 2, dtype=torch.float64)).shape == (1, 2)
     assert load_checkpoint(trainer.checkpoint()).kind == "regression"
+
+
+def test_older_classifier_checkpoints_keep_their_group_norm_grouping():
+    # checkpoints written before the grouping fix (no min_channels_per_group in their data info) were
+    # built with the paper's min(32, C) groups: they must load with that grouping, not today's
+    from torch import nn
+
+    trainer = build_trainer({"model": {"type": "odenet", "channels": 8}, "dataset": {"name": "digits", "n_samples": 200},
+                             "training": {"iterations": 1, "eval_every": 100}})
+    trainer.run()
+    new = trainer.checkpoint()
+    ckpt = load_checkpoint(new)
+    ckpt.dataset = {k: v for k, v in ckpt.dataset.items() if k != "min_channels_per_group"}
+    old = save_checkpoint(ckpt)
+
+    def groups(data):
+        return {m.num_groups for m in load_model(data).model.modules() if isinstance(m, nn.GroupNorm)}
+
+    assert groups(new) == {4} and groups(old) == {8}
+    resumed = Trainer.from_checkpoint(old)
+    assert {m.num_groups for m in resumed.model.modules() if isinstance(m, nn.GroupNorm)} == {8}
+    assert load_checkpoint(resumed.checkpoint()).dataset["min_channels_per_group"] == 1  # and stays so
