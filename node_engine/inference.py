@@ -2,12 +2,18 @@
 
 Coordinates: a density model works in standardized coordinates z = (x − mean)/std internally and
 reports log p_x(x) = log p_z(z) − Σ log std in the user's original coordinates (change of variables).
+
+Served answers do not depend on the batch a point is sent in (issue 12): every ODE is solved with
+per-sample step control (each point or image its own steps), Hutchinson noise is keyed by each
+point's own value, base samples by (seed, index), and the model runs in float64 (``SERVE_DTYPE``)
+so that round-off differences between batched kernels cannot flip a step's accept decision.
+Which object a checkpoint gives, and what it serves, is its model family's word
+(``node_engine.families``).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -16,20 +22,15 @@ import torch
 from node_engine.checkpoint import load_checkpoint, load_state_strict
 from node_engine.datasets import Standardization
 from node_engine.errors import CheckpointError
-from node_engine.models import build_model
+from node_engine.models.keyed_noise import keyed_normal
+from node_engine.specs import SolverSection
 
 MAX_POINTS_PER_BATCH = 4096
-
-
-def _eval_tolerances(model: torch.nn.Module, solver: dict[str, Any]) -> None:
-    rtol = solver.get("eval_rtol") or solver.get("rtol")
-    atol = solver.get("eval_atol") or solver.get("atol")
-    if rtol and atol:
-        model.set_tolerances(float(rtol), float(atol))
+SERVE_DTYPE = torch.float64  #: dtype of served answers (float32 round-off can flip accept decisions)
 
 
 class DensityModel:
-    """A trained flow (cnf or planar) in the user's coordinates.
+    """A trained flow (cnf or planar) in the user's coordinates. Serves ``log_density`` and ``samples``.
 
     Attributes:
         dim: data dimension D.
@@ -46,11 +47,14 @@ class DensityModel:
         self.spec, self.step, self.metrics, self.device = spec, step, metrics, device
         self._dtype = next(model.parameters()).dtype
 
+    serves = ("log_density", "samples")
+
     def log_density(self, points: np.ndarray) -> tuple[np.ndarray, int]:
         """log p(x) of points in original coordinates.
 
         Args:
-            points: (N, D) float array (any real dtype; computed in the model's float32).
+            points: (N, D) float array (any real dtype; computed in the model's dtype, float64 when
+                loaded by :func:`load_model`). A point's answer is the same alone or in any batch.
         Returns:
             (log-densities (N,) float64 nats, total NFE of the forward solves).
         Raises:
@@ -64,30 +68,30 @@ class DensityModel:
         z = torch.as_tensor(self.standardization.forward(x), dtype=self._dtype, device=self.device)
         stats = self.model.stats
         stats.reset()
-        generator = torch.Generator().manual_seed(0)  # Hutchinson: reproducible answers, on any device
         out = []
-        solver = getattr(self.model, "solver", None)
-        if solver is not None and hasattr(solver, "step_control"):
-            # per-sample step control: a point's answer does not depend on the rest of the request
-            self.model.solver = replace(solver, step_control="per_sample")
-        with torch.no_grad():
+        with torch.no_grad():  # eval mode, no generator: Hutchinson noise keyed per point
             for start in range(0, len(z), MAX_POINTS_PER_BATCH):
-                out.append(self.model.log_prob(z[start:start + MAX_POINTS_PER_BATCH], generator=generator))
+                out.append(self.model.log_prob(z[start:start + MAX_POINTS_PER_BATCH]))
         log_pz = torch.cat(out).double().cpu().numpy() if out else np.zeros(0)
         return log_pz + self.standardization.log_abs_det_jacobian(self.dim), int(stats.nfe_forward)
 
     def sample(self, n: int, seed: int) -> np.ndarray:
-        """``n`` samples in original coordinates, reproducible by ``seed``. Returns (n, D) float64.
+        """``n`` samples in original coordinates. Returns (n, D) float64.
+
+        Sample i is a function of (seed, i) only: its base point z_i(0) is keyed by (seed, i)
+        (:func:`node_engine.models.keyed_noise.keyed_normal`, the same on every device) and pushed
+        through the flow with per-sample steps, so ``sample(4, s)[:1] == sample(1, s)``.
 
         Raises:
             ValueError: n < 1.
         """
         if int(n) < 1:
             raise ValueError(f"n must be >= 1, got {n}")
-        generator = torch.Generator().manual_seed(int(seed))  # host draws: the same samples on any device
+        z0 = keyed_normal(int(seed), int(n), self.dim, dtype=self._dtype, device=self.device)
         with torch.no_grad():
-            z = self.model.sample(int(n), generator=generator)
-        return self.standardization.inverse(z.double().cpu().numpy())
+            x = torch.cat([self.model.generate(z0[start:start + MAX_POINTS_PER_BATCH])
+                           for start in range(0, len(z0), MAX_POINTS_PER_BATCH)])
+        return self.standardization.inverse(x.double().cpu().numpy())
 
     def bits_per_dim(self, log_density: np.ndarray) -> np.ndarray:
         """−log p / (D ln 2): nats per point -> bits per dimension."""
@@ -95,7 +99,7 @@ class DensityModel:
 
 
 class ClassifierModel:
-    """A trained image classifier.
+    """A trained image classifier. Serves ``predict``.
 
     Attributes:
         input_shape: (C, H, W) the model expects, in the data set's raw pixel units (e.g. 0..16 for digits).
@@ -107,6 +111,9 @@ class ClassifierModel:
         self.standardization = standardization
         self.input_shape = tuple(int(s) for s in input_shape)
         self.spec, self.step, self.metrics, self.device = spec, step, metrics, device
+        self._dtype = next(model.parameters()).dtype
+
+    serves = ("predict",)
 
     def predict(self, inputs: np.ndarray) -> np.ndarray:
         """Class probabilities of raw images.
@@ -114,7 +121,8 @@ class ClassifierModel:
         Args:
             inputs: (N, C, H, W) or (N, H, W) in the training data's raw pixel units.
         Returns:
-            (N, 10) float64 softmax probabilities.
+            (N, 10) float64 softmax probabilities; an image's row is the same alone or in any batch
+            (per-sample steps in the ODE blocks, per-image GroupNorm).
         Raises:
             ValueError: shape differs from ``input_shape`` or non-finite values.
         """
@@ -128,39 +136,40 @@ class ClassifierModel:
             raise ValueError("inputs must be finite (no NaN/inf)")
         x = (x - self.standardization.mean[0]) / self.standardization.std[0]
         with torch.no_grad():
-            logits = self.model(torch.as_tensor(x, dtype=torch.float32, device=self.device))
+            logits = self.model(torch.as_tensor(x, dtype=self._dtype, device=self.device))
         return torch.softmax(logits.double(), dim=1).cpu().numpy()
 
 
-def load_model(data: bytes, *, device: str | torch.device = "cpu") -> DensityModel | ClassifierModel:
+def load_model(data: bytes, *, device: str | torch.device = "cpu",
+               dtype: torch.dtype = SERVE_DTYPE) -> DensityModel | ClassifierModel:
     """A model for inference from checkpoint bytes (``Trainer.checkpoint()`` / ``on_checkpoint`` data).
 
-    Returns:
-        :class:`DensityModel` for "density"/"energy" checkpoints, :class:`ClassifierModel` for "classifier".
+    The checkpoint's ``kind`` names its model family, which builds the model and wraps it (density
+    and energy: :class:`DensityModel`; classifier, or the older "classification": :class:`ClassifierModel`).
+    Its ODEs are solved with the evaluation tolerances and per-sample step control.
+
+    Args:
+        dtype: the served model's floating dtype (float64 by default, see ``SERVE_DTYPE``).
     Raises:
-        CheckpointError: corrupted, tampered, or inconsistent with its own spec.
+        CheckpointError: corrupted, tampered, of an unknown family, or inconsistent with its own spec.
     """
+    from node_engine.families import get_family
+
     ckpt = load_checkpoint(data)
     device = torch.device(device)
     try:
-        standardization = Standardization.from_json(ckpt.dataset["standardization"])
+        family = get_family(ckpt.kind)
+    except ValueError as exc:
+        raise CheckpointError(f"unknown checkpoint kind {ckpt.kind!r}: {exc}") from None
+    try:
         spec = ckpt.spec
-        metrics = dict(ckpt.extra.get("last_eval") or {})
-        if ckpt.kind == "classifier":
-            input_shape = tuple(int(s) for s in ckpt.dataset["input_shape"])
-            model = build_model(spec["model"], spec["solver"], input_shape=input_shape)
-        elif ckpt.kind in ("density", "energy"):
-            model = build_model(spec["model"], spec["solver"], dim=int(ckpt.dataset["dim"]))
-        else:
-            raise CheckpointError(f"unknown checkpoint kind {ckpt.kind!r}")
-    except CheckpointError:
-        raise
+        model = family.build_model(spec, ckpt.dataset)
+        solver = SolverSection.from_spec(spec.get("solver"), strict=False).served()
+        Standardization.from_json(ckpt.dataset["standardization"])
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"checkpoint metadata is inconsistent: {exc}") from exc
     load_state_strict(model, ckpt.model_state)
-    model.to(device)
-    _eval_tolerances(model, spec.get("solver", {}))
-    if ckpt.kind == "classifier":
-        return ClassifierModel(model, standardization, input_shape, spec=spec, step=ckpt.step, metrics=metrics,
-                               device=device)
-    return DensityModel(model, standardization, spec=spec, step=ckpt.step, metrics=metrics, device=device)
+    model.to(device=device, dtype=dtype)
+    model.use_solver(solver)
+    metrics = dict(ckpt.extra.get("last_eval") or {})
+    return family.served(model.eval(), ckpt.dataset, spec=spec, step=ckpt.step, metrics=metrics, device=device)

@@ -15,7 +15,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-from jobs.artifacts import ArtifactStore, checkpoint_prefix, latest_checkpoint
+from jobs.artifacts import ArtifactStore, checkpoint_key, latest_checkpoint
 
 
 @dataclass
@@ -69,7 +69,7 @@ class ModelCache:
             from node_engine.inference import load_model  # torch import only when inference is used
 
             try:
-                data = self.artifacts.get(f"{checkpoint_prefix(job_id)}/{name}")
+                data = self.artifacts.get(checkpoint_key(job_id, name))
                 entry = LoadedModel(load_model(data, device=self.device), name)
             finally:
                 with self._lock:

@@ -4,6 +4,9 @@
   "NFE over training" figure of Chen et al. 2018 (Fig. 3d) / Grathwohl et al. 2019.
 - ``density``: heat map of p(x) = exp(log p(x)) on a grid over the data, training points on top (2-D).
 - ``samples``: samples of the model next to training points (2-D).
+
+Which model plots a job offers is its family's ``plots`` (``node_engine.families``); this module
+only draws them (``MODEL_PLOTS``) from what the served model offers (``log_density``, ``sample``).
 """
 
 from __future__ import annotations
@@ -15,7 +18,6 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-PLOTS = ("training", "density", "samples")
 
 
 def _png(fig: Figure) -> bytes:
@@ -25,8 +27,13 @@ def _png(fig: Figure) -> bytes:
     return buf.getvalue()
 
 
-def training_png(history: Sequence[dict[str, Any]], title: str) -> bytes:
-    """Loss / test metric / NFE against step from the job's metric rows."""
+def training_png(history: Sequence[dict[str, Any]], title: str, train_metrics: Sequence[str],
+                 eval_metrics: Sequence[str]) -> bytes:
+    """Loss / the family's metrics / NFE against step from the job's metric rows.
+
+    ``train_metrics``, ``eval_metrics``: the model family's metric names (``Family.train_metrics``,
+    ``Family.eval_metrics``); the first training metric is drawn next to the evaluation metrics.
+    """
     fig = Figure(figsize=(12, 3.8), layout="constrained")
     axes = fig.subplots(1, 3)
     def series(key: str) -> tuple[list[int], list[float]]:
@@ -35,10 +42,11 @@ def training_png(history: Sequence[dict[str, Any]], title: str) -> bytes:
 
     axes[0].plot(*series("loss"), lw=1)
     axes[0].set(xlabel="step", ylabel="training loss", title="loss")
-    xs, ys = series("nll")  # the training batch's NLL in data coordinates, comparable to test_nll
-    if xs:
-        axes[1].plot(xs, ys, lw=0.8, alpha=0.5, label="train nll")
-    for key in ("test_nll", "test_bits_per_dim", "test_accuracy"):
+    for key in list(train_metrics)[:1]:  # e.g. the training batch's NLL in data coordinates, next to test_nll
+        xs, ys = series(key)
+        if xs:
+            axes[1].plot(xs, ys, lw=0.8, alpha=0.5, label=f"train {key}")
+    for key in eval_metrics:
         xs, ys = series(key)
         if xs:
             axes[1].plot(xs, ys, marker="o", ms=3, label=key)
@@ -96,8 +104,21 @@ def samples_png(model: Any, train_points: np.ndarray | None, title: str, n: int 
     return _png(fig)
 
 
+#: plot name -> drawer ``(served model, training points or None, title) -> PNG bytes``
+MODEL_PLOTS = {"density": density_png, "samples": samples_png}
+PLOTS = ("training", *MODEL_PLOTS)
+
+
+def unavailable(name: str, model: Any) -> str | None:
+    """Why plot ``name`` cannot be drawn for ``model`` (they need a 2-D model), or None."""
+    dim = getattr(model, "dim", None)
+    if dim != 2:
+        return f"plot {name!r} needs a 2-D model; this one is {dim}-D"
+    return None
+
+
 def training_points(spec: dict, upload_path: str | None = None) -> np.ndarray | None:
-    """Training points of a density job in original coordinates, or None (energy targets have none)."""
+    """Training points of a job in original coordinates, or None (energy targets have none)."""
     from node_engine.datasets import load_dataset
 
     ds_spec = dict(spec["dataset"])
@@ -105,6 +126,7 @@ def training_points(spec: dict, upload_path: str | None = None) -> np.ndarray | 
     if upload_path is not None:
         ds_spec["path"] = upload_path
     data = load_dataset(ds_spec)
-    if getattr(data, "kind", None) != "density":
+    train = getattr(data, "train", None)  # a point data set has a training split of points
+    if train is None:
         return None
-    return data.standardization.inverse(data.train.double().numpy())
+    return data.standardization.inverse(train.double().numpy())

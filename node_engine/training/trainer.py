@@ -1,13 +1,9 @@
-"""Trainers: classification (ODE-Net & baselines) and density (maximum likelihood; density matching).
+"""The trainer: one loop for every model family.
 
-One loop, three objectives:
-
-* ``classifier``: cross-entropy on labelled images (Chen et al. 2018, §3);
-* ``density``: maximum likelihood, loss = E_data[−log p(x)] in standardized coordinates; NLL is
-  reported in the user's original coordinates, nll_x = nll_z + Σ log std, and
-  bits/dim = nll_x / (D ln 2);
-* ``energy``: density matching to p ∝ exp(−U), loss = E_q[log q(x) + U(x)] = KL(q‖p) − log Z
-  (Rezende & Mohamed 2015, eq. 20; Chen et al. 2018, §4.1).
+What is built, its loss on a batch and its evaluation belong to the data set's model family
+(``node_engine.families``: classifier, density, energy); the trainer owns what they share: the
+optimizer, the data order, the step records, evaluation cadence, checkpoints and resume. It never
+asks which family it runs.
 
 Every source of randomness is explicit and saved in checkpoints: the data order of epoch e is a
 permutation seeded by (seed, e); the model's noise (Hutchinson ε, base samples) comes from the
@@ -25,18 +21,16 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from node_engine.checkpoint import Checkpoint, load_checkpoint, load_state_strict, save_checkpoint
-from node_engine.datasets import ClassificationData, DensityData, EnergyData, Standardization, load_dataset
+from node_engine.datasets import Standardization, load_dataset
 from node_engine.errors import CheckpointError, NonFiniteLossError, SolverError
-from node_engine.models import CLASSIFIER_TYPES, FLOW_TYPES, build_model
+from node_engine.families import family_for_dataset_name, get_family
+from node_engine.specs import TrainingSection, normalize_spec
 from node_engine.training.callbacks import TrainingCallbacks
-from node_engine.training.config import TrainingConfig, normalize_spec
 
 EVAL_BATCH_MIN = 1000
-ENERGY_EVAL_SAMPLES = 2000
 _SEED_MIX = 1_000_003
 
 
@@ -49,35 +43,29 @@ class Trainer:
 
     Attributes:
         spec: the normalized job spec (dict).
-        kind: "classifier", "density" or "energy".
+        family: the model family (``node_engine.families``) of the spec's data set.
+        kind: the family's name ("classifier", "density", "energy"), stored in checkpoints.
         model: the ``nn.Module`` being trained (with ``stats: SolverStats``).
         optimizer: Adam (Kingma & Ba 2015) with the spec's lr and weight decay.
         step: optimizer steps taken so far (int).
         last_eval: the latest evaluation metrics (dict, empty before the first).
     """
 
-    def __init__(self, spec: Mapping[str, Any], *, device: str | torch.device = "cpu"):
+    def __init__(self, spec: Mapping[str, Any], *, device: str | torch.device = "cpu",
+                 saved_info: Mapping[str, Any] | None = None):
         self.spec = normalize_spec(spec)
-        self.config = TrainingConfig.from_spec(self.spec["training"])
+        self.config = TrainingSection.from_spec(self.spec["training"])
         self.device = torch.device(device)
+        self.family = family_for_dataset_name(self.spec["dataset"]["name"])
+        self.kind = self.family.name
+        self.family.check_model_type(self.spec["model"]["type"], self.spec["dataset"]["name"])
         self.data = load_dataset(self.spec["dataset"])
-        model_type = self.spec["model"].get("type")
-        if isinstance(self.data, ClassificationData):
-            if model_type not in CLASSIFIER_TYPES:
-                raise ValueError(f"dataset {self.data.name!r} is a classification data set; model.type must be one "
-                                 f"of {CLASSIFIER_TYPES}, got {model_type!r}")
-            self.kind = "classifier"
-        else:
-            if model_type not in FLOW_TYPES:
-                raise ValueError(f"dataset {self.data.name!r} needs a density model; model.type must be one of "
-                                 f"{FLOW_TYPES}, got {model_type!r}")
-            self.kind = "energy" if isinstance(self.data, EnergyData) else "density"
+        self._info = self.family.data_info(self.data)
+        if saved_info is not None:  # resuming: the model is built as the checkpoint's was
+            self._info = self.family.resume_info(saved_info, self._info)
         with torch.random.fork_rng(devices=[]):  # the initial weights depend on training.seed only
             torch.manual_seed(self.config.seed)
-            if self.kind == "classifier":
-                self.model = build_model(self.spec["model"], self.spec["solver"], input_shape=self.data.input_shape)
-            else:
-                self.model = build_model(self.spec["model"], self.spec["solver"], dim=self.data.dim)
+            self.model = self.family.build_model(self.spec, self._info)
         self.model.to(self.device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.config.lr,
                                           weight_decay=self.config.weight_decay)
@@ -90,11 +78,7 @@ class Trainer:
         self._global_rng = torch.Generator().manual_seed(self.config.seed + 1).get_state()
         self._train_rtol = float(self.spec["solver"]["rtol"])
         self._train_atol = float(self.spec["solver"]["atol"])
-        if isinstance(self.data, ClassificationData):
-            self._x_train = self.data.x_train.to(self.device)
-            self._y_train = self.data.y_train.to(self.device)
-        elif isinstance(self.data, DensityData):
-            self._x_train = self.data.train.to(self.device)
+        self._train = tuple(t.to(self.device) for t in self.family.train_tensors(self.data))
         self._perm_epoch = -1
         self._perm: Tensor | None = None
 
@@ -106,20 +90,21 @@ class Trainer:
 
     @property
     def n_train(self) -> int:
-        return 0 if isinstance(self.data, EnergyData) else int(self._x_train.shape[0])
+        """Size of the training split; 0 for families that draw fresh samples every step."""
+        return int(self._train[0].shape[0]) if self._train else 0
 
     @property
     def batch_size(self) -> int:
-        return self.config.batch_size if self.kind == "energy" else min(self.config.batch_size, self.n_train)
+        return min(self.config.batch_size, self.n_train) if self.n_train else self.config.batch_size
 
     @property
     def batches_per_epoch(self) -> int:
-        return 1 if self.kind == "energy" else math.ceil(self.n_train / self.batch_size)
+        return math.ceil(self.n_train / self.batch_size) if self.n_train else 1
 
     @property
     def total_steps(self) -> int:
         """Steps of the whole run: ``epochs × batches per epoch`` if epochs is set, else ``iterations``."""
-        if self.config.epochs is not None and self.kind != "energy":
+        if self.config.epochs is not None and self.n_train:
             return self.config.epochs * self.batches_per_epoch
         return self.config.iterations
 
@@ -139,31 +124,14 @@ class Trainer:
     # -------------------------------------------------------------------------------- one step
     def _objective(self, step: int) -> tuple[Tensor, dict[str, float]]:
         """Loss of the batch for ``step`` (0-based) plus metrics (floats) for the record."""
-        if self.kind == "classifier":
+        batch: tuple[Tensor, ...] = ()
+        if self.n_train:
             idx = self._batch_indices(step)
-            logits = self.model(self._x_train[idx])
-            labels = self._y_train[idx]
-            loss = F.cross_entropy(logits, labels)
-            accuracy = (logits.argmax(dim=1) == labels).float().mean().item()
-            return loss, {"accuracy": accuracy}
-        if self.kind == "density":
-            idx = self._batch_indices(step)
-            log_p = self.model.log_prob(self._x_train[idx], generator=self._noise)
-            loss = -log_p.mean()
-            nll = loss.item() - self.standardization.log_abs_det_jacobian(self.data.dim)
-            return loss, {"nll": nll, "bits_per_dim": nll / (self.data.dim * math.log(2.0))}
-        x, log_q = self.model.sample_and_log_prob(self.batch_size, generator=self._noise)
-        loss = (log_q + self.data.energy(x)).mean()
-        return loss, {"kl_minus_log_z": loss.item()}
+            batch = tuple(t[idx] for t in self._train)
+        return self.family.loss(self.model, self.data, batch, self.batch_size, self._noise)
 
     def _likely_cause(self) -> str:
-        solver = self.spec["solver"]
-        if self.spec["model"]["type"] in ("mlp", "resnet", "planar"):  # no ODE solve involved
-            return (f"the learning rate is probably too high (lr={self.config.lr:g}); lower it"
-                    + (" or use more layers (planar flows saturate)" if self.kind != "classifier" else ""))
-        return (f"usually the learning rate is too high (lr={self.config.lr:g}) or the learned dynamics became "
-                f"stiff/unstable at rtol={solver['rtol']:g}, atol={solver['atol']:g}; lower lr, tighten the "
-                f"tolerances, or add kinetic_energy/jacobian_norm regularization")
+        return self.family.instability_hint(self.spec["model"]["type"], self.config.lr, self.spec["solver"])
 
     def _train_step(self) -> dict[str, Any]:
         step = self.step
@@ -189,7 +157,7 @@ class Trainer:
         seconds = time.perf_counter() - started
         self.step = step + 1
         self.elapsed_seconds += seconds
-        epoch = {} if self.kind == "energy" else {"epoch": step // self.batches_per_epoch}
+        epoch = {"epoch": step // self.batches_per_epoch} if self.n_train else {}
         return {"step": self.step, **epoch, "loss": total.item(), **metrics,
                 "nfe_forward": int(nfe_forward), "nfe_backward": int(stats.nfe_backward),
                 "wall_seconds": seconds, "elapsed_seconds": self.elapsed_seconds,
@@ -201,9 +169,9 @@ class Trainer:
         """Metrics on the test split with the evaluation tolerances (``eval_rtol``/``eval_atol``).
 
         Returns:
-            classifier: step, test_accuracy, test_loss, nfe_forward (mean per batch solve);
-            density: step, test_nll (nats, original coordinates), test_bits_per_dim, nfe_forward;
-            energy: step, test_loss (E_q[log q + U], nats), test_ess (effective sample size fraction), nfe_forward.
+            step, the family's ``eval_metrics`` (classifier: test_accuracy, test_loss; density:
+            test_nll (nats, original coordinates), test_bits_per_dim; energy: test_loss, test_ess) and
+            nfe_forward (mean per batch solve).
         """
         solver = self.spec["solver"]
         self.model.set_tolerances(float(solver["eval_rtol"] or self._train_rtol),
@@ -221,38 +189,8 @@ class Trainer:
         return self.last_eval
 
     def _evaluate(self, generator: torch.Generator) -> dict[str, Any]:
-        stats = self.model.stats
-        batch = max(self.config.batch_size, EVAL_BATCH_MIN)
-        nfe, solves = 0, 0
-        if self.kind == "classifier":
-            x, y = self.data.x_test.to(self.device), self.data.y_test.to(self.device)
-            correct, loss_sum = 0, 0.0
-            with torch.no_grad():
-                for start in range(0, len(x), batch):
-                    stats.reset()
-                    logits = self.model(x[start:start + batch])
-                    nfe, solves = nfe + stats.nfe_forward, solves + 1
-                    labels = y[start:start + batch]
-                    correct += int((logits.argmax(dim=1) == labels).sum())
-                    loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
-            return {"test_accuracy": correct / len(x), "test_loss": loss_sum / len(x), "nfe_forward": nfe / solves}
-        if self.kind == "density":
-            x = self.data.test.to(self.device)
-            total = 0.0
-            for start in range(0, len(x), batch):
-                stats.reset()
-                log_p = self.model.log_prob(x[start:start + batch], generator=generator).detach()
-                nfe, solves = nfe + stats.nfe_forward, solves + 1
-                total += float(log_p.double().sum())
-            nll = -total / len(x) - self.standardization.log_abs_det_jacobian(self.data.dim)
-            return {"test_nll": nll, "test_bits_per_dim": nll / (self.data.dim * math.log(2.0)),
-                    "nfe_forward": nfe / solves}
-        stats.reset()
-        x, log_q = self.model.sample_and_log_prob(ENERGY_EVAL_SAMPLES, generator=generator)
-        x, log_q = x.detach(), log_q.detach()
-        log_w = (-self.data.energy(x) - log_q).double()
-        ess = float(torch.exp(2 * torch.logsumexp(log_w, 0) - torch.logsumexp(2 * log_w, 0))) / len(log_w)
-        return {"test_loss": float(-log_w.mean()), "test_ess": ess, "nfe_forward": float(stats.nfe_forward)}
+        return self.family.evaluate(self.model, self.data, batch_size=max(self.config.batch_size, EVAL_BATCH_MIN),
+                                    device=self.device, generator=generator)
 
     # ------------------------------------------------------------------------------------ loop
     def run(self, callbacks: TrainingCallbacks | None = None) -> dict[str, Any]:
@@ -301,17 +239,10 @@ class Trainer:
 
     # ----------------------------------------------------------------------------- checkpoints
     def dataset_info(self) -> dict[str, Any]:
-        """JSON-ready data-set description saved with checkpoints (name, kind, shapes, statistics)."""
-        info: dict[str, Any] = {"name": self.data.name, "kind": self.data.kind,
-                                "standardization": self.standardization.to_json()}
-        if isinstance(self.data, ClassificationData):
-            info.update(input_shape=list(self.data.input_shape), num_classes=self.data.num_classes,
-                        n_train=self.n_train, n_test=int(len(self.data.y_test)))
-        else:
-            info["dim"] = self.data.dim
-            if isinstance(self.data, DensityData):
-                info.update(n_train=self.n_train, n_test=int(len(self.data.test)))
-        return info
+        """JSON-ready data-set description saved with checkpoints (name, kind, statistics, and the
+        family's shapes and sizes, from which inference rebuilds the model)."""
+        return {"name": self.data.name, "kind": self.data.kind, "standardization": self.standardization.to_json(),
+                **self._info}
 
     def checkpoint(self) -> bytes:
         """The whole training state as safetensors bytes (model, optimizer, RNG states, step, spec, statistics)."""
@@ -344,8 +275,12 @@ class Trainer:
         spec = copy.deepcopy(ckpt.spec)
         if dataset_path is not None:
             spec["dataset"]["path"] = dataset_path
-        trainer = cls(spec, device=device)
-        if trainer.kind != ckpt.kind:
+        trainer = cls(spec, device=device, saved_info=ckpt.dataset)
+        try:
+            same = get_family(ckpt.kind) is trainer.family  # older checkpoints may spell the family differently
+        except ValueError:
+            same = False
+        if not same:
             raise CheckpointError(f"checkpoint kind {ckpt.kind!r} does not match its spec ({trainer.kind!r})")
         saved = ckpt.dataset.get("standardization")
         if saved is not None:
@@ -377,6 +312,6 @@ def build_trainer(spec: Mapping[str, Any], *, device: str | torch.device = "cpu"
 
     Raises:
         DatasetError: unknown/invalid data set. ValueError: invalid model/solver/training options or a
-        model type that does not fit the data set (classifier on points, flow on images).
+        model type that does not fit the data set's family (classifier on points, flow on images).
     """
     return Trainer(spec, device=device)

@@ -1,4 +1,5 @@
-"""Queries of trained models: ``log-density`` and ``samples`` (CNF, planar), ``predict`` (classifiers).
+"""Queries of trained models: ``log-density`` and ``samples`` (density, energy), ``predict`` (classifier);
+which operations a job's model serves is its family's word (``node_engine.families``).
 
 These are sync routes, so FastAPI runs them in its threadpool: the event loop keeps serving other
 requests (``/healthz``) while a model integrates an ODE.
@@ -21,8 +22,6 @@ from service.errors import ProblemError
 from service.inference import LoadedModel, ModelCache, NoCheckpoint
 from service.routers.jobs import PROBLEMS
 from service.schemas import (
-    CLASSIFIER_MODELS,
-    DENSITY_MODELS,
     LogDensityRequest,
     LogDensityResponse,
     PredictRequest,
@@ -41,14 +40,18 @@ _batcher = LogDensityBatcher()
 RESPONSES = {**PROBLEMS, 409: {"model": Problem, "description": "wrong model type or no checkpoint yet"}}
 
 
-def load_job_model(job: Job, models: ModelCache, kinds: tuple[str, ...], what: str) -> LoadedModel:
-    """The cached model of the job's newest checkpoint; 409 problem for a wrong model type, no
-    checkpoint yet, or a checkpoint node_engine refuses (``CheckpointError``: corrupted, tampered)."""
+def load_job_model(job: Job, models: ModelCache, operation: str, what: str) -> LoadedModel:
+    """The cached model of the job's newest checkpoint; 409 problem when the job's model family does
+    not serve ``operation`` (``node_engine.families``: "log_density", "samples", "predict", or a plot
+    name for ``plots``), no checkpoint yet, or a checkpoint node_engine refuses (``CheckpointError``)."""
     from node_engine.errors import CheckpointError
+    from node_engine.families import FAMILIES, family_for_spec
 
-    if job.model_type not in kinds:
-        raise ProblemError(409, "wrong-model-type", f"{what} needs a {' or '.join(kinds)} job; job {job.id} trains "
-                           f"a {job.model_type!r} model")
+    family = family_for_spec(job.spec)
+    if operation not in family.serves and operation not in family.plots:
+        offering = [f.name for f in FAMILIES.values() if operation in f.serves or operation in f.plots]
+        raise ProblemError(409, "wrong-model-type", f"{what} needs a {' or '.join(offering)} job; job {job.id} trains "
+                           f"a {family.name} model ({job.model_type!r})")
     try:
         return models.get(job.id)
     except NoCheckpoint:
@@ -84,7 +87,7 @@ def log_density(job: JobDep, body: LogDensityRequest, models: ModelsDep, setting
     if len(body.points) > settings.max_points:
         raise ProblemError(422, "invalid-request", f"{len(body.points)} points; at most {settings.max_points}",
                            errors=[{"field": "points", "reason": f"at most {settings.max_points} points per request"}])
-    entry = load_job_model(job, models, DENSITY_MODELS, "log-density")
+    entry = load_job_model(job, models, "log_density", "log-density")
     dim = int(entry.model.dim)
     for i, p in enumerate(body.points):
         if len(p) != dim:
@@ -106,7 +109,7 @@ def samples(job: JobDep, body: SamplesRequest, models: ModelsDep, settings: Sett
     if body.n > settings.max_samples:
         raise ProblemError(422, "invalid-request", f"n={body.n}; at most {settings.max_samples}",
                            errors=[{"field": "n", "reason": f"at most {settings.max_samples} samples per request"}])
-    entry = load_job_model(job, models, DENSITY_MODELS, "samples")
+    entry = load_job_model(job, models, "samples", "samples")
     start = time.perf_counter()
     with _solver_errors("n"), entry.lock:
         x = np.asarray(entry.model.sample(body.n, body.seed), dtype=np.float64)
@@ -125,7 +128,7 @@ def predict(job: JobDep, body: PredictRequest, models: ModelsDep, settings: Sett
     if len(body.inputs) > settings.max_predict_inputs:
         raise ProblemError(422, "invalid-request", f"{len(body.inputs)} inputs; at most {settings.max_predict_inputs}",
                            errors=[{"field": "inputs", "reason": f"at most {settings.max_predict_inputs} inputs"}])
-    entry = load_job_model(job, models, CLASSIFIER_MODELS, "predict")
+    entry = load_job_model(job, models, "predict", "predict")
     shape = tuple(int(s) for s in entry.model.input_shape)
     try:
         x = np.asarray(body.inputs, dtype=np.float64)

@@ -1,16 +1,16 @@
-"""``/v1/jobs/{id}/plots/{name}.png``: training curves for every job; density and samples for 2-D flows."""
+"""``/v1/jobs/{id}/plots/{name}.png``: training curves for every job, and the plots the job's model
+family offers (``Family.plots``; density and samples for 2-D flows), drawn by ``service/plots.py``."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Response
 
 from service import plots
-from jobs.artifacts import ArtifactStore
+from jobs.artifacts import ArtifactStore, dataset_key
 from jobs.tables import Job
 from service.deps import ArtifactsDep, JobDep, ModelsDep, StoreDep
 from service.errors import ProblemError
 from service.routers.inference import RESPONSES, load_job_model
-from service.schemas import DENSITY_MODELS
 
 router = APIRouter(prefix="/jobs", tags=["plots"])
 
@@ -18,26 +18,31 @@ router = APIRouter(prefix="/jobs", tags=["plots"])
 def _upload_points(job: Job, artifacts: ArtifactStore):
     if job.spec["dataset"]["name"] != "upload":
         return plots.training_points(job.spec)
-    with artifacts.local_path(f"datasets/{job.spec['dataset']['id']}.npy") as path:
+    with artifacts.local_path(dataset_key(job.spec["dataset"]["id"])) as path:
         return plots.training_points(job.spec, str(path))
 
 
 @router.get("/{job_id}/plots/{name}.png", responses={**RESPONSES, 200: {"content": {"image/png": {}}}},
             response_class=Response)
 def plot(job: JobDep, name: str, store: StoreDep, models: ModelsDep, artifacts: ArtifactsDep) -> Response:
-    """PNG figure ``training`` (loss, test metric, NFE forward/backward against step), or for 2-D
-    density jobs ``density`` (exp log p heat map with training points) and ``samples``."""
+    """PNG figure ``training`` (loss, test metric, NFE forward/backward against step), or a plot of the
+    job's model family: for 2-D density/energy jobs ``density`` (exp log p heat map with training
+    points) and ``samples``."""
     if name not in plots.PLOTS:
         raise ProblemError(404, "plot-not-found", f"no plot {name!r}; available: {', '.join(plots.PLOTS)}")
     title = f"job {job.id[:8]}: {job.model_type} on {job.spec['dataset']['name']}"
     if name == "training":
+        from node_engine.families import family_for_spec
+
+        family = family_for_spec(job.spec)
         history, _ = store.metrics_history(job, after_step=-1, limit=1_000_000)
-        png = plots.training_png(history, title)
+        png = plots.training_png(history, title, family.train_metrics, family.eval_metrics)
     else:
-        entry = load_job_model(job, models, DENSITY_MODELS, f"plot {name!r}")
-        if int(entry.model.dim) != 2:
-            raise ProblemError(409, "not-2d", f"plot {name!r} needs a 2-D model; this one is {entry.model.dim}-D")
+        entry = load_job_model(job, models, name, f"plot {name!r}")
+        reason = plots.unavailable(name, entry.model)
+        if reason is not None:
+            raise ProblemError(409, "not-2d", reason)
         points = _upload_points(job, artifacts)
         with entry.lock:
-            png = (plots.density_png if name == "density" else plots.samples_png)(entry.model, points, title)
+            png = plots.MODEL_PLOTS[name](entry.model, points, title)
     return Response(png, media_type="image/png")

@@ -17,7 +17,8 @@ import scipy.linalg
 import torch
 from torch import nn
 
-from node_engine.models.cnf import CNF, SolverConfig
+from node_engine.models.cnf import CNF
+from node_engine.specs import SolverSection
 from node_engine.models.regularizers import RNODEWeights
 
 D64 = torch.float64
@@ -43,7 +44,7 @@ def _points(n=6, seed=0):
 
 
 def _cnf(mats, T, *, adjoint=False, train_end_time=False, reg=RNODEWeights(), estimator="exact", tol=1e-10):
-    solver = SolverConfig(rtol=tol, atol=tol, adjoint=adjoint)
+    solver = SolverSection(rtol=tol, atol=tol, adjoint=adjoint)
     return CNF([LinearField(a) for a in mats], 2, end_time=T, train_end_time=train_end_time,
                trace_estimator=estimator, regularization=reg, solver=solver).to(D64)
 

@@ -96,20 +96,38 @@ def test_planar_from_spec_defaults_and_errors():
     assert flow.regularization() == {}
 
 
+def _check_against_autograd(field, t, z):
+    """analytic_divergence at (t, z) against autograd Jacobians row by row; t 0-dim or (N,). Returns it."""
+    f, div, frob = field.analytic_divergence(t, z)
+    torch.testing.assert_close(f, field(t, z))
+    for n in range(z.shape[0]):
+        t_n = t if t.dim() == 0 else t[n]
+        jac = jacobian(lambda v: field(t_n, v[None])[0], z[n])
+        assert div[n].item() == pytest.approx(torch.trace(jac).item(), abs=1e-12)
+        assert frob[n].item() == pytest.approx(jac.pow(2).sum().item(), abs=1e-12)
+    return f, div, frob
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_planar_field_analytic_trace_matches_autograd(seed):
     torch.manual_seed(seed)
     field = PlanarField(3, width=8, hidden_dims=(16,)).to(D64)
     z = torch.randn(5, 3, dtype=D64)
     t = torch.tensor(0.37, dtype=D64)
-    f, div, frob = field.analytic_divergence(t, z)
-    torch.testing.assert_close(f, field(t, z))
-    for n in range(z.shape[0]):
-        jac = jacobian(lambda v: field(t, v[None])[0], z[n])
-        assert div[n].item() == pytest.approx(torch.trace(jac).item(), abs=1e-12)
-        assert frob[n].item() == pytest.approx(jac.pow(2).sum().item(), abs=1e-12)
+    f, div, frob = _check_against_autograd(field, t, z)
     # dz/dt = Σ_m u_m tanh(w_mᵀz + b_m) written out independently of the module's algebra
     w, u, b = field.parameters_at(t, z)
     explicit = sum(np.outer(np.tanh(z.numpy() @ w[m].detach().numpy() + b[m].item()), u[m].detach().numpy())
                    for m in range(8))
     np.testing.assert_allclose(f.detach().numpy(), explicit, atol=1e-12)
+
+
+def test_planar_field_takes_one_time_per_row():
+    # per-sample stepping calls the field with t of shape (N,): row n must be the field at t[n]
+    torch.manual_seed(2)
+    field = PlanarField(3, width=8, hidden_dims=(16,)).to(D64)
+    z = torch.randn(6, 3, dtype=D64)
+    t = torch.rand(6, dtype=D64)
+    f, _, _ = _check_against_autograd(field, t, z)
+    for n in range(z.shape[0]):  # the scalar-time path, one row at a time
+        torch.testing.assert_close(f[n], field(t[n], z[n:n + 1])[0], rtol=1e-13, atol=1e-13)

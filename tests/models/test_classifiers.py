@@ -34,8 +34,19 @@ def test_bad_inputs_are_refused():
         build_model({"type": "densenet"}, {}, input_shape=(1, 8, 8))
     with pytest.raises(ValueError, match="input_shape"):
         build_model({"type": "mlp"}, {})
-    with pytest.raises(ValueError, match="GroupNorm"):
-        build_model({"type": "odenet", "channels": 48}, {}, input_shape=(1, 8, 8))
+    with pytest.raises(ValueError, match="model.hidden"):
+        build_model({"type": "mlp", "hidden": 0}, {}, input_shape=(1, 8, 8))
+
+
+@pytest.mark.parametrize("channels, groups", [(1, 1), (2, 1), (5, 1), (16, 8), (32, 16), (48, 24), (64, 32), (96, 32)])
+def test_group_norm_groups_hold_at_least_two_channels(channels, groups):
+    # one channel per group on the 2x2 maps of 8x8 digits normalizes 4 numbers: odenet C=16 stayed at chance
+    from node_engine.models.classifiers import group_norm
+
+    norm = group_norm(channels)
+    assert (norm.num_groups, norm.num_channels) == (groups, channels)
+    model = build_model({"type": "odenet", "channels": channels}, {}, input_shape=(1, 8, 8))
+    assert model(torch.randn(3, 1, 8, 8)).shape == (3, 10)
 
 
 def _odenet(adjoint: bool, tol: float, size: int = 16):

@@ -23,7 +23,7 @@ def test_registry_names():
     assert set(TOYS) <= set(DATASETS)
     assert {"u1", "u2", "u3", "u4", "digits", "mnist", "upload"} <= set(DATASETS)
     assert {DATASETS[n].kind for n in TOYS} == {"density"}
-    assert DATASETS["u3"].kind == "energy" and DATASETS["digits"].kind == "classification"
+    assert DATASETS["u3"].kind == "energy" and DATASETS["digits"].kind == "classifier"
 
 
 def test_unknown_name_lists_known():

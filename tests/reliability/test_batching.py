@@ -13,24 +13,39 @@ from service.inference import LoadedModel
 
 TINY = {"model": {"type": "cnf", "hidden_dims": [8, 8]}, "dataset": {"name": "moons", "n_samples": 256},
         "training": {"iterations": 2, "batch_size": 32}}
+# loose tolerances and a few steps of training: joint stepping or batch-drawn noise would show far above 1e-6
+FIELDS = {  # the exact concatsquash field is the TINY model of the test above
+    "hutchinson": {"type": "cnf", "hidden_dims": [8, 8], "trace_estimator": "hutchinson"},
+    "planar-field": {"type": "cnf", "vector_field": "planar", "planar_width": 8, "hidden_dims": [16]},
+}
 
 
-@pytest.fixture(scope="module")
-def entry() -> LoadedModel:
+def _entry(spec: dict) -> LoadedModel:
     from node_engine.inference import load_model
     from node_engine.training import build_trainer
     from service.schemas import JobCreate
 
-    trainer = build_trainer(JobCreate.model_validate(TINY).model_dump(mode="json"))
+    trainer = build_trainer(JobCreate.model_validate(spec).model_dump(mode="json"))
     trainer.run()
     return LoadedModel(load_model(trainer.checkpoint()), "final.safetensors")
 
 
-def test_concurrent_requests_are_batched_and_answered_as_if_alone(entry):
-    rng = np.random.default_rng(1)
-    requests = [rng.normal(size=(int(n), 2)) for n in rng.integers(1, 300, size=24)]
-    alone = [entry.model.log_density(x)[0] for x in requests]
-    batcher = LogDensityBatcher(max_points=1500)
+@pytest.fixture(scope="module")
+def entry() -> LoadedModel:
+    return _entry(TINY)
+
+
+@pytest.fixture(scope="module", params=sorted(FIELDS))
+def field_entry(request) -> LoadedModel:
+    return _entry({"model": FIELDS[request.param], "dataset": {"name": "8gaussians", "n_samples": 512},
+                   "solver": {"rtol": 1e-3, "atol": 1e-3},
+                   # the planar field needs some training to leave its nearly linear start
+                   "training": {"iterations": 30 if request.param == "planar-field" else 5, "batch_size": 64,
+                                "lr": 1e-2, "eval_every": 1000}})
+
+
+def _ask_at_once(batcher: LogDensityBatcher, entry: LoadedModel, requests: list) -> list:
+    """Each request from its own thread, released together; the answers in request order."""
     answers: list = [None] * len(requests)
     start = threading.Barrier(len(requests))
 
@@ -42,10 +57,33 @@ def test_concurrent_requests_are_batched_and_answered_as_if_alone(entry):
     for t in threads:
         t.start()
     for t in threads:
-        t.join(120)
+        t.join(300)
+    return answers
+
+
+def test_concurrent_clients_get_their_answers_alone_to_1e6(field_entry):
+    # one large request (more than a 4096-point micro-batch) and small ones, all at once
+    rng = np.random.default_rng(3)
+    requests = [rng.normal(scale=2.0, size=(int(n), 2)) for n in (1, 4, 5000, 1, 37, 4)]
+    probes = [rng.normal(scale=2.0, size=(1, 2)) for _ in requests]
+    requests = [np.concatenate([p, x]) for p, x in zip(probes, requests)]  # a probe point leads each request
+    alone = np.array([field_entry.model.log_density(p)[0][0] for p in probes])
+    batcher = LogDensityBatcher()
+    answers = _ask_at_once(batcher, field_entry, requests)
+    got = np.array([a[0][0] for a in answers])
+    np.testing.assert_allclose(got, alone, rtol=1e-6, atol=1e-6 * np.abs(alone).max())
+    assert batcher.batches < len(requests)  # some requests shared a micro-batch
+
+
+def test_concurrent_requests_are_batched_and_answered_as_if_alone(entry):
+    rng = np.random.default_rng(1)
+    requests = [rng.normal(size=(int(n), 2)) for n in rng.integers(1, 300, size=24)]
+    alone = [entry.model.log_density(x)[0] for x in requests]
+    batcher = LogDensityBatcher(max_points=1500)
+    answers = _ask_at_once(batcher, entry, requests)
     for got, want, x in zip(answers, alone, requests):
         assert got is not None and got[0].shape == (len(x),) and got[1] > 0
-        np.testing.assert_allclose(got[0], want, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got[0], want, rtol=1e-6, atol=1e-9)
     assert batcher.batched_requests == len(requests)
     assert batcher.batches < len(requests)  # some requests shared a solve
     assert batcher._queues == {}  # drained: nothing left behind

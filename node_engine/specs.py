@@ -1,0 +1,327 @@
+"""The job spec, one frozen definition per section: each default and each bound is written here once.
+
+Sections (docs/architecture.md, "Job spec"): ``solver`` (:class:`SolverSection`), ``training``
+(:class:`TrainingSection`), ``dataset`` (:class:`DatasetSection`) and one section per model type
+(:class:`CNFSection`, :class:`PlanarSection`, :class:`ODENetSection`, :class:`ResNetSection`,
+:class:`MLPSection`). A field's bounds live in its ``metadata`` (``ge``/``gt``/``le``/``lt``,
+``choices``, ``items`` for list elements, ``min_items``/``max_items``); ``__post_init__`` checks them
+(ValueError naming ``section.field``), and the service's pydantic schemas are built from the same
+metadata (``service/schemas.py``; ``tests/models/test_specs.py`` checks they agree).
+
+Defaults that differ by model family (``training.batch_size``: 128 for classifiers as in Chen et
+al. 2018, 512 for flows as in FFJORD) are ``None`` here and filled in by the family
+(``node_engine.families``) in :func:`normalize_spec`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import operator
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from node_engine.solvers import ADAPTIVE, FIXED, METHODS
+
+__all__ = ["SolverSection", "TrainingSection", "DatasetSection", "CNFSection", "PlanarSection", "ODENetSection",
+           "ResNetSection", "MLPSection", "MODEL_SECTIONS", "bounded", "check_bounds", "normalize_spec"]
+
+
+def bounded(default: Any, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
+            lt: float | None = None, choices: tuple | None = None, items: Mapping[str, float] | None = None,
+            min_items: int | None = None, max_items: int | None = None, doc: str = "", internal: bool = False):
+    """A dataclass field with its default, bounds and one-line ``doc`` (``internal``: not part of the job spec)."""
+    meta = {k: v for k, v in dict(ge=ge, gt=gt, le=le, lt=lt, choices=choices, items=items, min_items=min_items,
+                                  max_items=max_items, doc=doc, internal=internal).items() if v is not None}
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def _violation(value: Any, meta: Mapping[str, Any]) -> str | None:
+    if value is None:
+        return None
+    if "choices" in meta and value not in meta["choices"]:
+        return f"must be one of {', '.join(map(str, meta['choices']))}"
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, float) and not math.isfinite(value):
+            return "must be finite"
+        for key, word, ok in (("ge", ">=", operator.ge), ("gt", ">", operator.gt),
+                              ("le", "<=", operator.le), ("lt", "<", operator.lt)):
+            if key in meta and not ok(value, meta[key]):
+                return f"must be {word} {meta[key]:g}"
+    if isinstance(value, (tuple, list)):
+        if len(value) < meta.get("min_items", 0) or len(value) > meta.get("max_items", math.inf):
+            return f"needs {meta.get('min_items', 0)} to {meta.get('max_items')} items"
+        for i, item in enumerate(value):
+            reason = _violation(item, meta.get("items", {}))
+            if reason:
+                return f"item {i} {reason}"
+    return None
+
+
+def check_bounds(section: Any) -> None:
+    """Check every field of a section dataclass against its metadata.
+
+    Raises:
+        ValueError: ``"<section>.<field> must be ..., got <value>"`` for the first violation.
+    """
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        reason = _violation(value, f.metadata)
+        if reason:
+            raise ValueError(f"{section.SECTION}.{f.name} {reason}, got {value!r}")
+
+
+class _Section:
+    """Shared construction: ``from_spec`` (unknown keys refused, nulls mean "the default") and ``to_json``."""
+
+    SECTION: ClassVar[str] = ""
+    IGNORED: ClassVar[tuple[str, ...]] = ()  # keys of the spec section that belong elsewhere
+
+    def __post_init__(self) -> None:
+        check_bounds(self)
+
+    @classmethod
+    def spec_fields(cls) -> list[dataclasses.Field]:
+        """The fields a job spec may set (internal ones excluded)."""
+        return [f for f in dataclasses.fields(cls) if not f.metadata.get("internal")]
+
+    @classmethod
+    def from_spec(cls, spec: Mapping[str, Any] | None, *, strict: bool = True):
+        """Build from a spec section; missing or null keys take the defaults.
+
+        Raises:
+            ValueError: unknown keys (when ``strict``), values out of bounds, wrong types.
+        """
+        spec = dict(spec or {})
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(spec) - names - set(cls.IGNORED))
+        if unknown and strict:
+            raise ValueError(f"unknown {cls.SECTION} option(s) {unknown}")
+        kwargs = {}
+        for f in dataclasses.fields(cls):
+            if spec.get(f.name) is None:
+                continue
+            value = spec[f.name]
+            kind = type(f.default) if f.default is not None else None
+            try:
+                if isinstance(f.default, bool):
+                    value = bool(value)
+                elif kind is int:
+                    value = int(value)
+                elif kind is float:
+                    value = float(value)
+                elif kind is tuple:
+                    value = tuple(int(v) for v in value)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"{cls.SECTION}.{f.name}: {exc}") from exc
+            kwargs[f.name] = value
+        return cls(**kwargs)
+
+    def to_json(self) -> dict[str, Any]:
+        """The section as JSON-ready spec values (tuples as lists), internal fields left out."""
+        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in self.spec_fields()}
+
+
+# ---- solver -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SolverSection(_Section):
+    """How a model's ODEs are solved (job spec ``solver``).
+
+    ``step_control`` is not part of the spec: inference sets ``"per_sample"`` for served answers
+    (each row its own steps, so an answer does not depend on the rest of its batch).
+    """
+
+    SECTION: ClassVar[str] = "solver"
+
+    method: str = bounded("dopri5", choices=tuple(sorted(METHODS)), doc="solver name (torchdiffeq names)")
+    rtol: float = bounded(1e-5, gt=0.0, lt=1.0, doc="relative tolerance of the adaptive step control")
+    atol: float = bounded(1e-5, gt=0.0, lt=1.0, doc="absolute tolerance of the adaptive step control")
+    adjoint: bool = bounded(True, doc="gradients by the adjoint method (O(1) memory)")
+    adjoint_norm: str = bounded("seminorm", choices=("seminorm", "default"),
+                                doc="seminorm: parameter-gradient channels do not control backward steps")
+    adjoint_mode: str = bounded("backsolve", choices=("backsolve", "checkpoint"), doc="backsolve or ACA checkpoints")
+    step_size: float | None = bounded(None, gt=0.0, le=100.0, doc="fixed-grid step")
+    max_num_steps: int = bounded(10_000, ge=1, le=1_000_000, doc="step budget of one solve")
+    eval_rtol: float | None = bounded(None, gt=0.0, lt=1.0, doc="rtol at evaluation and inference (null: rtol)")
+    eval_atol: float | None = bounded(None, gt=0.0, lt=1.0, doc="atol at evaluation and inference (null: atol)")
+    step_control: str = bounded("joint", choices=("joint", "per_sample"), internal=True)
+
+    def solver_options(self, method: str | None = None, *, default_step: float | None = None) -> dict[str, Any]:
+        """``odeint`` options for ``method`` (default: this section's): the grid step of fixed-grid
+        methods (``step_size``, else ``default_step``), the step budget of adaptive ones, and
+        ``step_control="per_sample"`` when this section asks for it and no gradient is being
+        recorded (served answers; the one place a model decides on per-sample stepping).
+
+        Raises:
+            ValueError: a fixed-grid method without a step size and no ``default_step``.
+        """
+        method = method or self.method
+        if method in FIXED:
+            step = self.step_size if self.step_size is not None else default_step
+            if step is None:
+                raise ValueError(f"solver.step_size: method {method!r} is fixed-step and needs a step size "
+                                 f"(e.g. 0.05; adaptive methods need none: {', '.join(sorted(ADAPTIVE))})")
+            return {"step_size": float(step)}
+        options: dict[str, Any] = {"max_num_steps": int(self.max_num_steps)}
+        if self.step_control == "per_sample" and not torch.is_grad_enabled() and _per_sample_supported(method):
+            options["step_control"] = "per_sample"
+        return options
+
+    def with_tolerances(self, rtol: float, atol: float) -> "SolverSection":
+        return dataclasses.replace(self, rtol=float(rtol), atol=float(atol))
+
+    def served(self) -> "SolverSection":
+        """The solver of served answers: the evaluation tolerances and per-sample step control."""
+        return dataclasses.replace(self, rtol=float(self.eval_rtol or self.rtol),
+                                   atol=float(self.eval_atol or self.atol), step_control="per_sample")
+
+
+def _per_sample_supported(method: str) -> bool:
+    """Whether ``odeint`` can step ``method`` per sample (every adaptive method once the engine's one
+    loop lands; until then the per-sample module names its methods)."""
+    try:
+        from node_engine.solvers.per_sample import PER_SAMPLE_METHODS
+    except ImportError:
+        return method in ADAPTIVE
+    return method in PER_SAMPLE_METHODS
+
+
+# ---- training ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TrainingSection(_Section):
+    """Optimization settings (Adam). ``epochs`` (if set) overrides ``iterations``; counts are optimizer
+    steps. ``batch_size`` null: the model family's default (classifier 128, flows 512)."""
+
+    SECTION: ClassVar[str] = "training"
+
+    iterations: int = bounded(1000, ge=1, le=1_000_000, doc="optimizer steps (when epochs is null)")
+    epochs: int | None = bounded(None, ge=1, le=10_000, doc="passes over the training split")
+    batch_size: int | None = bounded(None, ge=1, le=65_536, doc="null: the family's default")
+    lr: float = bounded(1e-3, gt=0.0, le=10.0, doc="Adam learning rate")
+    weight_decay: float = bounded(0.0, ge=0.0, le=1.0, doc="Adam weight decay")
+    seed: int = bounded(0, ge=0, le=2**32 - 1, doc="initial weights, data order, noise")
+    eval_every: int = bounded(100, ge=1, le=1_000_000, doc="steps between evaluations")
+    checkpoint_every: int = bounded(100, ge=1, le=1_000_000, doc="steps between checkpoints")
+    log_every: int = bounded(1, ge=1, le=1_000_000, doc="steps between metric records")
+
+
+# ---- dataset ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DatasetSection(_Section):
+    """Which data (job spec ``dataset``): a registry name plus size, split and seed; ``path`` is set by
+    the worker (uploads) or the operator (MNIST), never by the API."""
+
+    SECTION: ClassVar[str] = "dataset"
+    IGNORED: ClassVar[tuple[str, ...]] = ("id",)
+
+    name: str = bounded("", doc="registry name (node_engine.datasets.DATASETS)")
+    n_samples: int = bounded(20_000, ge=10, le=1_000_000, doc="points generated / images kept")
+    test_fraction: float = bounded(0.2, ge=0.01, le=0.9, doc="share held out for evaluation")
+    seed: int = bounded(0, ge=0, le=2**32 - 1, doc="generation and split seed")
+    path: str | None = bounded(None, internal=True)
+
+
+# ---- models -----------------------------------------------------------------------------------
+class _ModelSection(_Section):
+    SECTION: ClassVar[str] = "model"
+    IGNORED: ClassVar[tuple[str, ...]] = ("type",)
+    TYPES: ClassVar[tuple[str, ...]] = ()
+
+
+@dataclass(frozen=True)
+class CNFSection(_ModelSection):
+    """Continuous normalizing flow (FFJORD, Grathwohl et al. 2019) with RNODE regularizers (Finlay et al. 2020)."""
+
+    TYPES: ClassVar[tuple[str, ...]] = ("cnf",)
+
+    hidden_dims: tuple = bounded((64, 64, 64), items={"ge": 1, "le": 1024}, min_items=1, max_items=8,
+                                 doc="hidden widths of the field (of the hypernetwork for planar fields)")
+    nonlinearity: str = bounded("tanh", choices=("tanh", "softplus"))
+    num_blocks: int = bounded(1, ge=1, le=10, doc="stacked flows, each with its own field and end time")
+    vector_field: str = bounded("concatsquash", choices=("concatsquash", "planar"))
+    planar_width: int = bounded(16, ge=1, le=1024, doc="units M of a planar field")
+    trace_estimator: str = bounded("exact", choices=("exact", "hutchinson"))
+    noise: str = bounded("rademacher", choices=("rademacher", "gaussian"), doc="Hutchinson noise")
+    end_time: float = bounded(1.0, gt=0.0, le=100.0, doc="initial T of every block")
+    train_end_time: bool = bounded(True, doc="learn T")
+    kinetic_energy: float = bounded(0.0, ge=0.0, le=1e3, doc="RNODE weight of ∫‖f‖²")
+    jacobian_norm: float = bounded(0.0, ge=0.0, le=1e3, doc="RNODE weight of ∫‖∂f/∂z‖_F²")
+
+
+@dataclass(frozen=True)
+class PlanarSection(_ModelSection):
+    """Discrete planar flow (Rezende & Mohamed 2015)."""
+
+    TYPES: ClassVar[tuple[str, ...]] = ("planar",)
+
+    num_layers: int = bounded(8, ge=1, le=256)
+
+
+@dataclass(frozen=True)
+class ODENetSection(_ModelSection):
+    """ODE-Net or RK-Net (Chen et al. 2018, §3): channels C of every convolution."""
+
+    TYPES: ClassVar[tuple[str, ...]] = ("odenet", "rknet")
+
+    channels: int = bounded(64, ge=1, le=512)
+
+
+@dataclass(frozen=True)
+class ResNetSection(_ModelSection):
+    """Residual network baseline (Chen et al. 2018, Table 1)."""
+
+    TYPES: ClassVar[tuple[str, ...]] = ("resnet",)
+
+    channels: int = bounded(64, ge=1, le=512)
+    num_blocks: int = bounded(6, ge=1, le=64)
+
+
+@dataclass(frozen=True)
+class MLPSection(_ModelSection):
+    """One-hidden-layer perceptron baseline (Chen et al. 2018, Table 1)."""
+
+    TYPES: ClassVar[tuple[str, ...]] = ("mlp",)
+
+    hidden: int = bounded(300, ge=1, le=4096)
+
+
+#: model type -> its section class
+MODEL_SECTIONS: dict[str, type[_ModelSection]] = {
+    t: cls for cls in (CNFSection, PlanarSection, ODENetSection, ResNetSection, MLPSection) for t in cls.TYPES
+}
+
+
+def normalize_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """A deep copy of ``spec`` with every section's defaults filled in (the family's batch size too).
+
+    Raises:
+        ValueError: a section is missing, not a mapping, or has unknown/out-of-bound values.
+        DatasetError: an unknown data set name.
+    """
+    from node_engine.families import family_for_dataset_name
+
+    if not isinstance(spec, Mapping):
+        raise ValueError("job spec must be a mapping with model, dataset, solver, training")
+    out = copy.deepcopy(dict(spec))
+    for section in ("model", "dataset"):
+        if not isinstance(out.get(section), Mapping):
+            raise ValueError(f"job spec needs a '{section}' mapping")
+    model = dict(out["model"])
+    section = MODEL_SECTIONS.get(model.get("type"))
+    if section is None:
+        raise ValueError(f"unknown model type {model.get('type')!r}; "
+                         f"expected one of {', '.join(sorted(MODEL_SECTIONS))}")
+    out["model"] = {"type": model["type"], **section.from_spec(model).to_json()}
+    dataset = dict(out["dataset"])
+    out["dataset"] = {**DatasetSection.from_spec(dataset).to_json(), "path": dataset.get("path"),
+                      **({"id": dataset["id"]} if dataset.get("id") is not None else {})}
+    out["solver"] = SolverSection.from_spec(out.get("solver")).to_json()
+    training = TrainingSection.from_spec(out.get("training")).to_json()
+    if training["batch_size"] is None:
+        training["batch_size"] = family_for_dataset_name(out["dataset"]["name"]).default_batch_size
+    out["training"] = training
+    return out
