@@ -21,13 +21,14 @@ import subprocess
 import sys
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
 
 from service.embedded import stop as stop_process  # SIGTERM, then SIGKILL after a grace period
-from tests.servers import Choice, postgres_choice, redis_choice, sqlalchemy_url
+from tests.servers import Choice, postgres_choice, redacted, redis_choice, sqlalchemy_url
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_ID = uuid.uuid4().hex[:10]
@@ -63,6 +64,21 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 # --- servers ------------------------------------------------------------------------------------
 
 SERVERS_USED: dict[str, Choice] = {}
+_RUNNING: list[pytest.Item] = []  # the test being set up, for the tier guard below
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest's own setup, which sets up the test's fixtures
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    _RUNNING[:] = [item]
+
+
+def _guard_tier(kind: str) -> None:
+    """Fail a test that reaches a server without being marked ``services`` (a fixture requested at
+    run time through ``request.getfixturevalue``, outside the closure the markers come from), so the
+    fast tier can never quietly start or use a server."""
+    if _RUNNING and _RUNNING[0].get_closest_marker("services") is None:
+        pytest.fail(f"{_RUNNING[0].nodeid} uses {kind} but is not marked `services`: request the server "
+                    "fixture as an argument, or mark the test (or its parameter) with pytest.mark.postgres/redis")
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
@@ -77,29 +93,31 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
     terminalreporter.write_line("test servers: " + "; ".join(parts))
 
 
-@pytest.fixture(scope="session")
-def postgres_dsn() -> Iterator[str]:
-    """libpq URI of the session's PostgreSQL database (tests create schemas and databases in it).
-    A private server started for this session is stopped and deleted at its end."""
-    choice, server = postgres_choice()
-    SERVERS_USED["PostgreSQL"] = choice
+@contextmanager
+def _session_server(kind: str, choose: Callable[[], tuple[Choice, object]]) -> Iterator[str]:
+    """Choose (maybe start) the session's ``kind`` server; yields its URL, stops a private one after."""
+    _guard_tier(kind)
+    choice, private = choose()
+    SERVERS_USED[kind] = choice
     try:
         yield choice.url
     finally:
-        if server is not None:
-            server.stop()
+        if private is not None:
+            private.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_dsn() -> Iterator[str]:
+    """libpq URI of the session's PostgreSQL database (tests create schemas and databases in it)."""
+    with _session_server("PostgreSQL", postgres_choice) as dsn:
+        yield dsn
 
 
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """URL of the session's Redis database. A private server started for this session is stopped at its end."""
-    choice, server = redis_choice(tmp_path_factory.mktemp("redis"))
-    SERVERS_USED["Redis"] = choice
-    try:
-        yield choice.url
-    finally:
-        if server is not None:
-            server.stop()
+    """URL of the session's Redis database."""
+    with _session_server("Redis", lambda: redis_choice(tmp_path_factory.mktemp("redis"))) as url:
+        yield url
 
 
 @pytest.fixture
@@ -111,7 +129,8 @@ def pg_url(postgres_dsn: str) -> Iterator[str]:
     try:
         conn = psycopg.connect(postgres_dsn, autocommit=True, connect_timeout=5)
     except psycopg.OperationalError as exc:
-        pytest.fail(f"PostgreSQL at {postgres_dsn} does not answer: {exc}")
+        pytest.fail(f"PostgreSQL at {redacted(postgres_dsn)} refused the tests ({exc}); set "
+                    "ODEFORGE_TEST_DATABASE_URL to a database they may create schemas in")
     with conn:
         conn.execute(f'CREATE SCHEMA "{schema}"')
     yield sqlalchemy_url(postgres_dsn, schema=schema)
@@ -135,7 +154,7 @@ def redis_client(redis_url: str):
     try:
         client.ping()
     except redis.ConnectionError as exc:
-        pytest.fail(f"Redis at {redis_url} does not answer: {exc}")
+        pytest.fail(f"Redis at {redacted(redis_url)} refused the tests ({exc}); set ODEFORGE_TEST_REDIS_URL")
     yield client
     client.close()
 

@@ -19,8 +19,8 @@ from typing import Callable, Iterator
 
 import pytest
 
-from tests.conftest import REPO, RUN_ID, settings_env, stop_process, wait_for_line
-from tests.servers import RedisServer, libpq_dsn, sqlalchemy_url
+from tests.conftest import REPO, RUN_ID, _guard_tier, settings_env, stop_process, wait_for_line
+from tests.servers import RedisServer, libpq_dsn, redacted, sqlalchemy_url
 
 
 def worker_env(settings) -> dict[str, str]:
@@ -72,6 +72,7 @@ class _suppress:
 
 @pytest.fixture
 def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    _guard_tier("a private redis-server")
     server = RedisServer(tmp_path / "redis")
     server.start()
     yield server
@@ -123,7 +124,7 @@ def private_database(postgres_dsn: str) -> Iterator[PrivateDatabase]:
     try:
         db.create()
     except Exception as exc:
-        pytest.fail(f"could not create a database on the PostgreSQL at {postgres_dsn}: {exc}")
+        pytest.fail(f"could not create a database on the PostgreSQL at {redacted(postgres_dsn)}: {exc}")
     yield db
     db.drop()
 
