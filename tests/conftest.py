@@ -1,5 +1,14 @@
 """Shared fixtures: real SQLite and PostgreSQL job stores, the real Redis broker, real Celery workers.
 
+Servers (``tests/servers.py``): the machine's PostgreSQL and Redis when they answer on their default
+ports (CI), private ones started for the session otherwise (a fresh machine needs nothing but
+Python); ``ODEFORGE_TEST_DATABASE_URL`` / ``ODEFORGE_TEST_REDIS_URL`` pick others. A server is only
+chosen (and started) when a test first asks for it.
+
+Tiers: every test that uses a server fixture (PostgreSQL, Redis, a worker process) is marked
+``services`` at collection, plus ``postgres``/``redis``, so ``pytest -m "not services"`` is the fast
+tier that needs and touches no server.
+
 Isolation between parallel test runs on one machine:
 - PostgreSQL: every test gets its own schema (``search_path`` in the URL), dropped afterwards.
 - Redis: database ``TEST_REDIS_DB`` and a queue name unique to this run; its keys are deleted after.
@@ -12,39 +21,120 @@ import subprocess
 import sys
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
 
 from service.embedded import stop as stop_process  # SIGTERM, then SIGKILL after a grace period
+from tests.servers import Choice, postgres_choice, redacted, redis_choice, sqlalchemy_url
 
 REPO = Path(__file__).resolve().parents[1]
-PG_DSN = os.environ.get("ODEFORGE_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
-REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
-TEST_REDIS_DB = int(os.environ.get("ODEFORGE_TEST_REDIS_DB", "13"))
 RUN_ID = uuid.uuid4().hex[:10]
 
+# --- tiers: markers derived from the fixtures a test uses -------------------------------------------
 
-def _sqlalchemy_pg_url(schema: str) -> str:
-    return PG_DSN.replace("postgresql://", "postgresql+psycopg://", 1) + f"?options=-csearch_path%3D{schema}"
+# A test whose fixture closure contains one of these needs that server (transitively: `make_settings`
+# needs `redis_url` through `broker_url`, so it is covered by `redis_url`).
+SERVER_FIXTURES = {
+    "postgres_dsn": "postgres",
+    "redis_url": "redis",
+    "private_redis": "redis",  # a redis-server process of the test's own
+    "start_worker": "services",  # Celery worker processes
+    "start_workers": "services",
+}
+SERVER_MARKERS = ("postgres", "redis", "services")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every test that needs a server ``services`` (and ``postgres``/``redis``), from its fixtures.
+
+    The ``postgresql`` case of ``database_url`` carries its mark as a parameter mark (its ``pg_url``
+    is requested at run time, outside the static fixture closure).
+    """
+    for item in items:
+        needs = {SERVER_FIXTURES[name] for name in getattr(item, "fixturenames", ()) if name in SERVER_FIXTURES}
+        needs |= {m for m in SERVER_MARKERS if item.get_closest_marker(m) is not None}
+        for name in sorted(needs | ({"services"} if needs else set())):
+            if item.get_closest_marker(name) is None:
+                item.add_marker(name)
+
+
+# --- servers ------------------------------------------------------------------------------------
+
+SERVERS_USED: dict[str, Choice] = {}
+_RUNNING: list[pytest.Item] = []  # the test being set up, for the tier guard below
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest's own setup, which sets up the test's fixtures
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    _RUNNING[:] = [item]
+
+
+def _guard_tier(kind: str) -> None:
+    """Fail a test that reaches a server without being marked ``services`` (a fixture requested at
+    run time through ``request.getfixturevalue``, outside the closure the markers come from), so the
+    fast tier can never quietly start or use a server."""
+    if _RUNNING and _RUNNING[0].get_closest_marker("services") is None:
+        pytest.fail(f"{_RUNNING[0].nodeid} uses {kind} but is not marked `services`: request the server "
+                    "fixture as an argument, or mark the test (or its parameter) with pytest.mark.postgres/redis")
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    """One line naming the servers this session used (before pytest's closing line)."""
+    parts = []
+    for kind in ("PostgreSQL", "Redis"):
+        choice = SERVERS_USED.get(kind)
+        if choice is None:
+            parts.append(f"{kind}: not used")
+        else:
+            parts.append(f"{kind}: {choice.source}" + (f" ({choice.detail})" if choice.detail else ""))
+    terminalreporter.write_line("test servers: " + "; ".join(parts))
+
+
+@contextmanager
+def _session_server(kind: str, choose: Callable[[], tuple[Choice, object]]) -> Iterator[str]:
+    """Choose (maybe start) the session's ``kind`` server; yields its URL, stops a private one after."""
+    _guard_tier(kind)
+    choice, private = choose()
+    SERVERS_USED[kind] = choice
+    try:
+        yield choice.url
+    finally:
+        if private is not None:
+            private.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_dsn() -> Iterator[str]:
+    """libpq URI of the session's PostgreSQL database (tests create schemas and databases in it)."""
+    with _session_server("PostgreSQL", postgres_choice) as dsn:
+        yield dsn
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """URL of the session's Redis database."""
+    with _session_server("Redis", lambda: redis_choice(tmp_path_factory.mktemp("redis"))) as url:
+        yield url
 
 
 @pytest.fixture
-def pg_url() -> Iterator[str]:
+def pg_url(postgres_dsn: str) -> Iterator[str]:
     """SQLAlchemy URL of a fresh PostgreSQL schema (dropped after the test)."""
     import psycopg
 
     schema = f"odeforge_t_{RUN_ID}_{uuid.uuid4().hex[:8]}"
     try:
-        conn = psycopg.connect(PG_DSN, autocommit=True, connect_timeout=5)
+        conn = psycopg.connect(postgres_dsn, autocommit=True, connect_timeout=5)
     except psycopg.OperationalError as exc:
-        pytest.fail(f"PostgreSQL at {PG_DSN} is required (start it, see .ci/run): {exc}")
+        pytest.fail(f"PostgreSQL at {redacted(postgres_dsn)} refused the tests ({exc}); set "
+                    "ODEFORGE_TEST_DATABASE_URL to a database they may create schemas in")
     with conn:
         conn.execute(f'CREATE SCHEMA "{schema}"')
-    yield _sqlalchemy_pg_url(schema)
-    with psycopg.connect(PG_DSN, autocommit=True) as conn:
-        # Connections of the test's engines are closed by then; terminate stragglers to allow the drop.
+    yield sqlalchemy_url(postgres_dsn, schema=schema)
+    with psycopg.connect(postgres_dsn, autocommit=True) as conn:
         conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
 
 
@@ -57,14 +147,14 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 @pytest.fixture(scope="session")
-def redis_client():
+def redis_client(redis_url: str):
     import redis
 
-    client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=TEST_REDIS_DB, socket_connect_timeout=3)
+    client = redis.Redis.from_url(redis_url, socket_connect_timeout=3)
     try:
         client.ping()
     except redis.ConnectionError as exc:
-        pytest.fail(f"Redis at {REDIS_HOST}:{REDIS_PORT} is required (start it, see .ci/run): {exc}")
+        pytest.fail(f"Redis at {redacted(redis_url)} refused the tests ({exc}); set ODEFORGE_TEST_REDIS_URL")
     yield client
     client.close()
 
@@ -78,8 +168,8 @@ def queue_name(redis_client) -> Iterator[str]:
 
 
 @pytest.fixture
-def broker_url(redis_client) -> str:
-    return f"redis://{REDIS_HOST}:{REDIS_PORT}/{TEST_REDIS_DB}"
+def broker_url(redis_url: str, redis_client) -> str:
+    return redis_url
 
 
 @pytest.fixture

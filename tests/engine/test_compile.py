@@ -31,6 +31,7 @@ def test_rejects_non_callable():
         compile_field(3)
 
 
+@pytest.mark.slow  # inductor compiles C++: 20-40 s on 2 cores, the fast tier's largest cost
 def test_compiled_field_matches_eager():
     eager = Field()
     compiled = compile_field(eager)

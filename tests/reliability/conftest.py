@@ -1,16 +1,15 @@
 """Fixtures of the reliability tests: private servers we may kill, and several real workers at once.
 
-The shared Redis (127.0.0.1:6379) and PostgreSQL are never stopped here. Broker outages use a
-``redis-server`` this test starts on a free port and kills; database outages use a PostgreSQL
-database this test creates, closes to connections (``ALLOW_CONNECTIONS false`` plus
-``pg_terminate_backend`` of *its* sessions only) and drops afterwards.
+The session's Redis and PostgreSQL (``tests/servers.py``) are never stopped here. Broker outages use
+a ``redis-server`` this test starts on a free port and kills; database outages use a PostgreSQL
+database this test creates on the session's server, closes to connections (``ALLOW_CONNECTIONS
+false`` plus ``pg_terminate_backend`` of *its* sessions only) and drops afterwards.
 """
 
 from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,13 +19,8 @@ from typing import Callable, Iterator
 
 import pytest
 
-from tests.conftest import PG_DSN, REPO, RUN_ID, settings_env, stop_process, wait_for_line
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.conftest import REPO, RUN_ID, _guard_tier, settings_env, stop_process, wait_for_line
+from tests.servers import RedisServer, libpq_dsn, redacted, sqlalchemy_url
 
 
 def worker_env(settings) -> dict[str, str]:
@@ -76,49 +70,9 @@ class _suppress:
         return True
 
 
-class RedisServer:
-    """A private redis-server (no persistence: a restart loses every message, like a crashed broker)."""
-
-    def __init__(self, workdir: Path):
-        self.port = free_port()
-        self.workdir = workdir
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        import redis
-
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--daemonize", "no", "--dir", str(self.workdir)],
-            stdout=open(self.workdir / "redis.log", "ab"), stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            try:
-                if redis.Redis(port=self.port, socket_connect_timeout=0.5).ping():
-                    return
-            except redis.ConnectionError:
-                time.sleep(0.05)
-        raise RuntimeError("private redis-server did not start")
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-    def client(self):
-        import redis
-
-        return redis.Redis(port=self.port, socket_connect_timeout=1)
-
-
 @pytest.fixture
 def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    _guard_tier("a private redis-server")
     server = RedisServer(tmp_path / "redis")
     server.start()
     yield server
@@ -126,18 +80,22 @@ def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
 
 
 class PrivateDatabase:
-    """A PostgreSQL database of this test alone, which it may close to connections and reopen."""
+    """A PostgreSQL database of this test alone, which it may close to connections and reopen.
 
-    def __init__(self) -> None:
+    ``admin_dsn``: the session's server (``postgres_dsn``), connected to as a role that may create
+    databases and terminate their sessions.
+    """
+
+    def __init__(self, admin_dsn: str) -> None:
+        self.admin_dsn = admin_dsn
         self.name = f"odeforge_rel_{RUN_ID}_{uuid.uuid4().hex[:6]}"
-        base = PG_DSN.rsplit("/", 1)[0]
-        self.dsn = f"{base}/{self.name}"
-        self.url = self.dsn.replace("postgresql://", "postgresql+psycopg://", 1)
+        self.dsn = libpq_dsn(admin_dsn, database=self.name)
+        self.url = sqlalchemy_url(admin_dsn, database=self.name)
 
     def _admin(self):
         import psycopg
 
-        return psycopg.connect(PG_DSN, autocommit=True, connect_timeout=5)
+        return psycopg.connect(self.admin_dsn, autocommit=True, connect_timeout=5)
 
     def create(self) -> None:
         with self._admin() as conn:
@@ -161,12 +119,12 @@ class PrivateDatabase:
 
 
 @pytest.fixture
-def private_database() -> Iterator[PrivateDatabase]:
-    db = PrivateDatabase()
+def private_database(postgres_dsn: str) -> Iterator[PrivateDatabase]:
+    db = PrivateDatabase(postgres_dsn)
     try:
         db.create()
     except Exception as exc:
-        pytest.fail(f"PostgreSQL at {PG_DSN} is required (start it, see .ci/run): {exc}")
+        pytest.fail(f"could not create a database on the PostgreSQL at {redacted(postgres_dsn)}: {exc}")
     yield db
     db.drop()
 

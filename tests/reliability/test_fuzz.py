@@ -32,7 +32,6 @@ from schemathesis.specs.openapi.checks import (
 
 from jobs.settings import Settings
 from service.app import create_app
-from tests.conftest import REDIS_HOST, REDIS_PORT, TEST_REDIS_DB
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
@@ -52,7 +51,7 @@ def _checkpoint(spec: dict) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def fuzz_target(tmp_path_factory, redis_client):
+def fuzz_target(tmp_path_factory, redis_url, redis_client):
     """The app, and ids of real jobs to aim generated requests at: a 2-D CNF and an MLP classifier with
     checkpoints, and a queued job without one (random ids alone only ever reach the 404 path)."""
     from fastapi.testclient import TestClient
@@ -62,7 +61,7 @@ def fuzz_target(tmp_path_factory, redis_client):
     data = tmp_path_factory.mktemp("fuzz")
     queue = f"odeforge-fuzz-{uuid.uuid4().hex[:8]}"
     settings = Settings(database_url=f"sqlite:///{data / 'jobs.db'}", artifact_dir=data / "artifacts",
-                        broker_url=f"redis://{REDIS_HOST}:{REDIS_PORT}/{TEST_REDIS_DB}", queue=queue, device="cpu",
+                        broker_url=redis_url, queue=queue, device="cpu",
                         broker_timeout_s=2.0, max_upload_bytes=64 * 1024, max_body_bytes=256 * 1024,
                         max_points=300, max_samples=300, max_predict_inputs=16)
     specs = {

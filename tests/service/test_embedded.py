@@ -18,7 +18,7 @@ import pytest
 
 from tests.conftest import REPO, wait_for_job
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.services]  # `odeforge serve`: its own redis-server and worker
 
 TINY_CNF = {
     "model": {"type": "cnf", "hidden_dims": [8, 8]},
