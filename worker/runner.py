@@ -175,7 +175,7 @@ def run_job(job_id: str, ctx: WorkerContext | None = None) -> str:
         return "skipped"
     job, token = claimed
     log.info("job %s: claimed (attempt %d, token %d)", job_id, job.attempts, token)
-    callbacks = None
+    callbacks = lease = None
     try:
         with ExitStack() as stack:
             # Heartbeat first: importing torch or loading a checkpoint may outlast a short lease.
@@ -207,6 +207,11 @@ def run_job(job_id: str, ctx: WorkerContext | None = None) -> str:
         else:
             status = _finish(ctx, job, token, JobStatus.SUCCEEDED, latest=latest)
     except _STORE_ERRORS as exc:
+        if callbacks is not None and (callbacks.lost or (lease is not None and lease.lost.is_set())):
+            # A frozen worker wakes to a superseded claim and a connection the server has closed:
+            # the job is another worker's now, so this is a fence, not an outage.
+            log.info("job %s: superseded", job_id)
+            return "superseded"
         # The job store went away mid-job: nothing can be recorded now. The lease runs out and the
         # reconciler requeues the job, which resumes from its last checkpoint.
         log.error("job %s: job store unreachable (%s: %s); left to the reconciler", job_id, type(exc).__name__,
