@@ -30,7 +30,7 @@ import math
 import torch
 from torch import nn
 
-from .odeint import SolverConfig, add_info, check_t, is_per_sample, make_config, odeint_per_sample
+from .odeint import SolverConfig, add_info, check_t, is_per_sample, make_config, odeint
 from .solvers.adaptive import SolveInfo, StepRecord
 from .solvers.rk import RKStepper
 from .solvers import ADAPTIVE, METHODS
@@ -74,6 +74,10 @@ class _AugmentedField:
         parts += [torch.zeros(p.numel(), dtype=y.dtype, device=y.device) if g is None else g.reshape(-1)
                   for g, p in zip(g_p, self.params)]
         return torch.cat(parts)
+
+    def at(self, t: float, z: torch.Tensor) -> torch.Tensor:
+        """The solver's call with a host time (the work shape is already flat)."""
+        return self(t, z)
 
     def __call__(self, t: float, z: torch.Tensor) -> torch.Tensor:
         n = self.n
@@ -123,7 +127,7 @@ class _OdeintAdjoint(torch.autograd.Function):
         try:
             out = run.cfg.solve(vf, z0.detach(), run.times, info, record=record, grad=False)
         finally:
-            add_info(run.stats, info, vf.nfe)
+            add_info(run.stats, info, vf)
         run.next_step = info.next_step
         ctx.run = run
         if record is not None:
@@ -153,7 +157,7 @@ class _OdeintAdjoint(torch.autograd.Function):
             if ctx.needs_input_grad[1]:
                 t_grad = _time_gradient(run, vf, out, g_out, a_before_g0, t)
         finally:
-            add_info(run.stats, info, vf.nfe, backward=True)
+            add_info(run.stats, info, vf, backward=True)
         return (None, t_grad, a, *p_grads)
 
 
@@ -304,11 +308,12 @@ def odeint_adjoint(
         if torch.is_grad_enabled() and (any(m.requires_grad for m in y_members) or t.requires_grad or any(
                 p.requires_grad for p in (adjoint_params if adjoint_params is not None else
                                           (func.parameters() if isinstance(func, nn.Module) else ())))):
+            grid = " and a (B, T) grid of output times" if isinstance(t, torch.Tensor) and t.dim() == 2 else ""
             raise ValueError(
-                "step_control='per_sample' is supported by odeint_adjoint only without gradients (inference, "
-                "e.g. log-densities); for gradients use odeint with per_sample (backprop through the solve) "
-                "or joint step control")
-        return odeint_per_sample(func, y0, t, rtol, atol, method, options, stats)
+                f"step_control='per_sample'{grid} is supported by odeint_adjoint only without gradients "
+                "(inference, e.g. log-densities): the backsolve's parameter adjoint couples all samples. For "
+                "gradients use odeint with per_sample (backprop through the solve) or joint step control")
+        return odeint(func, y0, t, rtol=rtol, atol=atol, method=method, options=options, stats=stats)
     layout = StateLayout(y0)
     times, t_dtype = check_t(t)
     method = method or "dopri5"
@@ -345,7 +350,7 @@ def odeint_adjoint(
         try:
             out = cfg.solve(vf, z0, times, info, grad=False)
         finally:
-            add_info(stats, info, vf.nfe)
+            add_info(stats, info, vf)
         return layout.unflatten(out)
     out = _OdeintAdjoint.apply(run, t, z0, *params)
     return layout.unflatten(out)

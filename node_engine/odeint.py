@@ -9,22 +9,22 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from .solvers import ADAPTIVE, DEFAULT_BETA, FIXED, METHODS
+from .solvers import ADAPTIVE, FIXED, METHODS
 from .solvers.adaptive import DEFAULT_MAX_NUM_STEPS, AdaptiveOptions, SolveInfo, StepRecord, integrate_adaptive
 from .solvers.controller import PIController
 from .solvers.fixed_grid import integrate_fixed, make_grid
 from .solvers.norms import ErrorNorm
-from .solvers.per_sample import solve_per_sample
 from .solvers.rk import RKStepper, acquire_stepper, release_stepper
-from .solvers.state import StateLayout, VectorField
+from .solvers.state import RowField, StateLayout, VectorField
 from .stats import SolverStats
 
 __all__ = ["odeint", "ADAPTIVE_OPTIONS", "FIXED_OPTIONS", "DEFAULT_MAX_NUM_STEPS"]
 
 ADAPTIVE_OPTIONS = ("first_step", "max_num_steps", "step_t", "jump_t", "safety", "ifactor", "dfactor", "beta",
-                    "step_control")
+                    "step_control", "raise_on_failure")
 STEP_CONTROLS = ("joint", "per_sample")
 FIXED_OPTIONS = ("step_size", "grid")
 
@@ -40,6 +40,9 @@ def check_options(method: str, options, allowed_extra: tuple[str, ...] = ()) -> 
         options = {}
     if not isinstance(options, dict):
         raise TypeError(f"options must be a dict, got {type(options).__name__}")
+    if is_per_sample(options) and method not in ADAPTIVE:
+        raise ValueError(f"step_control='per_sample' needs an adaptive method ({', '.join(ADAPTIVE)}), "
+                         f"got {method!r}")
     valid = (ADAPTIVE_OPTIONS if method in ADAPTIVE else FIXED_OPTIONS) + allowed_extra
     bad = sorted(set(options) - set(valid))
     if bad:
@@ -51,6 +54,12 @@ def check_options(method: str, options, allowed_extra: tuple[str, ...] = ()) -> 
     if options.get("step_control", "joint") not in STEP_CONTROLS:
         raise ValueError(f"options['step_control'] must be one of {', '.join(STEP_CONTROLS)}; "
                          f"got {options['step_control']!r}")
+    if not isinstance(options.get("raise_on_failure", True), bool):
+        raise ValueError(f"options['raise_on_failure'] must be True or False, got {options['raise_on_failure']!r}")
+    if is_per_sample(options):
+        for k in ("step_t", "jump_t"):
+            if options.get(k) is not None:
+                raise ValueError(f"options[{k!r}] is not supported with step_control='per_sample'")
     return dict(options)
 
 
@@ -58,24 +67,33 @@ def is_per_sample(options) -> bool:
     return isinstance(options, dict) and options.get("step_control", "joint") == "per_sample"
 
 
-def odeint_per_sample(func, y0, t, rtol, atol, method, options, stats):
-    """The ``step_control="per_sample"`` solve (see :mod:`node_engine.solvers.per_sample`)."""
-    method = method or "dopri5"
-    check_method(method)
-    if method not in ADAPTIVE:
-        raise ValueError(f"step_control='per_sample' needs an adaptive method, got {method!r}")
-    opts = check_options(method, options)
-    opts.pop("step_control")
-    times, t_dtype = check_t(t)
-    return solve_per_sample(func, y0, times, t_dtype, METHODS[method], rtol, atol, opts, stats)
+def check_t(t, batch: int | None = None):
+    """Validated output times and the dtype ``func`` receives t in.
 
-
-def check_t(t) -> tuple[list[float], torch.dtype]:
-    """t as a list of floats (strictly monotonic, finite), and the dtype ``func`` receives t in."""
+    Returns a list of floats for a 1-D ``t`` (T,), or a (B, T) float64 numpy array for a 2-D ``t``
+    (per-sample solves only: ``batch`` is B); every row strictly monotonic and finite, all rows
+    in one direction.
+    """
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"t must be a 1-D torch.Tensor of times, got {type(t).__name__}")
+    t_dtype = t.dtype if t.is_floating_point() else torch.get_default_dtype()
+    if t.dim() == 2 and batch is not None:
+        if t.shape[0] != batch or t.shape[1] < 1:
+            raise ValueError(f"a 2-D t must have shape (B, T) = ({batch}, T >= 1) with one row per sample of y0; "
+                             f"got {tuple(t.shape)}")
+        grid = t.detach().cpu().double().numpy()
+        if not np.isfinite(grid).all():
+            raise ValueError("t contains NaN or inf")
+        if grid.shape[1] > 1:
+            diffs = np.diff(grid, axis=1)
+            if not ((diffs > 0).all() or (diffs < 0).all()):
+                raise ValueError("every row of t must be strictly increasing, or every row strictly decreasing "
+                                 "(no repeats)")
+        return grid, t_dtype
     if t.dim() != 1 or t.numel() < 1:
-        raise ValueError(f"t must be 1-D with at least one time, got shape {tuple(t.shape)}")
+        more = (" (a (B, T) grid per sample needs options=dict(step_control='per_sample'))"
+                if t.dim() == 2 else "")
+        raise ValueError(f"t must be 1-D with at least one time, got shape {tuple(t.shape)}{more}")
     times = [float(x) for x in t.detach().cpu().double().tolist()]
     if not all(math.isfinite(x) for x in times):
         raise ValueError("t contains NaN or inf")
@@ -83,7 +101,7 @@ def check_t(t) -> tuple[list[float], torch.dtype]:
         diffs = [b - a for a, b in zip(times[:-1], times[1:])]
         if not (all(x > 0 for x in diffs) or all(x < 0 for x in diffs)):
             raise ValueError("t must be strictly increasing or strictly decreasing (no repeats)")
-    return times, (t.dtype if t.is_floating_point() else torch.get_default_dtype())
+    return times, t_dtype
 
 
 def flat_tolerance(tol, layout: StateLayout, name: str):
@@ -128,12 +146,17 @@ class SolverConfig:
     segments: list[int] | None = None
     used: list[bool] | None = None
 
-    def solve(self, vf, z0: torch.Tensor, times: list[float], info: SolveInfo,
+    def solve(self, vf, z0: torch.Tensor, times, info: SolveInfo,
               record: StepRecord | None = None, grad: bool | None = None) -> torch.Tensor:
-        """(T, N) states at ``times`` of z' = vf(t, z), z(times[0]) = z0 (flat)."""
+        """(T, *z0.shape) states at ``times`` of z' = vf(t, z), z(times[0]) = z0: z0 (N,) with a
+        :class:`VectorField` (joint), (B, D) with a :class:`RowField` (per sample; ``times`` a
+        list or a (B, T) array)."""
         tab = METHODS[self.method]
         if grad is None:
             grad = torch.is_grad_enabled()
+        if isinstance(vf, RowField):
+            stepper = RKStepper(tab, z0.shape, z0.device, z0.dtype, reuse_buffer=not grad, per_row=True)
+            return self._solve(vf, z0, times, info, record, tab, stepper)
         if grad:
             stepper = RKStepper(tab, vf.work_shape, z0.device, z0.dtype, reuse_buffer=False)
             return self._solve(vf, z0, times, info, record, tab, stepper)
@@ -145,12 +168,13 @@ class SolverConfig:
 
     def _solve(self, vf, z0, times, info, record, tab, stepper) -> torch.Tensor:
         o = self.options
-        if self.method in FIXED:
+        if not tab.adaptive:
             grid = make_grid(times, o.get("step_size"), _floats(o.get("grid"), "grid"))
             if o.get("step_size") is None and o.get("grid") is None:
                 raise ValueError(
                     f"method {self.method!r} is fixed-step: pass options=dict(step_size=...) or dict(grid=...)"
                 )
+            info.status = np.zeros(1, dtype=np.int64)
             return integrate_fixed(vf, z0, times, stepper, grid, info, record)
         norm = ErrorNorm(self.rtol, self.atol, self.segments, self.used)
         ctrl = PIController(
@@ -158,7 +182,7 @@ class SolverConfig:
             safety=float(o.get("safety", 0.9)),
             ifactor=float(o.get("ifactor", 10.0)),
             dfactor=float(o.get("dfactor", 0.2)),
-            beta=float(o.get("beta", DEFAULT_BETA[self.method])),
+            beta=float(o.get("beta", 0.0)),
         )
         mns = o.get("max_num_steps", DEFAULT_MAX_NUM_STEPS)
         if not (isinstance(mns, int) and mns > 0):
@@ -170,6 +194,7 @@ class SolverConfig:
             first_step=fs, max_num_steps=mns,
             step_t=tuple(_floats(o.get("step_t"), "step_t") or ()),
             jump_t=tuple(_floats(o.get("jump_t"), "jump_t") or ()),
+            raise_on_failure=o.get("raise_on_failure", True),
         )
         return integrate_adaptive(vf, z0, times, stepper, norm, ctrl, aopts, info, record)
 
@@ -195,13 +220,18 @@ def make_config(method, rtol, atol, options, layout: StateLayout, allowed_extra=
     return SolverConfig(method, r, a, opts, segments=layout.member_segments())
 
 
-def add_info(stats: SolverStats | None, info: SolveInfo, nfe: int, *, backward: bool = False) -> None:
+def add_info(stats: SolverStats | None, info: SolveInfo, vf, *, backward: bool = False) -> None:
+    """Add a solve's counts (``info``, and the NFE of its field wrapper ``vf``) to ``stats``; a
+    forward solve also sets ``stats.status``."""
     if stats is None:
         return
     if backward:
-        stats.nfe_backward += nfe
+        stats.nfe_backward += vf.nfe
     else:
-        stats.nfe_forward += nfe
+        stats.nfe_forward += vf.nfe
+        stats.sample_evaluations += vf.sample_evaluations
+        if info.status is not None:
+            stats.status = torch.from_numpy(info.status.copy())
     stats.steps_accepted += info.accepted
     stats.steps_rejected += info.rejected
     if info.accepted:
@@ -257,16 +287,19 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method="dopri5", options=None,
     sizes are not differentiated); no gradient flows to ``t``. For O(1) memory use
     :func:`node_engine.odeint_adjoint`.
     """
-    if is_per_sample(options):
-        return odeint_per_sample(func, y0, t, rtol, atol, method, options, stats)
-    layout = StateLayout(y0)
-    times, t_dtype = check_t(t)
+    per_sample = is_per_sample(options)
+    layout = StateLayout(y0, batched=per_sample)
+    times, t_dtype = check_t(t, layout.batch)
     cfg = make_config(method or "dopri5", rtol, atol, options, layout)
-    vf = VectorField(func, layout, t_dtype)
+    vf = (RowField if per_sample else VectorField)(func, layout, t_dtype)
     info = SolveInfo()
     z0 = layout.flatten(y0)
+    if per_sample:
+        z0 = z0.contiguous()
+        if isinstance(times, list):
+            times = np.broadcast_to(np.asarray(times), (layout.batch, len(times)))
     try:
         out = cfg.solve(vf, z0, times, info)
     finally:
-        add_info(stats, info, vf.nfe)
+        add_info(stats, info, vf)
     return layout.unflatten(out)

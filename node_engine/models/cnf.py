@@ -44,7 +44,6 @@ from node_engine.models.regularizers import (
 )
 from node_engine.odeint import odeint
 from node_engine.solvers import ADAPTIVE, FIXED
-from node_engine.solvers.per_sample import PER_SAMPLE_METHODS
 from node_engine.stats import SolverStats
 
 __all__ = ["CNF", "CNFBlock", "SolverConfig", "standard_normal_log_prob"]
@@ -421,7 +420,7 @@ class CNF(nn.Module):
         if len(state) > 2:  # RNODE channels: an atol so large that their error never counts
             rtol = (cfg.rtol,) * len(state)
             atol = (cfg.atol, cfg.atol) + (_IGNORED_ATOL,) * (len(state) - 2)
-        if (cfg.step_control == "per_sample" and cfg.method in PER_SAMPLE_METHODS and eps is None
+        if (cfg.step_control == "per_sample" and cfg.method in ADAPTIVE and eps is None
                 and not torch.is_grad_enabled() and isinstance(block.field, ConcatSquashField)):
             # each point its own step sizes: its answer does not depend on the other points
             options = {**options, "step_control": "per_sample"}

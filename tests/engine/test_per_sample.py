@@ -176,7 +176,6 @@ def test_float32_and_work_counts():
 
 
 @pytest.mark.parametrize("bad", [
-    dict(method="dopri8", options=PS),
     dict(method="rk4", options=dict(step_control="per_sample", step_size=0.1)),
     dict(options=dict(step_control="per_sample", step_t=[0.5])),
     dict(options=dict(step_control="sideways")),
