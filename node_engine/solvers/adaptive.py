@@ -21,7 +21,7 @@ import torch
 from ..errors import SolveStatus
 from .controller import PIController, initial_step_size
 from .rk import RKStepper
-from .rows import any_, count, isfinite, maximum, minimum, nextafter, not_, where
+from .rows import any_, count, isfinite, maximum, minimum, nextafter, not_, to_device, where
 
 __all__ = ["AdaptiveOptions", "SolveInfo", "StepRecord", "integrate_adaptive", "DEFAULT_MAX_NUM_STEPS"]
 
@@ -122,10 +122,10 @@ def _assemble(pieces, z0, T, per_row) -> torch.Tensor:
     if not per_row and sum(len(p[0]) for p in pieces) == T:  # joint, complete: the outputs in order
         return torch.cat([p[2].reshape(-1, *z0.shape) for p in pieces])
     out = torch.full((T, *z0.shape), float("nan"), dtype=z0.dtype, device=z0.device)
-    j = torch.as_tensor(np.concatenate([p[0] for p in pieces]), device=z0.device)
+    j = to_device(np.concatenate([p[0] for p in pieces]), z0.device)
     vals = torch.cat([p[2].reshape(-1, *z0.shape[per_row:]) for p in pieces])
     if per_row:
-        idx = (j, torch.as_tensor(np.concatenate([p[1] for p in pieces]), device=z0.device))
+        idx = (j, to_device(np.concatenate([p[1] for p in pieces]), z0.device))
     else:
         idx = (j,)
     return out.index_put(idx, vals)
@@ -294,7 +294,7 @@ def _loop(vf, z, grid, stepper, norm, ctrl, opts, info, record, pieces) -> None:
                     t, z = t_new, z_new
                     k1 = stepper.last_stage if stepper.fsal else vf.at(t, z)
                 else:
-                    acc_col = torch.from_numpy(accept).to(z.device).unsqueeze(1)
+                    acc_col = to_device(accept, z.device).unsqueeze(1)
                     t = where(accept, t_new, t)
                     z = torch.where(acc_col, z_new, z)
                     k1 = torch.where(acc_col, stepper.last_stage, k1) if stepper.fsal else vf.at(t, z)
@@ -334,7 +334,7 @@ def _write_outputs(crossed, grid, gid, i_out, t, t_new, z, z_new, d, stepper, vf
             record.outputs.extend((n, float(th)) for th in theta)
     if at_end.any():
         ends = r[rr[at_end]]
-        vals = z_new.index_select(0, torch.from_numpy(ends).to(z.device)) if per_row else z_new.unsqueeze(0)
+        vals = z_new.index_select(0, to_device(ends, z.device)) if per_row else z_new.unsqueeze(0)
         pieces.append((jj[at_end], gid[ends], vals))
         if record is not None:
             record.outputs.append((n, None))
@@ -360,7 +360,7 @@ def _check_start(t, z, k1, per_row, fail) -> None:
 
 def _compact(keep, stepper, z, k1, t, *host):
     """Only the rows in ``keep`` stay active: device rows by one index_select, host arrays by mask."""
-    idx = torch.from_numpy(np.flatnonzero(keep)).to(z.device)
+    idx = to_device(np.flatnonzero(keep), z.device)
     z, k1 = z.index_select(0, idx), k1.index_select(0, idx)
     if idx.numel():
         stepper.resize(z.shape)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .rows import any_, clip, isfinite, maximum, minimum, not_, where
+from .rows import any_, clip, isfinite, maximum, minimum, not_, to_device, where
 
 __all__ = ["PIController", "initial_step_size"]
 
@@ -104,5 +104,5 @@ def initial_step_size(vf, t0, z0, f0, direction: float, span, order: int, norm, 
 def _axpy(z: torch.Tensor, f: torch.Tensor, a) -> torch.Tensor:
     """z + a f with a float, or a (B,) host array scaling each row."""
     if isinstance(a, np.ndarray):
-        return torch.addcmul(z, torch.from_numpy(a).to(z.device, z.dtype).unsqueeze(1), f)
+        return torch.addcmul(z, to_device(a, z.device, z.dtype).unsqueeze(1), f)
     return torch.add(z, f, alpha=a)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .rows import to_device
 from .tableau import ButcherTableau
 
 __all__ = ["RKStepper", "acquire_stepper", "release_stepper"]
@@ -139,7 +140,7 @@ class RKStepper:
         ts = t + self._c_all[:n_stages] * h
         if n_stages <= self.s:
             ts[self._c_one[:n_stages]] = t_end_eval
-        return torch.from_numpy(ts).to(self.device, vf.t_dtype)
+        return to_device(ts, self.device, vf.t_dtype)
 
     def step(self, vf, t, t_new, t_end_eval, z: torch.Tensor, k1: torch.Tensor | None):
         """Trial step from (t, z) to t_new (floats, or (B,) host arrays per row). ``k1 = f(t, z)``
@@ -151,7 +152,7 @@ class RKStepper:
         c, a, s = self.c, self.a_rows, self.s
         per_row = self.per_row
         if per_row:
-            hcol = self._hcol = torch.from_numpy(h).to(self.device, self.dtype).unsqueeze(1)
+            hcol = self._hcol = to_device(h, self.device, self.dtype).unsqueeze(1)
             ts = self._times(vf, t, h, t_end_eval, s)
             alpha = 1.0  # the buffer holds h·k
         else:
@@ -241,6 +242,6 @@ class RKStepper:
         Wt = torch.as_tensor(W, dtype=self.dtype).to(self.device, non_blocking=True)
         if not self.per_row:
             return torch.addmm(z.reshape(1, -1), Wt, K, alpha=t_new - t).view(-1, *z.shape)
-        idx = torch.as_tensor(rows, device=self.device)
+        idx = to_device(rows, self.device)
         Ksel = K.view(self.n_total, *self.shape)[:, idx]  # (n_total, M, D)
         return torch.einsum("mj,jmd->md", Wt, Ksel) + z[idx]

@@ -11,8 +11,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import torch
 
-__all__ = ["where", "maximum", "minimum", "isfinite", "any_", "count", "nextafter", "clip", "not_"]
+__all__ = ["where", "maximum", "minimum", "isfinite", "any_", "count", "nextafter", "clip", "not_", "to_device"]
 
 
 def where(c, a, b):
@@ -63,3 +64,10 @@ def nextafter(x, toward):
 def not_(x):
     """Elementwise logical not (``~`` on a Python bool is an int)."""
     return ~x if isinstance(x, np.ndarray) else not x
+
+
+def to_device(a: np.ndarray, device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A host array as a tensor on ``device`` without a stream synchronisation (``non_blocking``:
+    a small pageable copy is staged at once, so the array may change afterwards). On the CPU it
+    may share the array's memory."""
+    return torch.from_numpy(np.ascontiguousarray(a)).to(device, dtype, non_blocking=True)

@@ -14,6 +14,8 @@ import math
 
 import torch
 
+from .rows import to_device
+
 __all__ = ["StateLayout", "VectorField", "RowField"]
 
 
@@ -179,7 +181,7 @@ class RowField(VectorField):
 
     def at(self, t, z: torch.Tensor) -> torch.Tensor:
         """f(t, z) for host times (B,) (float64 numpy) and rows z (B, D): (B, D)."""
-        return self(torch.from_numpy(t).to(self.device, self.t_dtype), z)
+        return self(to_device(t, self.device, self.t_dtype), z)
 
     def __call__(self, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         lay = self.layout
