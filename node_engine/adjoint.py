@@ -285,8 +285,10 @@ def odeint_adjoint(
 
     ``options=dict(step_control="per_sample")`` (see ``odeint``) is accepted only when nothing
     requires a gradient (inference, e.g. CNF log-densities); the solve is then the plain
-    per-sample forward solve. With gradients it raises ValueError: use ``odeint`` with
-    per-sample control (backprop through the solve) or joint step control.
+    per-sample forward solve (``t`` may then be a (B, T) grid, and ``raise_on_failure`` works as
+    in ``odeint``). With gradients it raises ValueError (the backsolve's parameter adjoint couples
+    all samples): use ``odeint`` with per-sample control (backprop through the solve, (B, T)
+    grids included) or joint step control.
 
     Returns:
         (T, *S) tensor (tuple for tuple y0), the same values as ``odeint``.

@@ -246,42 +246,54 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method="dopri5", options=None,
         func: callable ``func(t, y)``; t is a 0-d tensor (dtype of ``t``), y shaped like ``y0``;
             returns dy/dt with y's shape and dtype (a tuple of such for a tuple ``y0``). Without
             autograd, y may be a view of a solver buffer: func must not modify it in place or
-            keep it past the call.
+            keep it past the call. Per-sample step control: t is a (B_active,) tensor (each
+            active row's own time) and y the active rows (B_active, ...).
         y0: initial state, a floating tensor of any shape ``(*S)``, or a tuple of tensors
             (one dtype/device) as in torchdiffeq.
         t: (T,) strictly increasing or strictly decreasing times (backwards integration works).
+            With ``step_control="per_sample"`` also (B, T): row b is sample b's own strictly
+            monotonic grid (rows may start at different times; all rows in one direction).
         rtol, atol: relative/absolute tolerance; floats, or tensors broadcastable to ``y0``
-            (per component), or for a tuple ``y0`` a tuple with one entry per member. The step is
-            accepted when the RMS of err / (atol + rtol·max(|y_n|, |y_n+1|)) is <= 1 (a tuple
-            state takes the max over members of each member's RMS).
-        method: ``dopri5`` (default; None means it too, as in torchdiffeq), ``tsit5``, ``bosh3``, ``dopri8`` (adaptive) or ``euler``,
-            ``midpoint``, ``rk4`` (fixed grid; need ``step_size`` or ``grid``).
+            (per component; per sample: to one sample's shape ``y0.shape[1:]``), or for a tuple
+            ``y0`` a tuple with one entry per member. The step is accepted when the RMS of
+            err / (atol + rtol·max(|y_n|, |y_n+1|)) is <= 1 (a tuple state takes the max over
+            members of each member's RMS, so a member with zero derivative never changes the steps).
+        method: ``dopri5`` (default; None means it too, as in torchdiffeq), ``tsit5``, ``bosh3``,
+            ``dopri8`` (adaptive) or ``euler``, ``midpoint``, ``rk4`` (fixed grid; need
+            ``step_size`` or ``grid``).
         options: adaptive: ``first_step`` (default: Hairer's estimate), ``max_num_steps`` (trial
-            steps, default 100000), ``step_t`` (times to step on exactly), ``jump_t``
+            steps, per row; default 100000), ``step_t`` (times to step on exactly), ``jump_t``
             (discontinuities of func: stepped on, the field restarted on the far side), ``safety``
             (0.9), ``ifactor`` (10), ``dfactor`` (0.2), ``beta`` (PI coefficient, default 0
-            = I controller; 0.04 = Hairer's dopri5.f PI controller). Fixed: ``step_size`` or ``grid`` (tensor of times covering t);
-            the grid always includes the times in ``t``.
-            ``step_control``: ``"joint"`` (default; one step size for the whole state) or
-            ``"per_sample"``: dim 0 of y0 (of every tuple member) is a batch, and every sample
-            gets its own time, step size and accept/reject decision; finished samples leave the
-            active set. func then receives t as a (B_active,) tensor (each sample's own time)
-            and the active rows of y; it must treat rows independently. A sample's result does
-            not depend on its batch-mates (up to round-off in func's batched kernels, which in
-            float32 can change a step decision: then within the tolerance). Adaptive methods dopri5/tsit5/bosh3; rtol/atol as
-            floats (or one per tuple member); no step_t/jump_t. Backprop through the solve
-            works; ``stats.sample_evaluations`` counts rows evaluated (the work).
-        stats: a :class:`SolverStats`; nfe_forward, steps and last step size are added to it.
+            = I controller; 0.04 = Hairer's dopri5.f PI controller), ``raise_on_failure``
+            (default True: a failure raises its named error; False: the failed row stops, its
+            outputs at times it never reached are NaN, the solve returns and ``stats.status``
+            says which rows failed and why). Fixed: ``step_size`` or ``grid`` (tensor of times
+            covering t); the grid always includes the times in ``t``.
+            ``step_control``: ``"joint"`` (default; one step size for the whole state: one row)
+            or ``"per_sample"``: dim 0 of y0 (of every tuple member) is a batch of B rows, and
+            every row gets its own time, step size, accept/reject decision and status, in the
+            same loop; finished (and failed) rows leave the active set. func must treat rows
+            independently. A sample's result does not depend on its batch-mates (up to
+            round-off in func's batched kernels, which in float32 can change a step decision:
+            then within the tolerance). Every adaptive method; any trailing shape; no
+            step_t/jump_t. Backprop through the solve works; ``stats.sample_evaluations``
+            counts rows evaluated (the work).
+        stats: a :class:`SolverStats`; nfe_forward, steps and last step size are added to it
+            (per sample: steps summed over rows); ``stats.status`` is set to this solve's
+            per-row :class:`~node_engine.errors.SolveStatus` ((B,) per sample, (1,) joint).
 
     Returns:
-        (T, *S) tensor with y0's dtype (tuple of such for tuple y0); ``out[0]`` is ``y0``. Outputs
-        between steps come from each method's dense output (its continuous extension); the
-        last step lands exactly on ``t[-1]``; the field is never evaluated outside [t0, t1].
+        (T, *S) tensor with y0's dtype (tuple of such for tuple y0); ``out[0]`` is ``y0``; with a
+        (B, T) ``t``, ``out[j, b] = y_b(t[b, j])``. Outputs between steps come from each method's
+        dense output (its continuous extension); the last step lands exactly on ``t[-1]``; the
+        field is never evaluated outside [t0, t1].
 
     Raises:
-        ValueError: bad ``t`` (not 1-D, not strictly monotonic), unknown method or option,
-            bad tolerances, func output of the wrong shape/dtype.
-        node_engine.errors.StepSizeUnderflowError, MaxNumStepsError, NonFiniteStateError.
+        ValueError: bad ``t`` (not 1-D or (B, T), not strictly monotonic), unknown method or
+            option, bad tolerances, func output of the wrong shape/dtype.
+        node_engine.errors.StepSizeUnderflowError, MaxNumStepsError, NonFiniteStateError (unless
+            ``raise_on_failure=False``; per sample the message names the sample).
 
     Backpropagating through the result gives the exact gradient of the discrete solve (step
     sizes are not differentiated); no gradient flows to ``t``. For O(1) memory use
