@@ -104,7 +104,6 @@ class RKStepper:
         self._hcol = None
         self._f_last = None
         self._h = 0.0
-        self._zshape = None
         self._extra_done = False
         self.resize(work_shape)
 
@@ -157,8 +156,7 @@ class RKStepper:
             alpha = 1.0  # the buffer holds h·k
         else:
             self._h = alpha = h
-        zf = z.view(-1)
-        self._zshape = z.shape
+        zf = z.view(-1) if per_row else z  # a shared step's state is flat already
         self._extra_done = False
         if self.reuse:
             KT, rows, Yf, Ys = self._KT, self._rows, self._Yf, self._Ys
@@ -204,17 +202,21 @@ class RKStepper:
                     K[i] = vf(t_end_eval if ci == 1.0 else t + ci * h, zi.view(self.shape)).reshape(-1)
             z_new = zi if self.fsal else torch.addmv(zf, K[:s].T, self.tt.b, alpha=alpha)
             self.K = K
-        if per_row and not self.fsal:
+        if not per_row:
+            return z_new
+        if not self.fsal:
             self._f_last = None
-        return z_new.view(z.shape)
+        return z_new.view(self.shape)
 
     def error(self) -> tuple[torch.Tensor, torch.Tensor | None, float]:
         """Local error estimate(s) Σ (b - b̂)_j k_j of the last step, shaped like z, and the factor
         (|h| for a shared step, 1 per row: there the buffer holds h·k) its norm must be scaled by."""
         Ks = self._KT[self.s] if self.reuse else self.K[: self.s].T
-        err = torch.mv(Ks, self.tt.b_err).view(self._zshape)
-        err3 = None if self.tt.b_err3 is None else torch.mv(Ks, self.tt.b_err3).view(self._zshape)
-        return err, err3, (1.0 if self.per_row else abs(self._h))
+        err = torch.mv(Ks, self.tt.b_err)
+        err3 = None if self.tt.b_err3 is None else torch.mv(Ks, self.tt.b_err3)
+        if not self.per_row:
+            return err, err3, abs(self._h)
+        return err.view(self.shape), (None if err3 is None else err3.view(self.shape)), 1.0
 
     def dense(self, vf, t, t_new, z: torch.Tensor, thetas, rows=None) -> torch.Tensor:
         """States at t + θ h inside the last step, for each θ in ``thetas`` (in [0, 1]): (M, *z.shape)
