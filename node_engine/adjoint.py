@@ -360,6 +360,8 @@ def odeint_adjoint(
 
 def _augmented_config(method, rtol, atol, options, layout: StateLayout, params, norm) -> SolverConfig:
     """Solver settings of the backsolve augmented system [y, a, a_θ] (flat, 2N + P)."""
+    # a failed backward solve has no gradient to offer: it always raises its named error
+    options = {k: v for k, v in options.items() if k != "raise_on_failure"}
     P = sum(p.numel() for p in params)
     # tolerances as the forward ones for y and a; for a_θ the smallest of them
     one = make_config(method, rtol, atol, options, layout)
