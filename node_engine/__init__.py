@@ -11,6 +11,7 @@ from .errors import (
     NonFiniteStateError,
     ODEForgeError,
     SolverError,
+    SolveStatus,
     StepSizeUnderflowError,
     TrainingError,
 )
@@ -25,6 +26,7 @@ __all__ = [
     "SolverStats",
     "ODEForgeError",
     "SolverError",
+    "SolveStatus",
     "StepSizeUnderflowError",
     "MaxNumStepsError",
     "NonFiniteStateError",

@@ -30,7 +30,7 @@ import math
 import torch
 from torch import nn
 
-from .odeint import SolverConfig, add_info, check_t, is_per_sample, make_config, odeint_per_sample
+from .odeint import SolverConfig, add_info, check_t, is_per_sample, make_config, odeint
 from .solvers.adaptive import SolveInfo, StepRecord
 from .solvers.rk import RKStepper
 from .solvers import ADAPTIVE, METHODS
@@ -74,6 +74,10 @@ class _AugmentedField:
         parts += [torch.zeros(p.numel(), dtype=y.dtype, device=y.device) if g is None else g.reshape(-1)
                   for g, p in zip(g_p, self.params)]
         return torch.cat(parts)
+
+    def at(self, t: float, z: torch.Tensor) -> torch.Tensor:
+        """The solver's call with a host time (the work shape is already flat)."""
+        return self(t, z)
 
     def __call__(self, t: float, z: torch.Tensor) -> torch.Tensor:
         n = self.n
@@ -123,7 +127,7 @@ class _OdeintAdjoint(torch.autograd.Function):
         try:
             out = run.cfg.solve(vf, z0.detach(), run.times, info, record=record, grad=False)
         finally:
-            add_info(run.stats, info, vf.nfe)
+            add_info(run.stats, info, vf)
         run.next_step = info.next_step
         ctx.run = run
         if record is not None:
@@ -153,7 +157,7 @@ class _OdeintAdjoint(torch.autograd.Function):
             if ctx.needs_input_grad[1]:
                 t_grad = _time_gradient(run, vf, out, g_out, a_before_g0, t)
         finally:
-            add_info(run.stats, info, vf.nfe, backward=True)
+            add_info(run.stats, info, vf, backward=True)
         return (None, t_grad, a, *p_grads)
 
 
@@ -281,8 +285,10 @@ def odeint_adjoint(
 
     ``options=dict(step_control="per_sample")`` (see ``odeint``) is accepted only when nothing
     requires a gradient (inference, e.g. CNF log-densities); the solve is then the plain
-    per-sample forward solve. With gradients it raises ValueError: use ``odeint`` with
-    per-sample control (backprop through the solve) or joint step control.
+    per-sample forward solve (``t`` may then be a (B, T) grid, and ``raise_on_failure`` works as
+    in ``odeint``). With gradients it raises ValueError (the backsolve's parameter adjoint couples
+    all samples): use ``odeint`` with per-sample control (backprop through the solve, (B, T)
+    grids included) or joint step control.
 
     Returns:
         (T, *S) tensor (tuple for tuple y0), the same values as ``odeint``.
@@ -304,11 +310,12 @@ def odeint_adjoint(
         if torch.is_grad_enabled() and (any(m.requires_grad for m in y_members) or t.requires_grad or any(
                 p.requires_grad for p in (adjoint_params if adjoint_params is not None else
                                           (func.parameters() if isinstance(func, nn.Module) else ())))):
+            grid = " and a (B, T) grid of output times" if isinstance(t, torch.Tensor) and t.dim() == 2 else ""
             raise ValueError(
-                "step_control='per_sample' is supported by odeint_adjoint only without gradients (inference, "
-                "e.g. log-densities); for gradients use odeint with per_sample (backprop through the solve) "
-                "or joint step control")
-        return odeint_per_sample(func, y0, t, rtol, atol, method, options, stats)
+                f"step_control='per_sample'{grid} is supported by odeint_adjoint only without gradients "
+                "(inference, e.g. log-densities): the backsolve's parameter adjoint couples all samples. For "
+                "gradients use odeint with per_sample (backprop through the solve) or joint step control")
+        return odeint(func, y0, t, rtol=rtol, atol=atol, method=method, options=options, stats=stats)
     layout = StateLayout(y0)
     times, t_dtype = check_t(t)
     method = method or "dopri5"
@@ -345,7 +352,7 @@ def odeint_adjoint(
         try:
             out = cfg.solve(vf, z0, times, info, grad=False)
         finally:
-            add_info(stats, info, vf.nfe)
+            add_info(stats, info, vf)
         return layout.unflatten(out)
     out = _OdeintAdjoint.apply(run, t, z0, *params)
     return layout.unflatten(out)
@@ -353,6 +360,8 @@ def odeint_adjoint(
 
 def _augmented_config(method, rtol, atol, options, layout: StateLayout, params, norm) -> SolverConfig:
     """Solver settings of the backsolve augmented system [y, a, a_θ] (flat, 2N + P)."""
+    # a failed backward solve has no gradient to offer: it always raises its named error
+    options = {k: v for k, v in options.items() if k != "raise_on_failure"}
     P = sum(p.numel() for p in params)
     # tolerances as the forward ones for y and a; for a_θ the smallest of them
     one = make_config(method, rtol, atol, options, layout)

@@ -7,6 +7,8 @@ unknown method) stay ``ValueError`` subclasses so ordinary ``except ValueError``
 
 from __future__ import annotations
 
+from enum import IntEnum
+
 
 class ODEForgeError(Exception):
     """Base class of every error raised on purpose by node_engine."""
@@ -34,6 +36,32 @@ class MaxNumStepsError(SolverError):
 
 class NonFiniteStateError(SolverError):
     """The state or its derivative became NaN/inf and shrinking the step did not help."""
+
+
+class SolveStatus(IntEnum):
+    """Outcome of one row of a solve (``SolverStats.status`` holds one per row, int64).
+
+    Values are stable (stored and compared as ints): SUCCESS=0, MAX_NUM_STEPS=1, STEP_UNDERFLOW=2,
+    NON_FINITE=3 (the status codes of torchode's ``Status``). :attr:`error` is the named exception a
+    failure raises by default (``options["raise_on_failure"]=True``).
+    """
+
+    SUCCESS = 0
+    MAX_NUM_STEPS = 1
+    STEP_UNDERFLOW = 2
+    NON_FINITE = 3
+
+    @property
+    def error(self) -> type[SolverError] | None:
+        """The exception class of this status (None for SUCCESS)."""
+        return _STATUS_ERRORS.get(self)
+
+
+_STATUS_ERRORS = {
+    SolveStatus.MAX_NUM_STEPS: MaxNumStepsError,
+    SolveStatus.STEP_UNDERFLOW: StepSizeUnderflowError,
+    SolveStatus.NON_FINITE: NonFiniteStateError,
+}
 
 
 class TrainingError(ODEForgeError):

@@ -9,22 +9,22 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from .solvers import ADAPTIVE, DEFAULT_BETA, FIXED, METHODS
+from .solvers import ADAPTIVE, FIXED, METHODS
 from .solvers.adaptive import DEFAULT_MAX_NUM_STEPS, AdaptiveOptions, SolveInfo, StepRecord, integrate_adaptive
 from .solvers.controller import PIController
 from .solvers.fixed_grid import integrate_fixed, make_grid
 from .solvers.norms import ErrorNorm
-from .solvers.per_sample import solve_per_sample
 from .solvers.rk import RKStepper, acquire_stepper, release_stepper
-from .solvers.state import StateLayout, VectorField
+from .solvers.state import RowField, StateLayout, VectorField
 from .stats import SolverStats
 
 __all__ = ["odeint", "ADAPTIVE_OPTIONS", "FIXED_OPTIONS", "DEFAULT_MAX_NUM_STEPS"]
 
 ADAPTIVE_OPTIONS = ("first_step", "max_num_steps", "step_t", "jump_t", "safety", "ifactor", "dfactor", "beta",
-                    "step_control")
+                    "step_control", "raise_on_failure")
 STEP_CONTROLS = ("joint", "per_sample")
 FIXED_OPTIONS = ("step_size", "grid")
 
@@ -40,6 +40,9 @@ def check_options(method: str, options, allowed_extra: tuple[str, ...] = ()) -> 
         options = {}
     if not isinstance(options, dict):
         raise TypeError(f"options must be a dict, got {type(options).__name__}")
+    if is_per_sample(options) and method not in ADAPTIVE:
+        raise ValueError(f"step_control='per_sample' needs an adaptive method ({', '.join(ADAPTIVE)}), "
+                         f"got {method!r}")
     valid = (ADAPTIVE_OPTIONS if method in ADAPTIVE else FIXED_OPTIONS) + allowed_extra
     bad = sorted(set(options) - set(valid))
     if bad:
@@ -51,6 +54,12 @@ def check_options(method: str, options, allowed_extra: tuple[str, ...] = ()) -> 
     if options.get("step_control", "joint") not in STEP_CONTROLS:
         raise ValueError(f"options['step_control'] must be one of {', '.join(STEP_CONTROLS)}; "
                          f"got {options['step_control']!r}")
+    if not isinstance(options.get("raise_on_failure", True), bool):
+        raise ValueError(f"options['raise_on_failure'] must be True or False, got {options['raise_on_failure']!r}")
+    if is_per_sample(options):
+        for k in ("step_t", "jump_t"):
+            if options.get(k) is not None:
+                raise ValueError(f"options[{k!r}] is not supported with step_control='per_sample'")
     return dict(options)
 
 
@@ -58,24 +67,33 @@ def is_per_sample(options) -> bool:
     return isinstance(options, dict) and options.get("step_control", "joint") == "per_sample"
 
 
-def odeint_per_sample(func, y0, t, rtol, atol, method, options, stats):
-    """The ``step_control="per_sample"`` solve (see :mod:`node_engine.solvers.per_sample`)."""
-    method = method or "dopri5"
-    check_method(method)
-    if method not in ADAPTIVE:
-        raise ValueError(f"step_control='per_sample' needs an adaptive method, got {method!r}")
-    opts = check_options(method, options)
-    opts.pop("step_control")
-    times, t_dtype = check_t(t)
-    return solve_per_sample(func, y0, times, t_dtype, METHODS[method], rtol, atol, opts, stats)
+def check_t(t, batch: int | None = None):
+    """Validated output times and the dtype ``func`` receives t in.
 
-
-def check_t(t) -> tuple[list[float], torch.dtype]:
-    """t as a list of floats (strictly monotonic, finite), and the dtype ``func`` receives t in."""
+    Returns a list of floats for a 1-D ``t`` (T,), or a (B, T) float64 numpy array for a 2-D ``t``
+    (per-sample solves only: ``batch`` is B); every row strictly monotonic and finite, all rows
+    in one direction.
+    """
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"t must be a 1-D torch.Tensor of times, got {type(t).__name__}")
+    t_dtype = t.dtype if t.is_floating_point() else torch.get_default_dtype()
+    if t.dim() == 2 and batch is not None:
+        if t.shape[0] != batch or t.shape[1] < 1:
+            raise ValueError(f"a 2-D t must have shape (B, T) = ({batch}, T >= 1) with one row per sample of y0; "
+                             f"got {tuple(t.shape)}")
+        grid = t.detach().cpu().double().numpy()
+        if not np.isfinite(grid).all():
+            raise ValueError("t contains NaN or inf")
+        if grid.shape[1] > 1:
+            diffs = np.diff(grid, axis=1)
+            if not ((diffs > 0).all() or (diffs < 0).all()):
+                raise ValueError("every row of t must be strictly increasing, or every row strictly decreasing "
+                                 "(no repeats)")
+        return grid, t_dtype
     if t.dim() != 1 or t.numel() < 1:
-        raise ValueError(f"t must be 1-D with at least one time, got shape {tuple(t.shape)}")
+        more = (" (a (B, T) grid per sample needs options=dict(step_control='per_sample'))"
+                if t.dim() == 2 else "")
+        raise ValueError(f"t must be 1-D with at least one time, got shape {tuple(t.shape)}{more}")
     times = [float(x) for x in t.detach().cpu().double().tolist()]
     if not all(math.isfinite(x) for x in times):
         raise ValueError("t contains NaN or inf")
@@ -83,7 +101,7 @@ def check_t(t) -> tuple[list[float], torch.dtype]:
         diffs = [b - a for a, b in zip(times[:-1], times[1:])]
         if not (all(x > 0 for x in diffs) or all(x < 0 for x in diffs)):
             raise ValueError("t must be strictly increasing or strictly decreasing (no repeats)")
-    return times, (t.dtype if t.is_floating_point() else torch.get_default_dtype())
+    return times, t_dtype
 
 
 def flat_tolerance(tol, layout: StateLayout, name: str):
@@ -128,12 +146,17 @@ class SolverConfig:
     segments: list[int] | None = None
     used: list[bool] | None = None
 
-    def solve(self, vf, z0: torch.Tensor, times: list[float], info: SolveInfo,
+    def solve(self, vf, z0: torch.Tensor, times, info: SolveInfo,
               record: StepRecord | None = None, grad: bool | None = None) -> torch.Tensor:
-        """(T, N) states at ``times`` of z' = vf(t, z), z(times[0]) = z0 (flat)."""
+        """(T, *z0.shape) states at ``times`` of z' = vf(t, z), z(times[0]) = z0: z0 (N,) with a
+        :class:`VectorField` (joint), (B, D) with a :class:`RowField` (per sample; ``times`` a
+        list or a (B, T) array)."""
         tab = METHODS[self.method]
         if grad is None:
             grad = torch.is_grad_enabled()
+        if isinstance(vf, RowField):
+            stepper = RKStepper(tab, z0.shape, z0.device, z0.dtype, reuse_buffer=not grad, per_row=True)
+            return self._solve(vf, z0, times, info, record, tab, stepper)
         if grad:
             stepper = RKStepper(tab, vf.work_shape, z0.device, z0.dtype, reuse_buffer=False)
             return self._solve(vf, z0, times, info, record, tab, stepper)
@@ -145,12 +168,13 @@ class SolverConfig:
 
     def _solve(self, vf, z0, times, info, record, tab, stepper) -> torch.Tensor:
         o = self.options
-        if self.method in FIXED:
+        if not tab.adaptive:
             grid = make_grid(times, o.get("step_size"), _floats(o.get("grid"), "grid"))
             if o.get("step_size") is None and o.get("grid") is None:
                 raise ValueError(
                     f"method {self.method!r} is fixed-step: pass options=dict(step_size=...) or dict(grid=...)"
                 )
+            info.status = np.zeros(1, dtype=np.int64)
             return integrate_fixed(vf, z0, times, stepper, grid, info, record)
         norm = ErrorNorm(self.rtol, self.atol, self.segments, self.used)
         ctrl = PIController(
@@ -158,7 +182,7 @@ class SolverConfig:
             safety=float(o.get("safety", 0.9)),
             ifactor=float(o.get("ifactor", 10.0)),
             dfactor=float(o.get("dfactor", 0.2)),
-            beta=float(o.get("beta", DEFAULT_BETA[self.method])),
+            beta=float(o.get("beta", 0.0)),
         )
         mns = o.get("max_num_steps", DEFAULT_MAX_NUM_STEPS)
         if not (isinstance(mns, int) and mns > 0):
@@ -170,6 +194,7 @@ class SolverConfig:
             first_step=fs, max_num_steps=mns,
             step_t=tuple(_floats(o.get("step_t"), "step_t") or ()),
             jump_t=tuple(_floats(o.get("jump_t"), "jump_t") or ()),
+            raise_on_failure=o.get("raise_on_failure", True),
         )
         return integrate_adaptive(vf, z0, times, stepper, norm, ctrl, aopts, info, record)
 
@@ -195,13 +220,18 @@ def make_config(method, rtol, atol, options, layout: StateLayout, allowed_extra=
     return SolverConfig(method, r, a, opts, segments=layout.member_segments())
 
 
-def add_info(stats: SolverStats | None, info: SolveInfo, nfe: int, *, backward: bool = False) -> None:
+def add_info(stats: SolverStats | None, info: SolveInfo, vf, *, backward: bool = False) -> None:
+    """Add a solve's counts (``info``, and the NFE of its field wrapper ``vf``) to ``stats``; a
+    forward solve also sets ``stats.status``."""
     if stats is None:
         return
     if backward:
-        stats.nfe_backward += nfe
+        stats.nfe_backward += vf.nfe
     else:
-        stats.nfe_forward += nfe
+        stats.nfe_forward += vf.nfe
+        stats.sample_evaluations += vf.sample_evaluations
+        if info.status is not None:
+            stats.status = torch.from_numpy(info.status.copy())
     stats.steps_accepted += info.accepted
     stats.steps_rejected += info.rejected
     if info.accepted:
@@ -216,57 +246,72 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method="dopri5", options=None,
         func: callable ``func(t, y)``; t is a 0-d tensor (dtype of ``t``), y shaped like ``y0``;
             returns dy/dt with y's shape and dtype (a tuple of such for a tuple ``y0``). Without
             autograd, y may be a view of a solver buffer: func must not modify it in place or
-            keep it past the call.
+            keep it past the call. Per-sample step control: t is a (B_active,) tensor (each
+            active row's own time) and y the active rows (B_active, ...).
         y0: initial state, a floating tensor of any shape ``(*S)``, or a tuple of tensors
             (one dtype/device) as in torchdiffeq.
         t: (T,) strictly increasing or strictly decreasing times (backwards integration works).
+            With ``step_control="per_sample"`` also (B, T): row b is sample b's own strictly
+            monotonic grid (rows may start at different times; all rows in one direction).
         rtol, atol: relative/absolute tolerance; floats, or tensors broadcastable to ``y0``
-            (per component), or for a tuple ``y0`` a tuple with one entry per member. The step is
-            accepted when the RMS of err / (atol + rtol·max(|y_n|, |y_n+1|)) is <= 1 (a tuple
-            state takes the max over members of each member's RMS).
-        method: ``dopri5`` (default; None means it too, as in torchdiffeq), ``tsit5``, ``bosh3``, ``dopri8`` (adaptive) or ``euler``,
-            ``midpoint``, ``rk4`` (fixed grid; need ``step_size`` or ``grid``).
+            (per component; per sample: to one sample's shape ``y0.shape[1:]``), or for a tuple
+            ``y0`` a tuple with one entry per member. The step is accepted when the RMS of
+            err / (atol + rtol·max(|y_n|, |y_n+1|)) is <= 1 (a tuple state takes the max over
+            members of each member's RMS, so a member with zero derivative never changes the steps).
+        method: ``dopri5`` (default; None means it too, as in torchdiffeq), ``tsit5``, ``bosh3``,
+            ``dopri8`` (adaptive) or ``euler``, ``midpoint``, ``rk4`` (fixed grid; need
+            ``step_size`` or ``grid``).
         options: adaptive: ``first_step`` (default: Hairer's estimate), ``max_num_steps`` (trial
-            steps, default 100000), ``step_t`` (times to step on exactly), ``jump_t``
+            steps, per row; default 100000), ``step_t`` (times to step on exactly), ``jump_t``
             (discontinuities of func: stepped on, the field restarted on the far side), ``safety``
             (0.9), ``ifactor`` (10), ``dfactor`` (0.2), ``beta`` (PI coefficient, default 0
-            = I controller; 0.04 = Hairer's dopri5.f PI controller). Fixed: ``step_size`` or ``grid`` (tensor of times covering t);
-            the grid always includes the times in ``t``.
-            ``step_control``: ``"joint"`` (default; one step size for the whole state) or
-            ``"per_sample"``: dim 0 of y0 (of every tuple member) is a batch, and every sample
-            gets its own time, step size and accept/reject decision; finished samples leave the
-            active set. func then receives t as a (B_active,) tensor (each sample's own time)
-            and the active rows of y; it must treat rows independently. A sample's result does
-            not depend on its batch-mates (up to round-off in func's batched kernels, which in
-            float32 can change a step decision: then within the tolerance). Adaptive methods dopri5/tsit5/bosh3; rtol/atol as
-            floats (or one per tuple member); no step_t/jump_t. Backprop through the solve
-            works; ``stats.sample_evaluations`` counts rows evaluated (the work).
-        stats: a :class:`SolverStats`; nfe_forward, steps and last step size are added to it.
+            = I controller; 0.04 = Hairer's dopri5.f PI controller), ``raise_on_failure``
+            (default True: a failure raises its named error; False: the failed row stops, its
+            outputs at times it never reached are NaN, the solve returns and ``stats.status``
+            says which rows failed and why). Fixed: ``step_size`` or ``grid`` (tensor of times
+            covering t); the grid always includes the times in ``t``.
+            ``step_control``: ``"joint"`` (default; one step size for the whole state: one row)
+            or ``"per_sample"``: dim 0 of y0 (of every tuple member) is a batch of B rows, and
+            every row gets its own time, step size, accept/reject decision and status, in the
+            same loop; finished (and failed) rows leave the active set. func must treat rows
+            independently. A sample's result does not depend on its batch-mates (up to
+            round-off in func's batched kernels, which in float32 can change a step decision:
+            then within the tolerance). Every adaptive method; any trailing shape; no
+            step_t/jump_t. Backprop through the solve works; ``stats.sample_evaluations``
+            counts rows evaluated (the work).
+        stats: a :class:`SolverStats`; nfe_forward, steps and last step size are added to it
+            (per sample: steps summed over rows); ``stats.status`` is set to this solve's
+            per-row :class:`~node_engine.errors.SolveStatus` ((B,) per sample, (1,) joint).
 
     Returns:
-        (T, *S) tensor with y0's dtype (tuple of such for tuple y0); ``out[0]`` is ``y0``. Outputs
-        between steps come from each method's dense output (its continuous extension); the
-        last step lands exactly on ``t[-1]``; the field is never evaluated outside [t0, t1].
+        (T, *S) tensor with y0's dtype (tuple of such for tuple y0); ``out[0]`` is ``y0``; with a
+        (B, T) ``t``, ``out[j, b] = y_b(t[b, j])``. Outputs between steps come from each method's
+        dense output (its continuous extension); the last step lands exactly on ``t[-1]``; the
+        field is never evaluated outside [t0, t1].
 
     Raises:
-        ValueError: bad ``t`` (not 1-D, not strictly monotonic), unknown method or option,
-            bad tolerances, func output of the wrong shape/dtype.
-        node_engine.errors.StepSizeUnderflowError, MaxNumStepsError, NonFiniteStateError.
+        ValueError: bad ``t`` (not 1-D or (B, T), not strictly monotonic), unknown method or
+            option, bad tolerances, func output of the wrong shape/dtype.
+        node_engine.errors.StepSizeUnderflowError, MaxNumStepsError, NonFiniteStateError (unless
+            ``raise_on_failure=False``; per sample the message names the sample).
 
     Backpropagating through the result gives the exact gradient of the discrete solve (step
     sizes are not differentiated); no gradient flows to ``t``. For O(1) memory use
     :func:`node_engine.odeint_adjoint`.
     """
-    if is_per_sample(options):
-        return odeint_per_sample(func, y0, t, rtol, atol, method, options, stats)
-    layout = StateLayout(y0)
-    times, t_dtype = check_t(t)
+    per_sample = is_per_sample(options)
+    layout = StateLayout(y0, batched=per_sample)
+    times, t_dtype = check_t(t, layout.batch)
     cfg = make_config(method or "dopri5", rtol, atol, options, layout)
-    vf = VectorField(func, layout, t_dtype)
+    vf = (RowField if per_sample else VectorField)(func, layout, t_dtype)
     info = SolveInfo()
     z0 = layout.flatten(y0)
+    if per_sample:
+        z0 = z0.contiguous()
+        if isinstance(times, list):
+            times = np.broadcast_to(np.asarray(times), (layout.batch, len(times)))
     try:
         out = cfg.solve(vf, z0, times, info)
     finally:
-        add_info(stats, info, vf.nfe)
+        add_info(stats, info, vf)
     return layout.unflatten(out)

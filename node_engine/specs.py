@@ -167,7 +167,7 @@ class SolverSection(_Section):
                                  f"(e.g. 0.05; adaptive methods need none: {', '.join(sorted(ADAPTIVE))})")
             return {"step_size": float(step)}
         options: dict[str, Any] = {"max_num_steps": int(self.max_num_steps)}
-        if self.step_control == "per_sample" and not torch.is_grad_enabled() and _per_sample_supported(method):
+        if self.step_control == "per_sample" and not torch.is_grad_enabled() and METHODS[method].adaptive:
             options["step_control"] = "per_sample"
         return options
 
@@ -178,16 +178,6 @@ class SolverSection(_Section):
         """The solver of served answers: the evaluation tolerances and per-sample step control."""
         return dataclasses.replace(self, rtol=float(self.eval_rtol or self.rtol),
                                    atol=float(self.eval_atol or self.atol), step_control="per_sample")
-
-
-def _per_sample_supported(method: str) -> bool:
-    """Whether ``odeint`` can step ``method`` per sample (every adaptive method once the engine's one
-    loop lands; until then the per-sample module names its methods)."""
-    try:
-        from node_engine.solvers.per_sample import PER_SAMPLE_METHODS
-    except ImportError:
-        return method in ADAPTIVE
-    return method in PER_SAMPLE_METHODS
 
 
 # ---- training ---------------------------------------------------------------------------------

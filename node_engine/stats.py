@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import torch
+
 
 @dataclass
 class SolverStats:
@@ -26,6 +28,10 @@ class SolverStats:
         sample_evaluations: batch rows evaluated by the field in ``step_control="per_sample"``
             solves (the vector-field work; a joint solve's equivalent is nfe × batch). Per-sample
             solves count steps_accepted/steps_rejected per sample.
+        status: per-row outcome of the *last* solve given this object (not accumulated): a CPU
+            int64 tensor of :class:`node_engine.errors.SolveStatus` values, shape (B,) for a
+            per-sample solve, (1,) for a joint solve (the whole state is one row); None before any
+            solve. Set when the solve returns or raises (the adjoint's backward does not touch it).
     """
 
     nfe_forward: int = 0
@@ -34,13 +40,17 @@ class SolverStats:
     steps_rejected: int = 0
     last_step_size: float = float("nan")
     sample_evaluations: int = 0
+    status: torch.Tensor | None = None
 
     def reset(self) -> None:
         """Set every counter back to zero."""
         self.nfe_forward = self.nfe_backward = self.steps_accepted = self.steps_rejected = 0
         self.last_step_size = float("nan")
         self.sample_evaluations = 0
+        self.status = None
 
-    def as_dict(self) -> dict[str, float]:
-        """The counters as a JSON-ready dict (the keys above)."""
-        return asdict(self)
+    def as_dict(self) -> dict:
+        """The counters as a JSON-ready dict (the keys above; ``status`` as a list of ints or None)."""
+        d = asdict(self)
+        d["status"] = None if self.status is None else [int(x) for x in self.status.tolist()]
+        return d

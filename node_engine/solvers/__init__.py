@@ -1,6 +1,9 @@
 """Runge–Kutta methods, step-size control and the integration loops of node_engine.
 
-``METHODS`` maps each ``method=`` name to its validated tableau; ``ADAPTIVE`` / ``FIXED`` split them.
+``METHODS`` maps each ``method=`` name to its validated tableau. ``ADAPTIVE`` / ``FIXED`` are
+derived from the data: a tableau with error weights (``ButcherTableau.adaptive``) is adaptive, and
+every adaptive method runs in both step-control modes (joint and per-sample); a new method is one
+tableau added to ``_TABLEAUS``.
 """
 
 from .bosh3 import BOSH3
@@ -10,12 +13,9 @@ from .fixed import EULER, MIDPOINT, RK4
 from .tableau import ButcherTableau
 from .tsit5 import TSIT5
 
-ADAPTIVE = {"bosh3": BOSH3, "dopri5": DOPRI5, "tsit5": TSIT5, "dopri8": DOPRI8}
-FIXED = {"euler": EULER, "midpoint": MIDPOINT, "rk4": RK4}
-METHODS: dict[str, ButcherTableau] = {**FIXED, **ADAPTIVE}
+_TABLEAUS = (EULER, MIDPOINT, RK4, BOSH3, DOPRI5, TSIT5, DOPRI8)
+METHODS: dict[str, ButcherTableau] = {tab.name: tab for tab in _TABLEAUS}
+ADAPTIVE = {name: tab for name, tab in METHODS.items() if tab.adaptive}
+FIXED = {name: tab for name, tab in METHODS.items() if not tab.adaptive}
 
-# Default PI coefficient β: 0 (the I controller of scipy/torchdiffeq, which keeps NFE comparable);
-# options=dict(beta=0.04) gives Hairer's dopri5.f PI controller (fewer rejections on hard problems).
-DEFAULT_BETA = {"bosh3": 0.0, "dopri5": 0.0, "tsit5": 0.0, "dopri8": 0.0}
-
-__all__ = ["ADAPTIVE", "FIXED", "METHODS", "DEFAULT_BETA", "ButcherTableau"]
+__all__ = ["ADAPTIVE", "FIXED", "METHODS", "ButcherTableau"]

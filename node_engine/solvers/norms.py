@@ -1,26 +1,28 @@
-"""Error norms for step-size control.
+"""Error norms for step-size control: one error ratio per row.
 
 The weighted error of a trial step is ``e_i / (atol_i + rtol_i · max(|y0_i|, |y1_i|))`` (Hairer,
-Nørsett, Wanner, *Solving ODEs I*, §II.4, eq. (4.11)); its size is the RMS over components. A
-state made of several parts (tuple members; the adjoint's [y, a, θ]) uses the *mixed* norm, the
-maximum over parts of each part's RMS (as torchdiffeq), so a big part cannot drown a small one.
-The *seminorm* (Kidger, Chen, Lyons, "Hey, that's not an ODE", ICML 2021) leaves parts out of the
-norm: for the adjoint, the parameter part.
+Nørsett, Wanner, *Solving ODEs I*, §II.4, eq. (4.11)); its size is the RMS over a row's components
+(the last dim: the whole flat state in joint mode, one sample's state in per-sample mode). A row
+made of several parts (tuple members; the adjoint's [y, a, θ]) uses the *mixed* norm, the maximum
+over parts of each part's RMS (as torchdiffeq), so a big part cannot drown a small one, and a part
+with zero derivative never changes step control. The *seminorm* (Kidger, Chen, Lyons, "Hey, that's
+not an ODE", ICML 2021) leaves parts out of the norm: for the adjoint, the parameter part.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 __all__ = ["ErrorNorm"]
 
 
 class ErrorNorm:
-    """Mixed RMS error norm over segments of a flat state.
+    """Mixed RMS error norm over segments of the last dim of a (..., N) state.
 
     Args:
-        rtol, atol: floats, or (N,) tensors (per-component tolerances) on the state's device.
-        segments: lengths of the parts of the flat state (sum = N), or None for one part.
+        rtol, atol: floats, or (N,) tensors (per-component tolerances of a row) on the state's device.
+        segments: lengths of the parts of a row (sum = N), or None for one part.
         used: for each segment, whether it enters the norm (False = seminorm exclusion).
     """
 
@@ -37,13 +39,6 @@ class ErrorNorm:
         self._last_z = None
         self._last_abs = None
         self._atol_t = None
-        if segments is not None:
-            self.n_used = sum(n for n, u in zip(segments, used) if u)
-            # contiguous prefix of used segments is the fast common case (seminorm drops the tail)
-            k = 0
-            while k < len(used) and used[k]:
-                k += 1
-            self.prefix = all(not u for u in used[k:])
 
     def _abs(self, z: torch.Tensor) -> torch.Tensor:
         # |z_new| of an accepted step is |z0| of the next one: computed once
@@ -52,7 +47,7 @@ class ErrorNorm:
         return z.abs()
 
     def scale(self, y0: torch.Tensor, y1: torch.Tensor | None) -> torch.Tensor:
-        """atol + rtol · max(|y0|, |y1|), shape (N,)."""
+        """atol + rtol · max(|y0|, |y1|), y0's shape."""
         if y1 is None:
             m = y0.abs()
         else:
@@ -69,35 +64,41 @@ class ErrorNorm:
         return torch.add(self._atol_t, m, alpha=rtol)
 
     def mean_squares(self, v: torch.Tensor) -> torch.Tensor:
-        """Mean of squares of the weighted vector v, per used segment: shape () or (n_seg,)."""
+        """Mean of squares of the weighted v per row and used segment: (..., n_seg)."""
         if self.segments is None:
-            return torch.linalg.vector_norm(v).square_().div_(v.numel())
-        parts = torch.split(v, self.segments)
-        return torch.stack([p.square().mean() for p, u in zip(parts, self.used) if u])
+            return torch.linalg.vector_norm(v, dim=-1, keepdim=True).square_().div_(v.shape[-1])
+        parts = torch.split(v, self.segments, dim=-1)
+        return torch.stack([p.square().mean(-1) for p, u in zip(parts, self.used) if u], -1)
 
     def rms(self, v: torch.Tensor) -> torch.Tensor:
-        """Mixed RMS of v (already divided by the scale): max over used segments. 0-d tensor."""
+        """Mixed RMS per row of v (already divided by the scale): v's leading shape, on its device."""
         if self.segments is None:
-            return torch.linalg.vector_norm(v).div_(self._sqrt_n(v))
-        return self.mean_squares(v).max().sqrt()
+            return torch.linalg.vector_norm(v, dim=-1).div_(v.shape[-1] ** 0.5)
+        return self.mean_squares(v).amax(-1).sqrt()
 
-    def _sqrt_n(self, v) -> float:
-        return v.numel() ** 0.5
-
-    def ratio(self, y0, y1, err: torch.Tensor, err3: torch.Tensor | None = None) -> float:
-        """Error ratio of a trial step (accept iff <= 1) for the error estimate(s) ``err`` (N,)
-        *without* the factor |h| (multiply the result by |h|); NaN/inf if anything was.
-        ``err`` is overwritten. One host synchronisation.
+    def ratio(self, y0, y1, err: torch.Tensor, err3: torch.Tensor | None = None) -> np.ndarray:
+        """Error ratio of a trial step per row (accept iff <= 1) for the error estimate(s) ``err``
+        *without* the factor |h| (multiply the result by |h|): a float64 numpy array of the leading
+        shape ((B,) or () for a joint state); NaN/inf if anything was. ``err`` is overwritten.
+        One host synchronisation.
 
         ``err3`` (DOP853): combined as err5² / sqrt(err5² + 0.01 err3²) per segment (HNW I eq. 10.17).
         """
         s = self.scale(y0, y1)
         if err3 is None:
             if self.segments is None:
-                return float(torch.linalg.vector_norm(err.div_(s))) / self._sqrt_n(err)
-            return float(self.rms(err.div_(s)))
+                # the division by sqrt(N) on the host: the same rounding as a float's
+                return _host(torch.linalg.vector_norm(err.div_(s), dim=-1)) / err.shape[-1] ** 0.5
+            return _host(self.rms(err.div_(s)))
         m5 = self.mean_squares(err.div_(s))
         m3 = self.mean_squares(err3.div_(s))
-        r = m5 / (m5 + 0.01 * m3).sqrt()
-        r = torch.nan_to_num(r, nan=0.0) if bool((m5 == 0).any()) else r
-        return float(r if r.dim() == 0 else r.max())
+        r = torch.where(m5 == 0, 0.0, m5 / (m5 + 0.01 * m3).sqrt())
+        return _host(r.amax(-1))
+
+
+def _host(x: torch.Tensor):
+    """A device tensor on the host (the synchronisation point): a float for a 0-d tensor (a joint
+    solve's one row), else a float64 numpy array."""
+    if x.dim() == 0:
+        return float(x)
+    return x.detach().cpu().numpy().astype(np.float64)

@@ -123,6 +123,12 @@ class ButcherTableau:
     stages: int = field(init=False)
 
     @property
+    def adaptive(self) -> bool:
+        """Whether the method has an error estimate (error weights): step-size control and
+        per-sample stepping need one; a tableau without is a fixed-grid method."""
+        return self.b_err is not None
+
+    @property
     def control_order(self) -> int | None:
         """q such that the step-size exponent is 1/(q+1): the order the error estimate scales with, less one.
 

@@ -12,10 +12,15 @@ import scipy.linalg
 import torch
 from torch import nn
 
-ADAPTIVE_METHODS = ["bosh3", "dopri5", "tsit5", "dopri8"]
-FIXED_METHODS = ["euler", "midpoint", "rk4"]
+from node_engine.solvers import METHODS
+
+# every method the engine registers: a new tableau is tested by every parametrized test at once
+# (its claimed order is checked against the observed convergence in test_tableaus.py)
+ADAPTIVE_METHODS = sorted(name for name, tab in METHODS.items() if tab.adaptive)
+FIXED_METHODS = sorted(name for name, tab in METHODS.items() if not tab.adaptive)
 ALL_METHODS = FIXED_METHODS + ADAPTIVE_METHODS
-ORDER = {"euler": 1, "midpoint": 2, "rk4": 4, "bosh3": 3, "dopri5": 5, "tsit5": 5, "dopri8": 8}
+ORDER = {name: tab.order for name, tab in METHODS.items()}
+STEP_CONTROLS = ["joint", "per_sample"]
 
 
 @dataclass
@@ -52,6 +57,16 @@ PROBLEMS = [
             lambda t: np.exp(np.sin(t))[:, None] * np.array([1.0, 2.0]), t1=4.0),
 ]
 PROBLEM_IDS = [p.name for p in PROBLEMS]
+
+
+def per_row(f):
+    """A problem's field applied to each row of a batch on its own (per-sample step control:
+    t is (B,), y is (B, *S)); the reference answer of each row is then the problem's exact one."""
+
+    def g(t, y):
+        return torch.stack([f(t[b], y[b]) for b in range(y.shape[0])])
+
+    return g
 
 
 def van_der_pol(mu: float):

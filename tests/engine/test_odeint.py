@@ -9,7 +9,8 @@ import torch
 
 from node_engine import SolverStats, odeint
 
-from .problems import ADAPTIVE_METHODS, FIXED_METHODS, PROBLEM_IDS, PROBLEMS, van_der_pol, van_der_pol_reference
+from .problems import (ADAPTIVE_METHODS, FIXED_METHODS, PROBLEM_IDS, PROBLEMS, STEP_CONTROLS, per_row, van_der_pol,
+                       van_der_pol_reference)
 
 f64 = torch.float64
 
@@ -20,15 +21,24 @@ def test_euler_doubles_exactly():
     assert y.tolist() == [1.0, 2.0, 4.0, 8.0, 16.0]
 
 
+@pytest.mark.parametrize("control", STEP_CONTROLS)
 @pytest.mark.parametrize("method", ADAPTIVE_METHODS)
 @pytest.mark.parametrize("prob", PROBLEMS, ids=PROBLEM_IDS)
 @pytest.mark.parametrize("tol", [(1e-6, 1e-8), (1e-9, 1e-10)], ids=["1e-6", "1e-9"])
-def test_accuracy_bar(method, prob, tol):
-    """Global error within 100x the tolerance (analytic or expm reference), outputs inside steps."""
+def test_accuracy_bar(method, prob, tol, control):
+    """Global error within 100x the tolerance (analytic or expm reference), outputs inside steps.
+    Per sample: three copies of the problem, each row with its own (B, T) grid of output times."""
     rtol, atol = tol
     t = torch.linspace(0, prob.t1, 9, dtype=f64)
-    y = odeint(prob.f, prob.y0, t, rtol=rtol, atol=atol, method=method)
-    exact = torch.from_numpy(prob.exact(t.numpy()))
+    if control == "joint":
+        y = odeint(prob.f, prob.y0, t, rtol=rtol, atol=atol, method=method)
+        exact = torch.from_numpy(prob.exact(t.numpy()))
+    else:
+        grids = torch.stack([t * s for s in (1.0, 0.55, 0.8)])  # rows end at different times
+        y0 = prob.y0.expand(3, *prob.y0.shape)
+        y = odeint(per_row(prob.f), y0, grids, rtol=rtol, atol=atol, method=method,
+                   options=dict(step_control="per_sample"))
+        exact = torch.stack([torch.from_numpy(prob.exact(g.numpy())) for g in grids], 1)
     bound = 100 * (atol + rtol * exact.abs())
     assert (y - exact).abs().le(bound).all(), float(((y - exact).abs() / bound).max())
 
