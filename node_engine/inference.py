@@ -13,6 +13,7 @@ Which object a checkpoint gives, and what it serves, is its model family's word
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -21,7 +22,7 @@ import torch
 
 from node_engine.checkpoint import load_checkpoint, load_state_strict
 from node_engine.datasets import Standardization
-from node_engine.errors import CheckpointError
+from node_engine.errors import CheckpointError, SolveStatus
 from node_engine.models.keyed_noise import keyed_normal
 from node_engine.specs import SolverSection
 
@@ -42,6 +43,9 @@ class DensityModel:
     def __init__(self, model: torch.nn.Module, standardization: Standardization, *, spec: dict[str, Any],
                  step: int, metrics: dict[str, Any], device: torch.device):
         self.model = model.eval()
+        if isinstance(getattr(model, "solver", None), SolverSection):
+            # a failed row gets a status, not an exception for the whole batch (see log_density_rows)
+            model.use_solver(dataclasses.replace(model.solver, raise_on_failure=False))
         self.standardization = standardization
         self.dim = int(standardization.mean.size)
         self.spec, self.step, self.metrics, self.device = spec, step, metrics, device
@@ -58,7 +62,21 @@ class DensityModel:
         Returns:
             (log-densities (N,) float64 nats, total NFE of the forward solves).
         Raises:
-            ValueError: wrong shape or non-finite points. SolverError subclasses on a failed solve.
+            ValueError: wrong shape or non-finite points. SolverError subclasses when a point's solve
+                failed (the first failed point is named).
+        """
+        log_p, status, nfe = self.log_density_rows(points)
+        raise_for_rows(status, "point")
+        return log_p, nfe
+
+    def log_density_rows(self, points: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+        """Like :meth:`log_density`, but a point whose solve fails does not fail the call.
+
+        Returns:
+            (log-densities (N,) float64 nats, NaN where the solve failed; statuses (N,) int64
+            :class:`~node_engine.errors.SolveStatus` codes, 0 = success; total NFE).
+        Raises:
+            ValueError: wrong shape or non-finite points.
         """
         x = np.asarray(points, dtype=np.float64)
         if x.ndim != 2 or x.shape[1] != self.dim:
@@ -68,12 +86,16 @@ class DensityModel:
         z = torch.as_tensor(self.standardization.forward(x), dtype=self._dtype, device=self.device)
         stats = self.model.stats
         stats.reset()
-        out = []
+        out, statuses = [], []
         with torch.no_grad():  # eval mode, no generator: Hutchinson noise keyed per point
             for start in range(0, len(z), MAX_POINTS_PER_BATCH):
                 out.append(self.model.log_prob(z[start:start + MAX_POINTS_PER_BATCH]))
+                statuses.append(self._row_status(len(out[-1])))
+        status = np.concatenate(statuses) if statuses else np.zeros(0, np.int64)
         log_pz = torch.cat(out).double().cpu().numpy() if out else np.zeros(0)
-        return log_pz + self.standardization.log_abs_det_jacobian(self.dim), int(stats.nfe_forward)
+        log_p = log_pz + self.standardization.log_abs_det_jacobian(self.dim)
+        log_p[status != 0] = np.nan
+        return log_p, status, int(stats.nfe_forward)
 
     def sample(self, n: int, seed: int) -> np.ndarray:
         """``n`` samples in original coordinates. Returns (n, D) float64.
@@ -83,15 +105,24 @@ class DensityModel:
         through the flow with per-sample steps, so ``sample(4, s)[:1] == sample(1, s)``.
 
         Raises:
-            ValueError: n < 1.
+            ValueError: n < 1. SolverError subclasses when a sample's solve failed.
         """
         if int(n) < 1:
             raise ValueError(f"n must be >= 1, got {n}")
         z0 = keyed_normal(int(seed), int(n), self.dim, dtype=self._dtype, device=self.device)
+        parts, statuses = [], []
         with torch.no_grad():
-            x = torch.cat([self.model.generate(z0[start:start + MAX_POINTS_PER_BATCH])
-                           for start in range(0, len(z0), MAX_POINTS_PER_BATCH)])
+            for start in range(0, len(z0), MAX_POINTS_PER_BATCH):
+                parts.append(self.model.generate(z0[start:start + MAX_POINTS_PER_BATCH]))
+                statuses.append(self._row_status(len(parts[-1])))
+        raise_for_rows(np.concatenate(statuses), "sample")
+        x = torch.cat(parts)
         return self.standardization.inverse(x.double().cpu().numpy())
+
+    def _row_status(self, n: int) -> np.ndarray:
+        """(n,) SolveStatus codes of the model's last call (a flow without an ODE has none: all 0)."""
+        status = getattr(self.model, "row_status", None)
+        return np.zeros(n, np.int64) if status is None else status.cpu().numpy().astype(np.int64)
 
     def bits_per_dim(self, log_density: np.ndarray) -> np.ndarray:
         """−log p / (D ln 2): nats per point -> bits per dimension."""
@@ -138,6 +169,15 @@ class ClassifierModel:
         with torch.no_grad():
             logits = self.model(torch.as_tensor(x, dtype=self._dtype, device=self.device))
         return torch.softmax(logits.double(), dim=1).cpu().numpy()
+
+
+def raise_for_rows(status: np.ndarray, what: str) -> None:
+    """Raise the named SolverError of the first row whose status is not SUCCESS (``what`` i: ...)."""
+    failed = np.flatnonzero(np.asarray(status))
+    if failed.size:
+        code = SolveStatus(int(status[failed[0]]))
+        raise code.error(f"{what} {int(failed[0])}: the ODE solve failed ({code.name.lower()}); "
+                         f"{failed.size} of {len(status)} failed")
 
 
 def load_model(data: bytes, *, device: str | torch.device = "cpu",

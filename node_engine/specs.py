@@ -149,6 +149,9 @@ class SolverSection(_Section):
     eval_rtol: float | None = bounded(None, gt=0.0, lt=1.0, doc="rtol at evaluation and inference (null: rtol)")
     eval_atol: float | None = bounded(None, gt=0.0, lt=1.0, doc="atol at evaluation and inference (null: atol)")
     step_control: str = bounded("joint", choices=("joint", "per_sample"), internal=True)
+    # False: a row whose solve fails gets a status (odeint's raise_on_failure=False) instead of
+    # failing the whole call; the inference batcher uses it so one bad point fails only its request
+    raise_on_failure: bool = bounded(True, internal=True)
 
     def solver_options(self, method: str | None = None, *, default_step: float | None = None) -> dict[str, Any]:
         """``odeint`` options for ``method`` (default: this section's): the grid step of fixed-grid
@@ -169,6 +172,8 @@ class SolverSection(_Section):
         options: dict[str, Any] = {"max_num_steps": int(self.max_num_steps)}
         if self.step_control == "per_sample" and not torch.is_grad_enabled() and METHODS[method].adaptive:
             options["step_control"] = "per_sample"
+        if not self.raise_on_failure and not torch.is_grad_enabled():
+            options["raise_on_failure"] = False
         return options
 
     def with_tolerances(self, rtol: float, atol: float) -> "SolverSection":

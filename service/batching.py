@@ -8,10 +8,12 @@ queue, up to ``max_points``, runs one solve, and hands every request its slice; 
 next waiting request to lead the next batch and returns. No timer: a request that finds the model
 idle runs at once, so batching adds no latency at low load.
 
-Answers do not depend on the batch: ``DensityModel.log_density`` integrates with per-sample step
-control (each point's steps are chosen from its own error) and exact traces or a fixed-seed
-estimator. The reported ``nfe`` is that of the batch's solve. If a batch fails (a solver error on
-one request's points), each of its requests is retried alone, so the error reaches only its owner.
+Answers do not depend on the batch: ``DensityModel.log_density_rows`` integrates with per-sample
+step control (each point's steps are chosen from its own error) and exact traces or Hutchinson noise
+keyed by each point's own value. The reported ``nfe`` is that of the batch's solve. A point whose
+solve fails gets a per-row status (odeint's ``raise_on_failure=False``) and leaves the solve alone;
+only the request that sent it gets the named solver error, the rest of the batch is answered from
+the same solve. (Anything else that fails the batch as a whole is retried request by request.)
 """
 
 from __future__ import annotations
@@ -102,14 +104,17 @@ class LogDensityBatcher:
 
     @staticmethod
     def _run(entry: Any, batch: list[_Request]) -> None:
+        from node_engine.inference import raise_for_rows
+
         try:
             with entry.lock:
-                logp, nfe = entry.model.log_density(np.concatenate([r.points for r in batch]))
+                logp, status, nfe = entry.model.log_density_rows(np.concatenate([r.points for r in batch]))
         except Exception as exc:
+            # Not a solver failure (those are per-row statuses): something about the batch as a whole.
             if len(batch) == 1:
                 batch[0].error, batch[0].answered = exc, True
                 return
-            for r in batch:  # find whose points failed: each request alone
+            for r in batch:  # find whose points the model refuses: each request alone
                 try:
                     with entry.lock:
                         r.result = entry.model.log_density(r.points)
@@ -117,9 +122,13 @@ class LogDensityBatcher:
                     r.error = one
                 r.answered = True
             return
-        logp = np.asarray(logp)
         start = 0
         for r in batch:
-            r.result = (logp[start:start + len(r.points)], int(nfe))
+            rows = slice(start, start + len(r.points))
+            try:  # a failed row fails only its own request, named by its index there
+                raise_for_rows(status[rows], "point")
+                r.result = (logp[rows], int(nfe))
+            except Exception as one:  # noqa: BLE001 - handed to the request's own thread
+                r.error = one
             r.answered = True
             start += len(r.points)

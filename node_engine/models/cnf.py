@@ -268,6 +268,9 @@ class CNF(nn.Module):
         self.regularization_weights = regularization
         self.solver = solver
         self.stats = SolverStats()
+        # (N,) int64 SolveStatus per row of the last log_prob/sample/to_base/from_base: non-zero only
+        # when the solver section says raise_on_failure=False (served answers)
+        self.row_status: Tensor | None = None
         self._last_regularization: dict[str, Tensor] = {}
 
     # ---- construction -------------------------------------------------------------------------
@@ -406,6 +409,7 @@ class CNF(nn.Module):
         keys = point_keys(z) if keyed and self.trace_estimator == "hutchinson" else None
         total_logdet = z.new_zeros(n) if with_logdet else None
         totals = {name: z.new_zeros(n) for name in regs}
+        self.row_status = torch.zeros(n, dtype=torch.int64)
         for index, block in enumerate(blocks):
             state: tuple[Tensor, ...] = (z,)
             if with_logdet or regs:
@@ -415,6 +419,8 @@ class CNF(nn.Module):
                 regularizers=regs, generator=generator, keys=keys, stream=index,
             )
             z = out[0]
+            if self.stats.status is not None:  # a row keeps the status of the first block it failed in
+                self.row_status = torch.where(self.row_status == 0, self.stats.status, self.row_status)
             if with_logdet:
                 total_logdet = total_logdet + out[1]
             for name, value in zip(regs, out[2:]):

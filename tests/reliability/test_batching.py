@@ -114,3 +114,64 @@ def test_a_failing_request_fails_alone(entry):
         np.testing.assert_allclose(results[f"good{i}"][0], entry.model.log_density(good)[0], rtol=1e-5)
     with pytest.raises(ValueError):
         batcher.log_density(entry, bad)  # alone, too
+
+
+class _CountingModel:
+    """The served model, counting how often the batcher asks it (to see that nothing is re-solved)."""
+
+    def __init__(self, model):
+        self.model, self.calls = model, {"log_density": 0, "log_density_rows": 0}
+
+    def log_density(self, points):
+        self.calls["log_density"] += 1
+        return self.model.log_density(points)
+
+    def log_density_rows(self, points):
+        self.calls["log_density_rows"] += 1
+        return self.model.log_density_rows(points)
+
+
+def test_a_point_whose_solve_fails_fails_only_its_request_without_re_solving():
+    import dataclasses
+
+    from node_engine.errors import MaxNumStepsError
+
+    served = _entry(TINY).model
+    # a tight tolerance and a small step budget: some points need more trial steps than others
+    served.model.use_solver(dataclasses.replace(served.model.solver, rtol=1e-9, atol=1e-9, max_num_steps=8))
+    rng = np.random.default_rng(0)
+    points = np.concatenate([rng.normal(size=(20, 2)), 30 * rng.normal(size=(20, 2))])
+    alone, failing = {}, []
+    for i, p in enumerate(points):  # the reference: each point solved alone, raising as a client sees it
+        try:
+            alone[i] = served.log_density(p[None])[0][0]
+        except MaxNumStepsError:
+            failing.append(i)
+    good = sorted(alone)
+    assert failing and len(good) >= 12, "the step budget should split the points"
+    requests = [points[good[3 * k:3 * k + 3]] for k in range(4)]
+    requests.append(points[[good[12], good[13], failing[0]]])  # its third point cannot be solved
+    counting = _CountingModel(served)
+    entry = LoadedModel(counting, "final.safetensors")
+    batcher = LogDensityBatcher()
+    answers: list = [None] * len(requests)
+    start = threading.Barrier(len(requests))
+
+    def ask(i: int) -> None:
+        start.wait()
+        try:
+            answers[i] = batcher.log_density(entry, requests[i])
+        except MaxNumStepsError as exc:
+            answers[i] = exc
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(requests))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    for k in range(4):
+        want = [alone[i] for i in good[3 * k:3 * k + 3]]
+        np.testing.assert_allclose(answers[k][0], want, rtol=1e-6)
+    assert isinstance(answers[4], MaxNumStepsError) and "point 2" in str(answers[4])
+    assert counting.calls["log_density"] == 0  # no request was solved again on its own
+    assert counting.calls["log_density_rows"] == batcher.batches < len(requests)
