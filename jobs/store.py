@@ -230,7 +230,8 @@ class JobStore:
     def truncate_metrics_after(self, job: Job, token: int, step: int) -> bool:
         """Drop metric rows past ``step`` (a resumed job replays them from its checkpoint)."""
         with self._sessions.begin() as s:
-            if s.scalar(select(Job.seq).where(fenced(job.seq, token))) is None:
+            # FOR UPDATE: a claim that supersedes ours waits until the delete has committed (PostgreSQL)
+            if s.scalar(select(Job.seq).where(fenced(job.seq, token)).with_for_update()) is None:
                 return False
             s.execute(delete(JobMetric).where(JobMetric.job_seq == job.seq, JobMetric.step > step))
         return True

@@ -262,7 +262,7 @@ class ODENetSection(_ModelSection):
 
     TYPES: ClassVar[tuple[str, ...]] = ("odenet", "rknet")
 
-    channels: int = bounded(64, ge=1, le=512)
+    channels: int = bounded(64, ge=2, le=512, doc="channels C (>= 2: GroupNorm needs 2 channels per group to learn)")
 
 
 @dataclass(frozen=True)
@@ -271,7 +271,7 @@ class ResNetSection(_ModelSection):
 
     TYPES: ClassVar[tuple[str, ...]] = ("resnet",)
 
-    channels: int = bounded(64, ge=1, le=512)
+    channels: int = bounded(64, ge=2, le=512, doc="channels C (>= 2: GroupNorm needs 2 channels per group to learn)")
     num_blocks: int = bounded(6, ge=1, le=64)
 
 

@@ -99,7 +99,7 @@ class _AugmentedDynamics(nn.Module):
     ``eps`` (Hutchinson noise) is fixed for the whole solve. With ``eps_in_state`` it is instead the
     last member of the state with derivative 0: per-sample stepping then carries each row's ε with
     its row when finished rows leave the active set, and its error estimate is exactly 0, so it
-    never changes the step control. ``end_time`` (T) and ``packed``
+    never changes an accept/reject decision (it enters only Hairer's initial-step estimate ‖y0‖). ``end_time`` (T) and ``packed``
     (``ConcatSquashField.packed()``) are computed once per solve by the caller, so each evaluation's
     graph holds the fused field node and a few products, not the per-layer parameter plumbing.
     """

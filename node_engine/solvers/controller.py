@@ -26,8 +26,8 @@ class PIController:
     ``h_new = h · clip(safety · r^(-α) · r_prev^β, dfactor, ifactor)`` with r the error ratio of this
     step, r_prev that of the row's last accepted step, α = 1/k - 0.75β and k = error_order + 1.
     β = 0 is the classic I controller (scipy/torchdiffeq; the default: NFE stay comparable),
-    β = 0.04 Hairer's dopri5.f. After a rejection the step never grows; after a NaN/inf error it
-    shrinks tenfold.
+    β = 0.04 Hairer's dopri5.f. A rejected step is retried with a smaller one (the factor is
+    capped at 1); after a NaN/inf error it shrinks tenfold.
     """
 
     error_order: int

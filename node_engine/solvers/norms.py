@@ -5,7 +5,7 @@ Nørsett, Wanner, *Solving ODEs I*, §II.4, eq. (4.11)); its size is the RMS ove
 (the last dim: the whole flat state in joint mode, one sample's state in per-sample mode). A row
 made of several parts (tuple members; the adjoint's [y, a, θ]) uses the *mixed* norm, the maximum
 over parts of each part's RMS (as torchdiffeq), so a big part cannot drown a small one, and a part
-with zero derivative never changes step control. The *seminorm* (Kidger, Chen, Lyons, "Hey, that's
+with zero derivative never changes an accept/reject decision (only the initial-step estimate ‖y0‖). The *seminorm* (Kidger, Chen, Lyons, "Hey, that's
 not an ODE", ICML 2021) leaves parts out of the norm: for the adjoint, the parameter part.
 """
 

@@ -14,6 +14,8 @@ evaluated on the host by Horner's rule, then one ``addmm`` for all output times 
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import torch
 
@@ -26,6 +28,7 @@ __all__ = ["RKStepper", "acquire_stepper", "release_stepper"]
 # them costs ~30 tensor views, a visible share of a small solve. A pooled stepper is taken out of
 # the pool while in use, so nested or concurrent solves never share a buffer.
 _POOL: dict[tuple, list["RKStepper"]] = {}
+_POOL_LOCK = threading.Lock()  # the API solves for several models at once, from its threadpool
 _POOL_MAX_BYTES = 64 * 2**20  # total size of the pooled stage buffers
 _pool_bytes = 0
 
@@ -38,13 +41,10 @@ def acquire_stepper(tab, work_shape, device, dtype) -> "RKStepper":
     """A reuse-mode (no autograd) stepper for this shape/device/dtype, from the pool if possible."""
     global _pool_bytes
     key = (tab.name, id(tab), tuple(work_shape), str(device), dtype)
-    free = _POOL.get(key)
-    if free:
-        try:
+    with _POOL_LOCK:
+        free = _POOL.get(key)
+        if free:
             st = free.pop()
-        except IndexError:  # another thread took it
-            pass
-        else:
             _pool_bytes -= _nbytes(st)
             return st
     st = RKStepper(tab, work_shape, device, dtype, reuse_buffer=True)
@@ -60,14 +60,15 @@ def release_stepper(st: "RKStepper") -> None:
     size = _nbytes(st)
     if key is None or size > _POOL_MAX_BYTES:
         return
-    while _pool_bytes + size > _POOL_MAX_BYTES and _POOL:
-        old_key = next(iter(_POOL))
-        for old in _POOL.pop(old_key, []):
-            _pool_bytes -= _nbytes(old)
-    free = _POOL.setdefault(key, [])
-    if len(free) < 2:
-        free.append(st)
-        _pool_bytes += size
+    with _POOL_LOCK:
+        while _pool_bytes + size > _POOL_MAX_BYTES and _POOL:
+            old_key = next(iter(_POOL))
+            for old in _POOL.pop(old_key, []):
+                _pool_bytes -= _nbytes(old)
+        free = _POOL.setdefault(key, [])
+        if len(free) < 2:
+            free.append(st)
+            _pool_bytes += size
 
 
 class RKStepper:

@@ -38,7 +38,7 @@ def test_bad_inputs_are_refused():
         build_model({"type": "mlp", "hidden": 0}, {}, input_shape=(1, 8, 8))
 
 
-@pytest.mark.parametrize("channels, groups", [(1, 1), (2, 1), (5, 1), (16, 8), (32, 16), (48, 24), (64, 32), (96, 32)])
+@pytest.mark.parametrize("channels, groups", [(2, 1), (3, 1), (5, 1), (16, 8), (32, 16), (48, 24), (64, 32), (96, 32)])
 def test_group_norm_groups_hold_at_least_two_channels(channels, groups):
     # one channel per group on the 2x2 maps of 8x8 digits normalizes 4 numbers: odenet C=16 stayed at chance
     from node_engine.models.classifiers import group_norm

@@ -195,3 +195,13 @@ def test_older_classifier_checkpoints_keep_their_group_norm_grouping():
     resumed = Trainer.from_checkpoint(old)
     assert {m.num_groups for m in resumed.model.modules() if isinstance(m, nn.GroupNorm)} == {8}
     assert load_checkpoint(resumed.checkpoint()).dataset["min_channels_per_group"] == 1  # and stays so
+
+
+@pytest.mark.parametrize("model_type", ["odenet", "rknet", "resnet"])
+def test_one_channel_classifiers_are_refused_with_the_reason(model_type):
+    # one channel is one channel per GroupNorm group: the block's output stops depending on the input
+    with pytest.raises(ValidationError) as info:
+        schemas.JobCreate.model_validate({"model": {"type": model_type, "channels": 1}, "dataset": {"name": "digits"}})
+    error = info.value.errors()[0]
+    assert "channels" in error["loc"] and "2" in error["msg"]
+    schemas.JobCreate.model_validate({"model": {"type": model_type, "channels": 2}, "dataset": {"name": "digits"}})
