@@ -140,11 +140,16 @@ def _toy_loader(name: str) -> Callable[[Mapping[str, Any]], DensityData]:
     return load
 
 
-def _load_upload(spec: Mapping[str, Any]) -> DensityData:
+def _upload_path(name: str, spec: Mapping[str, Any]) -> str:
+    """The local file of an uploaded data set (resolved by the worker). Raises DatasetError without one."""
     path = spec.get("path")
     if not path:
-        raise DatasetError("dataset 'upload' needs 'path' (the uploaded file, resolved by the worker)")
-    return _density_from_array("upload", tabular.load_array(path), spec)
+        raise DatasetError(f"dataset {name!r} needs 'path' (the uploaded file, resolved by the worker)")
+    return path
+
+
+def _load_upload(spec: Mapping[str, Any]) -> DensityData:
+    return _density_from_array("upload", tabular.load_array(_upload_path("upload", spec)), spec)
 
 
 def _energy_loader(name: str) -> Callable[[Mapping[str, Any]], EnergyData]:
@@ -233,10 +238,7 @@ def _series_loader(name: str) -> Callable[[Mapping[str, Any]], TimeSeriesData]:
 
 
 def _load_series_upload(spec: Mapping[str, Any]) -> TimeSeriesData:
-    path = spec.get("path")
-    if not path:
-        raise DatasetError("dataset 'series_upload' needs 'path' (the uploaded file, resolved by the worker)")
-    return timeseries_from_set("series_upload", timeseries.load_series(path), spec)
+    return timeseries_from_set("series_upload", timeseries.load_series(_upload_path("series_upload", spec)), spec)
 
 
 _SERIES_DESCRIPTIONS = {

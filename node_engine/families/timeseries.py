@@ -5,7 +5,7 @@ Each series is integrated from its first observation on its own times (``odeint`
 ``t`` (B, T)); the loss is the MSE over the later observed entries, in standardized units.
 Evaluation integrates each test series from its first point over all its times and reports, in the
 user's units, ``test_interp_mse`` (observed entries within its first ``context`` points) and
-``test_extrap_mse`` (the points after them). Serves ``forecast``.
+``test_extrap_mse`` (the points after them). Serves ``forecast``; plots ``trajectories``.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ class TimeSeriesFamily(Family):
     model_input: ClassVar[str] = "series"
     default_batch_size: ClassVar[int] = 16
     serves: ClassVar[tuple[str, ...]] = ("forecast",)
-    plots: ClassVar[tuple[str, ...]] = ()
+    plots: ClassVar[tuple[str, ...]] = ("trajectories",)
     train_metrics: ClassVar[tuple[str, ...]] = ()
     eval_metrics: ClassVar[tuple[str, ...]] = ("test_interp_mse", "test_extrap_mse")
 

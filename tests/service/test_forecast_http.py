@@ -112,3 +112,10 @@ def test_series_upload_trains_a_node_job_spec_and_bad_uploads_name_the_row(clien
     assert points.status_code == 201
     wrong = client.post("/v1/jobs", json={**SPEC, "dataset": {"name": "series_upload", "id": points.json()["id"]}})
     _problem(wrong, 422, "dataset.id")
+
+
+def test_trajectories_plot_of_a_node_job(client, job_id):
+    resp = client.get(f"/v1/jobs/{job_id}/plots/trajectories.png")
+    assert resp.status_code == 200, resp.text
+    assert resp.headers["content-type"] == "image/png" and resp.content[:8] == b"\x89PNG\r\n\x1a\n"
+    assert client.get(f"/v1/jobs/{job_id}/plots/density.png").status_code == 409  # a flow's plot
