@@ -115,9 +115,14 @@ def checkpoint_key(job_id: str, name: str) -> str:
     return f"{checkpoint_prefix(job_id)}/{name}"
 
 
-def dataset_key(dataset_id: str) -> str:
-    """The key of an uploaded data set: an (N, D) float array saved with ``np.save`` (no pickles)."""
-    return f"datasets/{dataset_id}.npy"
+#: upload data-set name -> the stored file's suffix: "upload" an (N, D) float array saved with
+#: ``np.save``, "series_upload" time series saved with ``np.savez`` (t, y, mask; no pickles)
+UPLOAD_SUFFIXES = {"upload": "npy", "series_upload": "npz"}
+
+
+def dataset_key(dataset_id: str, name: str = "upload") -> str:
+    """The key of uploaded data set ``dataset_id`` of data-set name ``name`` (``UPLOAD_SUFFIXES``)."""
+    return f"datasets/{dataset_id}.{UPLOAD_SUFFIXES[name]}"
 
 
 def latest_checkpoint(store: ArtifactStore, job_id: str) -> str | None:

@@ -3,7 +3,7 @@
 Sections (docs/architecture.md, "Job spec"): ``solver`` (:class:`SolverSection`), ``training``
 (:class:`TrainingSection`), ``dataset`` (:class:`DatasetSection`) and one section per model type
 (:class:`CNFSection`, :class:`PlanarSection`, :class:`ODENetSection`, :class:`ResNetSection`,
-:class:`MLPSection`). A field's bounds live in its ``metadata`` (``ge``/``gt``/``le``/``lt``,
+:class:`MLPSection`, :class:`NODESection`). A field's bounds live in its ``metadata`` (``ge``/``gt``/``le``/``lt``,
 ``choices``, ``items`` for list elements, ``min_items``/``max_items``); ``__post_init__`` checks them
 (ValueError naming ``section.field``), and the service's pydantic schemas are built from the same
 metadata (``service/schemas.py``; ``tests/models/test_specs.py`` checks they agree).
@@ -28,7 +28,7 @@ import torch
 from node_engine.solvers import ADAPTIVE, FIXED, METHODS
 
 __all__ = ["SolverSection", "TrainingSection", "DatasetSection", "CNFSection", "PlanarSection", "ODENetSection",
-           "ResNetSection", "MLPSection", "MODEL_SECTIONS", "bounded", "check_bounds", "normalize_spec"]
+           "ResNetSection", "MLPSection", "NODESection", "MODEL_SECTIONS", "bounded", "check_bounds", "normalize_spec"]
 
 
 def bounded(default: Any, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
@@ -284,9 +284,23 @@ class MLPSection(_ModelSection):
     hidden: int = bounded(300, ge=1, le=4096)
 
 
+@dataclass(frozen=True)
+class NODESection(_ModelSection):
+    """Neural ODE on time series, dy/dt = f_θ(t, y) with an MLP field (Chen et al. 2018), optionally
+    augmented with ``augment_dim`` zero-initialized dimensions (Dupont et al. 2019)."""
+
+    TYPES: ClassVar[tuple[str, ...]] = ("node",)
+
+    hidden_dims: tuple = bounded((64, 64), items={"ge": 1, "le": 1024}, min_items=1, max_items=8,
+                                 doc="hidden widths of the MLP field")
+    nonlinearity: str = bounded("tanh", choices=("tanh", "softplus"))
+    augment_dim: int = bounded(0, ge=0, le=64, doc="extra state dimensions starting at 0 (augmented ODE)")
+
+
 #: model type -> its section class
 MODEL_SECTIONS: dict[str, type[_ModelSection]] = {
-    t: cls for cls in (CNFSection, PlanarSection, ODENetSection, ResNetSection, MLPSection) for t in cls.TYPES
+    t: cls for cls in (CNFSection, PlanarSection, ODENetSection, ResNetSection, MLPSection, NODESection)
+    for t in cls.TYPES
 }
 
 

@@ -28,6 +28,9 @@ from service.observability import ApiMetrics
 
 BROKER_RETRY_AFTER_S = 5
 UPLOAD_SUFFIXES = (".npy", ".csv", ".txt")
+SERIES_SUFFIXES = (".npz", ".csv", ".txt")
+#: upload data-set name -> the rank of its stored shape ((N, D) arrays, (N, T, D) series)
+UPLOAD_KINDS = {"upload": 2, "series_upload": 3}
 
 
 class JobService:
@@ -48,9 +51,12 @@ class JobService:
         422 ``idempotency-key-reused`` (the key with another spec), 503 ``broker-unavailable``.
         """
         dataset = spec["dataset"]
-        if dataset["name"] == "upload" and not self._visible_dataset(dataset.get("id"), caller):
-            raise ProblemError(422, "invalid-request", f"no uploaded data set with id {dataset.get('id')!r}",
-                               errors=[{"field": "dataset.id", "reason": "unknown uploaded data set"}])
+        if dataset["name"] in UPLOAD_KINDS and not self._visible_dataset(dataset.get("id"), caller,
+                                                                          UPLOAD_KINDS[dataset["name"]]):
+            raise ProblemError(422, "invalid-request", f"no uploaded {dataset['name']!r} data set with id "
+                               f"{dataset.get('id')!r}",
+                               errors=[{"field": "dataset.id", "reason": f"unknown uploaded data set for "
+                                                                          f"{dataset['name']!r}"}])
         try:
             job, created = self.store.create_job(spec, idempotency_key=caller.idempotency_key(idempotency_key),
                                                  owner=caller.owner)
@@ -69,9 +75,9 @@ class JobService:
             self.metrics.jobs_submitted.inc()
         return job, created
 
-    def _visible_dataset(self, dataset_id: str, caller: Caller) -> bool:
-        ds = self.store.get_dataset(dataset_id)
-        return ds is not None and caller.may_see(ds.owner)
+    def _visible_dataset(self, dataset_id: str, caller: Caller, ndim: int) -> bool:
+        ds = self.store.get_dataset(dataset_id)  # the stored shape tells arrays (N, D) from series (N, T, D)
+        return ds is not None and caller.may_see(ds.owner) and len(ds.shape or ()) == ndim
 
     def get(self, job_id: str, caller: Caller) -> Job:
         """The job ``job_id``; 404 problem when unknown or another API key's (existence is not revealed)."""
@@ -110,19 +116,25 @@ class JobService:
         rows, more = self.store.metrics_history(job, after_step=after, limit=limit)
         return rows, (pagination.encode("metrics", more) if more is not None else None)
 
-    def upload_dataset(self, filename: str | None, stream: BinaryIO, caller: Caller) -> Dataset:
-        """Validate an uploaded (N, D) array (``.npy`` without pickles, or CSV) and store it.
+    def upload_dataset(self, filename: str | None, stream: BinaryIO, caller: Caller, kind: str = "array") -> Dataset:
+        """Validate and store an upload: ``kind="array"`` an (N, D) array (``.npy`` without pickles, or
+        CSV) for ``{"name": "upload"}``; ``kind="series"`` time series (long CSV ``series_id, t, y1..yD``
+        or ``.npz`` t/y/mask) for ``{"name": "series_upload"}``, stored as ``.npz`` with shape (N, T, D).
 
-        Validation is node_engine's own (2-D, numeric, finite, 10+ rows, no constant column): the
-        worker applies the same when it trains. Raises ProblemError: 422 ``invalid-dataset`` naming
-        the reason, 413 ``upload-too-large`` past ``max_upload_bytes``.
+        Validation is node_engine's own (arrays: 2-D, numeric, finite, 10+ rows, no constant column;
+        series: finite, strictly increasing times per series, sizes; the row/series at fault named):
+        the worker applies the same when it trains. Raises ProblemError: 422 ``invalid-dataset``
+        naming the reason, 413 ``upload-too-large`` past ``max_upload_bytes``.
         """
+        from node_engine.datasets import timeseries
         from node_engine.datasets.tabular import load_array
         from node_engine.errors import DatasetError
 
         suffix = Path(filename or "").suffix.lower()
-        if suffix not in UPLOAD_SUFFIXES:
-            raise _bad_upload(f"unsupported file type {suffix or '(none)'!r}; upload .npy or .csv")
+        allowed = SERIES_SUFFIXES if kind == "series" else UPLOAD_SUFFIXES
+        if suffix not in allowed:
+            raise _bad_upload(f"unsupported file type {suffix or '(none)'!r} for kind {kind!r}; upload "
+                              f"{' or '.join(allowed[:2])}")
         data = stream.read(self.max_upload_bytes + 1)
         if len(data) > self.max_upload_bytes:
             raise ProblemError(413, "upload-too-large", f"upload exceeds {self.max_upload_bytes} bytes",
@@ -131,16 +143,24 @@ class JobService:
             path = Path(tmp) / f"upload{suffix}"
             path.write_bytes(data)
             try:
-                array = load_array(path)
+                if kind == "series":
+                    series = timeseries.load_series(path)
+                else:
+                    array = load_array(path)
             except DatasetError as exc:
                 raise _bad_upload(str(exc)) from None
-            except EOFError:  # np.load of an empty .npy (not a DatasetError in node_engine)
-                raise _bad_upload("empty or truncated file") from None
+            except (EOFError, UnicodeDecodeError):  # an empty .npy, a binary "CSV"
+                raise _bad_upload("empty, truncated or not UTF-8 text") from None
         dataset_id = uuid.uuid4().hex
-        buf = io.BytesIO()
-        np.save(buf, array, allow_pickle=False)
-        self.artifacts.put(dataset_key(dataset_id), buf.getvalue())
-        return self.store.create_dataset(dataset_id, list(array.shape), (filename or "")[:255], owner=caller.owner)
+        if kind == "series":
+            self.artifacts.put(dataset_key(dataset_id, "series_upload"), timeseries.save_npz(series))
+            shape = list(series.y.shape)
+        else:
+            buf = io.BytesIO()
+            np.save(buf, array, allow_pickle=False)
+            self.artifacts.put(dataset_key(dataset_id), buf.getvalue())
+            shape = list(array.shape)
+        return self.store.create_dataset(dataset_id, shape, (filename or "")[:255], owner=caller.owner)
 
 
 def _bad_upload(reason: str) -> ProblemError:

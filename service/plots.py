@@ -4,6 +4,8 @@
   "NFE over training" figure of Chen et al. 2018 (Fig. 3d) / Grathwohl et al. 2019.
 - ``density``: heat map of p(x) = exp(log p(x)) on a grid over the data, training points on top (2-D).
 - ``samples``: samples of the model next to training points (2-D).
+- ``trajectories``: a few test series, observed points vs the model's fit from each series' first
+  observation over its context (solid) and its extrapolation beyond (dashed), one panel per series.
 
 Which model plots a job offers is its family's ``plots`` (``node_engine.families``); this module
 only draws them (``MODEL_PLOTS``) from what the served model offers (``log_density``, ``sample``).
@@ -104,17 +106,59 @@ def samples_png(model: Any, train_points: np.ndarray | None, title: str, n: int 
     return _png(fig)
 
 
-#: plot name -> drawer ``(served model, training points or None, title) -> PNG bytes``
-MODEL_PLOTS = {"density": density_png, "samples": samples_png}
+def trajectories_png(model: Any, data: Any, title: str, n_series: int = 3, resolution: int = 200) -> bytes:
+    """Observed vs fitted vs extrapolated trajectories of the first ``n_series`` test series.
+
+    ``model``: a served forecaster (``forecast(starts, t)``); ``data``: the job's ``TimeSeriesData``
+    (values standardized; shown in the data's units)."""
+    test, st = data.test, data.standardization
+    count = min(n_series, test.n)
+    fig = Figure(figsize=(4.5 * count, 3.6))
+    axes = np.atleast_1d(fig.subplots(1, count))
+    colors = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown"]
+    for i, ax in enumerate(axes):
+        length, context = int(test.lengths[i]), int(data.context[i])
+        t, mask = test.t[i, :length], test.mask[i, :length]
+        y = st.inverse(test.y[i, :length])
+        grid = np.linspace(t[0], t[-1], resolution)
+        (mean,), _ = model.forecast([(float(t[0]), y[0])], grid)
+        fitted = grid <= t[context - 1]
+        for d in range(min(test.dim, len(colors))):
+            c = colors[d]
+            ax.plot(grid[fitted], mean[fitted, d], c=c, lw=1.5, label=f"fit $y_{d + 1}$" if i == 0 else None)
+            ax.plot(grid[~fitted], mean[~fitted, d], c=c, lw=1.5, ls="--",
+                    label="extrapolated" if i == 0 and d == 0 else None)
+            ax.scatter(t[mask[:, d]], y[mask[:, d], d], s=10, c=c, alpha=0.7)
+        ax.axvline(t[context - 1], c="0.7", lw=0.8)
+        ax.set(title=f"test series {i}", xlabel="t")
+    axes[0].legend(loc="best", fontsize=7)
+    fig.suptitle(title)
+    return _png(fig)
+
+
+#: plot name -> drawer ``(served model, plot data (:func:`plot_data`), title) -> PNG bytes``
+MODEL_PLOTS = {"density": density_png, "samples": samples_png, "trajectories": trajectories_png}
+#: plots drawn for models of any dimension
+ANY_DIM = ("trajectories",)
 PLOTS = ("training", *MODEL_PLOTS)
 
 
 def unavailable(name: str, model: Any) -> str | None:
     """Why plot ``name`` cannot be drawn for ``model`` (they need a 2-D model), or None."""
     dim = getattr(model, "dim", None)
-    if dim != 2:
+    if dim != 2 and name not in ANY_DIM:
         return f"plot {name!r} needs a 2-D model; this one is {dim}-D"
     return None
+
+
+def plot_data(name: str, spec: dict, upload_path: str | None = None) -> Any:
+    """What plot ``name`` draws the model against: the job's ``TimeSeriesData`` (same split as
+    training) for ``trajectories``, else :func:`training_points`."""
+    if name in ANY_DIM:
+        from node_engine.datasets import load_dataset
+
+        return load_dataset({**spec["dataset"], "path": upload_path})
+    return training_points(spec, upload_path)
 
 
 def training_points(spec: dict, upload_path: str | None = None) -> np.ndarray | None:

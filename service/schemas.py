@@ -20,6 +20,7 @@ from node_engine.specs import (
     CNFSection,
     DatasetSection,
     MLPSection,
+    NODESection,
     ODENetSection,
     PlanarSection,
     ResNetSection,
@@ -127,8 +128,18 @@ class MLPModel(_SectionChecked):
     hidden: int = spec_field(MLPSection, "hidden")
 
 
+class NODEModel(_SectionChecked):
+    """Neural ODE on time series, dy/dt = f(t, y) (MLP field; ``augment_dim``: Dupont et al. 2019)."""
+
+    SECTION: ClassVar[type] = NODESection
+    type: Literal["node"]
+    hidden_dims: list[_items(NODESection, "hidden_dims")] = spec_field(NODESection, "hidden_dims")  # type: ignore[valid-type]
+    nonlinearity: choices(NODESection, "nonlinearity") = spec_field(NODESection, "nonlinearity")  # type: ignore[valid-type]
+    augment_dim: int = spec_field(NODESection, "augment_dim")
+
+
 ModelSpec = Annotated[
-    Union[CNFModel, PlanarModel, ODENetModel, ResNetModel, MLPModel], Field(discriminator="type")
+    Union[CNFModel, PlanarModel, ODENetModel, ResNetModel, MLPModel, NODEModel], Field(discriminator="type")
 ]
 
 
@@ -165,10 +176,12 @@ class DatasetSpec(Strict):
 
     @model_validator(mode="after")
     def _upload_needs_id(self) -> "DatasetSpec":
-        if self.name == "upload" and self.id is None:
-            raise ValueError("dataset 'upload' needs the 'id' returned by POST /v1/datasets")
-        if self.name != "upload" and self.id is not None:
-            raise ValueError("'id' is only allowed with dataset name 'upload'")
+        from node_engine.datasets import UPLOADS
+
+        if self.name in UPLOADS and self.id is None:
+            raise ValueError(f"dataset {self.name!r} needs the 'id' returned by POST /v1/datasets")
+        if self.name not in UPLOADS and self.id is not None:
+            raise ValueError(f"'id' is only allowed with dataset names {', '.join(UPLOADS)}")
         return self
 
     @model_validator(mode="after")
@@ -242,6 +255,9 @@ class JobCreate(Strict):
             self.training.batch_size = family.default_batch_size
         # Caught here, not in the worker: a CNF on a fixed grid has no step size to fall back on
         # (the classifiers default to RK-Net's step 0.1; planar flows use no solver).
+        if self.model.type == "node" and self.solver.method in FIXED:
+            raise ValueError(f"solver.method: model 'node' integrates each series on its own times and needs an "
+                             f"adaptive method ({', '.join(sorted(ADAPTIVE))}), got {self.solver.method!r}")
         if self.model.type == "cnf" and self.solver.method in FIXED and self.solver.step_size is None:
             raise ValueError(f"solver.step_size: method {self.solver.method!r} is fixed-step and needs a step size "
                              f"(adaptive methods need none: {', '.join(sorted(ADAPTIVE))})")
@@ -314,6 +330,33 @@ class PredictRequest(Strict):
 
 class PredictResponse(BaseModel):
     probabilities: list[list[float]] = Field(description="(N, 10) class probabilities")
+    checkpoint: str
+
+
+class SeriesObservations(Strict):
+    """One series' observations: times (strictly increasing) and values (T, D), null = missing."""
+
+    t: list[Finite] = Field(min_length=1, max_length=100_000, description="(T,) observation times")
+    y: list[list[Finite | None]] = Field(min_length=1, max_length=100_000, description="(T, D) values; null = missing")
+    mask: list[list[bool]] | None = Field(None, description="(T, D), true = observed (default: the non-null values)")
+
+
+class ForecastRequest(Strict):
+    series: list[SeriesObservations] = Field(min_length=1, max_length=10_000)
+    t: list[Finite] = Field(min_length=1, max_length=100_000,
+                            description="strictly increasing times wanted for every series (not before its first observation)")
+    samples: int | None = Field(None, ge=1, le=1000, description="posterior draws per series (latent models only)")
+
+
+class SeriesForecast(BaseModel):
+    t: list[float]
+    mean: list[list[float]] = Field(description="(T, D) in the data's units")
+    samples: list[list[list[float]]] | None = None
+
+
+class ForecastResponse(BaseModel):
+    forecasts: list[SeriesForecast]
+    nfe: int = Field(description="vector-field evaluations used")
     checkpoint: str
 
 

@@ -20,7 +20,14 @@ from typing import Any
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
-from jobs.artifacts import ArtifactStore, LocalArtifactStore, checkpoint_key, dataset_key, latest_checkpoint
+from jobs.artifacts import (
+    UPLOAD_SUFFIXES,
+    ArtifactStore,
+    LocalArtifactStore,
+    checkpoint_key,
+    dataset_key,
+    latest_checkpoint,
+)
 from jobs.leases import LeaseKeeper
 from jobs.settings import Settings, get_settings
 from jobs.status import JobStatus
@@ -145,8 +152,8 @@ def _make_callbacks(ctx: WorkerContext, job: Job, token: int, trainer: Any, leas
 def _engine_spec(job: Job, ctx: WorkerContext, stack: ExitStack) -> dict:
     spec = {k: dict(v) for k, v in job.spec.items()}
     spec["dataset"].setdefault("path", None)
-    if spec["dataset"]["name"] == "upload":
-        key = dataset_key(spec["dataset"]["id"])
+    if spec["dataset"]["name"] in UPLOAD_SUFFIXES:
+        key = dataset_key(spec["dataset"]["id"], spec["dataset"]["name"])
         spec["dataset"]["path"] = str(stack.enter_context(ctx.artifacts.local_path(key)))
     return spec
 

@@ -1,4 +1,4 @@
-"""Data sets by name: 2-D toys, energy targets, digits, MNIST (IDX), uploaded arrays. See :mod:`.registry`."""
+"""Data sets by name: 2-D toys, energy targets, digits, MNIST (IDX), uploaded arrays, time series. See :mod:`.registry`."""
 
 from node_engine.datasets.registry import (
     DATASETS,
@@ -7,6 +7,8 @@ from node_engine.datasets.registry import (
     DatasetEntry,
     DensityData,
     EnergyData,
+    TimeSeriesData,
+    UPLOADS,
     get_entry,
     load_dataset,
 )
@@ -14,4 +16,4 @@ from node_engine.datasets.standardize import Standardization, split_indices
 from node_engine.errors import DatasetError
 
 __all__ = ["DATASETS", "ClassificationData", "Dataset", "DatasetEntry", "DatasetError", "DensityData",
-           "EnergyData", "Standardization", "get_entry", "load_dataset", "split_indices"]
+           "EnergyData", "Standardization", "TimeSeriesData", "UPLOADS", "get_entry", "load_dataset", "split_indices"]

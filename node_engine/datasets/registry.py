@@ -6,7 +6,9 @@ Three kinds of data set; a kind is the name of the model family that trains on i
 * ``density``: points (N, D) for maximum-likelihood density estimation (2-D toys, uploads);
 * ``energy``: an unnormalized 2-D target exp(−U(x)) for density matching, KL(q‖p)
   (Rezende & Mohamed 2015, Table 1 energies U1–U4);
-* ``classifier``: single-channel square images with labels 0..9.
+* ``classifier``: single-channel square images with labels 0..9;
+* ``timeseries``: N series, each with its own irregular times and a mask of observed values
+  (:mod:`.timeseries`: generators with known dynamics, uploaded CSV/.npz).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any, Union
 import numpy as np
 import torch
 
-from node_engine.datasets import images, tabular, toy2d
+from node_engine.datasets import images, tabular, timeseries, toy2d
 from node_engine.datasets.standardize import Standardization, as_tensor, split_indices
 from node_engine.errors import DatasetError
 
@@ -72,7 +74,26 @@ class ClassificationData:
         return tuple(int(s) for s in self.x_train.shape[1:])  # type: ignore[return-value]
 
 
-Dataset = Union[DensityData, EnergyData, ClassificationData]
+@dataclass
+class TimeSeriesData:
+    """Series split by series into ``train``/``test`` (:class:`timeseries.SeriesSet`, values
+    standardized per feature with the train split's observed values; times in the user's units).
+    ``context`` (N_test,) int64: test series i is fitted on its first ``context[i]`` points and the
+    rest are extrapolated (``timeseries.CONTEXT_FRACTION``)."""
+
+    name: str
+    train: timeseries.SeriesSet
+    test: timeseries.SeriesSet
+    standardization: Standardization
+    context: np.ndarray
+    kind: str = field(default="timeseries", init=False)
+
+    @property
+    def dim(self) -> int:
+        return self.train.dim
+
+
+Dataset = Union[DensityData, EnergyData, ClassificationData, TimeSeriesData]
 
 
 @dataclass(frozen=True)
@@ -119,11 +140,16 @@ def _toy_loader(name: str) -> Callable[[Mapping[str, Any]], DensityData]:
     return load
 
 
-def _load_upload(spec: Mapping[str, Any]) -> DensityData:
+def _upload_path(name: str, spec: Mapping[str, Any]) -> str:
+    """The local file of an uploaded data set (resolved by the worker). Raises DatasetError without one."""
     path = spec.get("path")
     if not path:
-        raise DatasetError("dataset 'upload' needs 'path' (the uploaded file, resolved by the worker)")
-    return _density_from_array("upload", tabular.load_array(path), spec)
+        raise DatasetError(f"dataset {name!r} needs 'path' (the uploaded file, resolved by the worker)")
+    return path
+
+
+def _load_upload(spec: Mapping[str, Any]) -> DensityData:
+    return _density_from_array("upload", tabular.load_array(_upload_path("upload", spec)), spec)
 
 
 def _energy_loader(name: str) -> Callable[[Mapping[str, Any]], EnergyData]:
@@ -176,6 +202,52 @@ def _load_mnist(spec: Mapping[str, Any]) -> ClassificationData:
     return _classification("mnist", x_train, y_train, x_test, y_test)
 
 
+def timeseries_from_set(name: str, data: timeseries.SeriesSet, spec: Mapping[str, Any]) -> TimeSeriesData:
+    """Split ``data`` by series (seeded), standardize with the train split's observed values."""
+    _, fraction, seed = _common(spec)
+    train_idx, test_idx = split_indices(data.n, fraction, seed)
+    train, test = data.subset(train_idx), data.subset(test_idx)
+    observed = train.mask.any(axis=(0, 1))
+    if not observed.all():
+        raise DatasetError(f"{name}: value column(s) {np.flatnonzero(~observed).tolist()} are never observed "
+                           f"in the training series")
+    mean = np.array([train.y[..., d][train.mask[..., d]].mean() for d in range(data.dim)])
+    std = np.array([train.y[..., d][train.mask[..., d]].std() for d in range(data.dim)])
+    std = np.where(std > 0, std, 1.0)  # a constant column stays unscaled
+    stats = Standardization(mean, std)
+    for part in (train, test):
+        part.y = np.where(part.mask, stats.forward(part.y), 0.0)
+    context = np.maximum(2, np.ceil(timeseries.CONTEXT_FRACTION * test.lengths)).astype(np.int64)
+    return TimeSeriesData(name, train, test, stats, np.minimum(context, test.lengths))
+
+
+def _series_loader(name: str) -> Callable[[Mapping[str, Any]], TimeSeriesData]:
+    def load(spec: Mapping[str, Any]) -> TimeSeriesData:
+        n, _, seed = _common(spec)
+        if not timeseries.MIN_SERIES <= n <= timeseries.MAX_SERIES:
+            raise DatasetError(f"dataset {name!r}: n_samples (the number of series) must lie in "
+                               f"[{timeseries.MIN_SERIES}, {timeseries.MAX_SERIES}], got {n}")
+        if name == "spirals":
+            t, y, _ = timeseries.generate_spirals(n, seed)
+        else:
+            t, y = timeseries.generate_ode(name, n, seed)
+        lengths = np.full(n, t.shape[1], dtype=np.int64)
+        return timeseries_from_set(name, timeseries.SeriesSet(t, y, np.ones(y.shape, dtype=bool), lengths), spec)
+
+    return load
+
+
+def _load_series_upload(spec: Mapping[str, Any]) -> TimeSeriesData:
+    return timeseries_from_set("series_upload", timeseries.load_series(_upload_path("series_upload", spec)), spec)
+
+
+_SERIES_DESCRIPTIONS = {
+    "spirals": "2-D clockwise/counter-clockwise spirals at irregular times, noise 0.1 (Chen et al. 2018, §5.1)",
+    "lotka_volterra": "2-D Lotka-Volterra trajectories at irregular times, noise 0.01",
+    "damped_oscillator": "2-D damped harmonic oscillator (x, v), omega 1, zeta 0.1, irregular times",
+    "van_der_pol": "2-D Van der Pol oscillator (x, v), mu 1, irregular times",
+}
+
 _TOY_DESCRIPTIONS = {
     "swissroll": "2-D swiss roll (FFJORD scaling)",
     "circles": "2-D two concentric circles (FFJORD scaling)",
@@ -199,6 +271,10 @@ def _build_registry() -> dict[str, DatasetEntry]:
     registry.update({name: DatasetEntry(name, "energy", text, _energy_loader(name))
                      for name, text in _ENERGY_DESCRIPTIONS.items()})
     registry["upload"] = DatasetEntry("upload", "density", "user-uploaded N x D array (.npy or CSV)", _load_upload)
+    registry.update({name: DatasetEntry(name, "timeseries", text, _series_loader(name))
+                     for name, text in _SERIES_DESCRIPTIONS.items()})
+    registry["series_upload"] = DatasetEntry("series_upload", "timeseries",
+                                             "user-uploaded series (long CSV or .npz t/y/mask)", _load_series_upload)
     registry["digits"] = DatasetEntry("digits", "classifier", "scikit-learn 8x8 handwritten digits (1797)",
                                       _load_digits)
     registry["mnist"] = DatasetEntry("mnist", "classifier", "MNIST 28x28 from the IDX files in $ODEFORGE_MNIST_DIR",
@@ -207,6 +283,9 @@ def _build_registry() -> dict[str, DatasetEntry]:
                                        _load_mnist5k, lambda spec: images.missing_mnist5k())
     return registry
 
+
+#: the data sets read from a user's upload (``{"name": ..., "id": ...}``; the worker resolves ``path``)
+UPLOADS = ("upload", "series_upload")
 
 #: name -> :class:`DatasetEntry`. Names are case-sensitive.
 DATASETS: dict[str, DatasetEntry] = _build_registry()
@@ -227,7 +306,8 @@ def load_dataset(spec: Mapping[str, Any]) -> Dataset:
         spec: ``{"name", "n_samples", "test_fraction", "seed", "path"}`` (see docs/architecture.md).
 
     Returns:
-        :class:`DensityData`, :class:`EnergyData` or :class:`ClassificationData`; the same spec
+        :class:`DensityData`, :class:`EnergyData`, :class:`ClassificationData` or
+        :class:`TimeSeriesData`; the same spec
         always gives the same arrays (every generator and split is seeded).
 
     Raises:

@@ -14,12 +14,14 @@ from node_engine.families.base import Family
 from node_engine.families.classifier import ClassifierFamily
 from node_engine.families.density import DensityFamily
 from node_engine.families.energy import EnergyFamily
+from node_engine.families.timeseries import TimeSeriesFamily
 
 #: family name -> family (one registration line per family)
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     ClassifierFamily(),
     DensityFamily(),
     EnergyFamily(),
+    TimeSeriesFamily(),
 )}
 
 #: older spellings of family names, still read from checkpoints

@@ -24,7 +24,7 @@ class Family:
 
     Attributes:
         name: the one name of the family (checkpoint ``kind``, data-set ``kind``, docs).
-        model_input: "points" or "images": the model types taking this input fit the family.
+        model_input: "points", "images" or "series": the model types taking this input fit the family.
         default_batch_size: ``training.batch_size`` when the spec gives none.
         finite_data: False when every step draws fresh samples (no epochs, no training split).
         serves: inference operations of its trained models ("log_density", "samples", "predict").
@@ -72,7 +72,7 @@ class Family:
         Raises:
             ValueError: invalid model options.
         """
-        key = "dim" if self.model_input == "points" else "input_shape"
+        key = "input_shape" if self.model_input == "images" else "dim"
         value = info[key]
         kwargs = {key: int(value) if key == "dim" else tuple(int(s) for s in value)}
         return build_model(spec["model"], spec["solver"], **kwargs)

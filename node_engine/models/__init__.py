@@ -1,7 +1,8 @@
 """Models by ``model.type``: the one registry of model types (``MODEL_TYPES``).
 
 Each entry names its spec section (``node_engine.specs``: defaults and bounds), the input it takes
-("points" (N, D) for flows, "images" (N, C, H, W) for classifiers; a family accepts the types whose
+("points" (N, D) for flows, "images" (N, C, H, W) for classifiers, "series" (per-series times and
+(T, D) values) for time-series models; a family accepts the types whose
 input it provides) and whether it solves an ODE. Adding a model type is one entry here.
 """
 
@@ -35,13 +36,19 @@ def _build_classifier(model_spec, solver_spec, info):
                             min_channels_per_group=int(info.get("min_channels_per_group") or 2))
 
 
+def _build_node(model_spec, solver_spec, info):
+    from node_engine.models.node import NeuralODE
+
+    return NeuralODE.from_spec(model_spec, solver_spec, int(info["dim"]))
+
+
 @dataclass(frozen=True)
 class ModelType:
     """One model type.
 
     Attributes:
         name: the spec's ``model.type``.
-        input: "points" (needs ``dim``) or "images" (needs ``input_shape`` (C, H, W)).
+        input: "points" or "series" (need ``dim``) or "images" (needs ``input_shape`` (C, H, W)).
         solves_ode: whether training integrates an ODE (decides the hint of a diverging run).
         build: ``(model_spec, solver_spec, info) -> nn.Module`` with ``info["dim"]`` or ``info["input_shape"]``.
     """
@@ -65,9 +72,10 @@ MODEL_TYPES: dict[str, ModelType] = {m.name: m for m in (
     ModelType("rknet", "images", True, _build_classifier),
     ModelType("resnet", "images", False, _build_classifier),
     ModelType("mlp", "images", False, _build_classifier),
+    ModelType("node", "series", True, _build_node),
 )}
 
-_INFO_KEY = {"points": "dim", "images": "input_shape"}
+_INFO_KEY = {"points": "dim", "images": "input_shape", "series": "dim"}
 
 
 def model_types_for(input_kind: str) -> tuple[str, ...]:

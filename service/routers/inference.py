@@ -1,4 +1,5 @@
-"""Queries of trained models: ``log-density`` and ``samples`` (density, energy), ``predict`` (classifier);
+"""Queries of trained models: ``log-density`` and ``samples`` (density, energy), ``predict`` (classifier),
+``forecast`` (time series);
 which operations a job's model serves is its family's word (``node_engine.families``).
 
 These are sync routes, so FastAPI runs them in its threadpool: the event loop keeps serving other
@@ -22,6 +23,8 @@ from service.errors import ProblemError
 from service.inference import LoadedModel, ModelCache, NoCheckpoint
 from service.routers.jobs import PROBLEMS
 from service.schemas import (
+    ForecastRequest,
+    ForecastResponse,
     LogDensityRequest,
     LogDensityResponse,
     PredictRequest,
@@ -29,6 +32,7 @@ from service.schemas import (
     Problem,
     SamplesRequest,
     SamplesResponse,
+    SeriesForecast,
 )
 
 MAX_PIXEL = 1e4
@@ -153,3 +157,60 @@ def predict(job: JobDep, body: PredictRequest, models: ModelsDep, settings: Sett
     metrics.inference_seconds.labels("predict").observe(time.perf_counter() - start)
     metrics.inference_points.labels("predict").inc(len(x))
     return PredictResponse(probabilities=probs.tolist(), checkpoint=entry.checkpoint)
+
+
+def _invalid(field: str, reason: str) -> ProblemError:
+    return ProblemError(422, "invalid-request", f"{field}: {reason}", errors=[{"field": field, "reason": reason}])
+
+
+def _increasing(values: list[float], field: str) -> None:
+    steps = np.flatnonzero(np.diff(np.asarray(values, dtype=np.float64)) <= 0)
+    if steps.size:
+        raise _invalid(f"{field}[{int(steps[0]) + 1}]", "times must be strictly increasing")
+
+
+@router.post("/{job_id}/forecast", response_model=ForecastResponse, responses=RESPONSES)
+def forecast(job: JobDep, body: ForecastRequest, models: ModelsDep, settings: SettingsDep,
+             metrics: MetricsDep) -> ForecastResponse:
+    """Each series' trajectory at times ``t`` in the data's units, from its observations (a ``node``
+    model starts from the series' first observation, which must be fully observed). A series' answer
+    does not depend on the other series of the request. 409: not a time-series job or no checkpoint;
+    422: times out of order or before a series' start, wrong dimension, NaN, ``samples`` for a model
+    without posterior draws, more than ``ODEFORGE_MAX_POINTS`` points (observations plus answers)."""
+    points = sum(len(s.t) for s in body.series) + len(body.series) * len(body.t)
+    if points > settings.max_points:
+        raise _invalid("series", f"{points} points (observations + forecasts); at most {settings.max_points}")
+    _increasing(body.t, "t")
+    entry = load_job_model(job, models, "forecast", "forecast")
+    model = entry.model
+    if body.samples is not None and not model.samples:
+        raise _invalid("samples", f"a {job.model_type!r} model is deterministic and has no posterior draws; "
+                                  f"omit 'samples' (only latent models sample)")
+    dim = int(model.dim)
+    starts = []
+    for i, s in enumerate(body.series):
+        name = f"series[{i}]"
+        if len(s.y) != len(s.t):
+            raise _invalid(f"{name}.y", f"{len(s.y)} rows for {len(s.t)} times")
+        for j, row in enumerate(s.y):
+            if len(row) != dim:
+                raise _invalid(f"{name}.y[{j}]", f"expected {dim} values, got {len(row)}")
+        if s.mask is not None and [len(m) for m in s.mask] != [dim] * len(s.t):
+            raise _invalid(f"{name}.mask", f"expected {len(s.t)} x {dim} booleans like y")
+        _increasing(s.t, f"{name}.t")
+        first = [v if (s.mask is None or s.mask[0][d]) else None for d, v in enumerate(s.y[0])]
+        if any(v is None for v in first):
+            raise _invalid(f"{name}.y[0]", "the first observation must be fully observed (the model starts there)")
+        if body.t[0] < s.t[0]:
+            raise _invalid("t", f"t={body.t[0]:g} is before series {i}'s first observation t={s.t[0]:g}")
+        starts.append((float(s.t[0]), np.asarray(first, dtype=np.float64)))
+    start = time.perf_counter()
+    with _solver_errors("series"), entry.lock:
+        means, nfe = model.forecast(starts, np.asarray(body.t, dtype=np.float64))
+    if not all(np.isfinite(m).all() for m in means):
+        raise ProblemError(422, "evaluation-failed", "the model produced non-finite trajectories",
+                           errors=[{"field": "t", "reason": "non-finite forecast"}])
+    metrics.inference_seconds.labels("forecast").observe(time.perf_counter() - start)
+    metrics.inference_points.labels("forecast").inc(len(body.series) * len(body.t))
+    return ForecastResponse(forecasts=[SeriesForecast(t=list(body.t), mean=m.tolist()) for m in means], nfe=int(nfe),
+                            checkpoint=entry.checkpoint)

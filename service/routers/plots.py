@@ -6,7 +6,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Response
 
 from service import plots
-from jobs.artifacts import ArtifactStore, dataset_key
+from jobs.artifacts import UPLOAD_SUFFIXES, ArtifactStore, dataset_key
 from jobs.tables import Job
 from service.deps import ArtifactsDep, JobDep, ModelsDep, StoreDep
 from service.errors import ProblemError
@@ -15,11 +15,12 @@ from service.routers.inference import RESPONSES, load_job_model
 router = APIRouter(prefix="/jobs", tags=["plots"])
 
 
-def _upload_points(job: Job, artifacts: ArtifactStore):
-    if job.spec["dataset"]["name"] != "upload":
-        return plots.training_points(job.spec)
-    with artifacts.local_path(dataset_key(job.spec["dataset"]["id"])) as path:
-        return plots.training_points(job.spec, str(path))
+def _plot_data(name: str, job: Job, artifacts: ArtifactStore):
+    dataset = job.spec["dataset"]
+    if dataset["name"] not in UPLOAD_SUFFIXES:
+        return plots.plot_data(name, job.spec)
+    with artifacts.local_path(dataset_key(dataset["id"], dataset["name"])) as path:
+        return plots.plot_data(name, job.spec, str(path))
 
 
 @router.get("/{job_id}/plots/{name}.png", responses={**RESPONSES, 200: {"content": {"image/png": {}}}},
@@ -42,7 +43,7 @@ def plot(job: JobDep, name: str, store: StoreDep, models: ModelsDep, artifacts: 
         reason = plots.unavailable(name, entry.model)
         if reason is not None:
             raise ProblemError(409, "not-2d", reason)
-        points = _upload_points(job, artifacts)
+        data = _plot_data(name, job, artifacts)
         with entry.lock:
-            png = plots.MODEL_PLOTS[name](entry.model, points, title)
+            png = plots.MODEL_PLOTS[name](entry.model, data, title)
     return Response(png, media_type="image/png")

@@ -26,6 +26,7 @@ PAIRS = [
     (schemas.ODENetModel, specs.ODENetSection),
     (schemas.ResNetModel, specs.ResNetSection),
     (schemas.MLPModel, specs.MLPSection),
+    (schemas.NODEModel, specs.NODESection),
 ]
 
 
@@ -54,8 +55,10 @@ def test_pydantic_schema_restates_the_section(model, section):
 
 
 def test_model_union_lists_the_registry_types():
-    union = {t for cls in (schemas.CNFModel, schemas.PlanarModel, schemas.ODENetModel, schemas.ResNetModel,
-                           schemas.MLPModel) for t in cls.model_fields["type"].annotation.__args__}
+    import typing
+
+    classes = typing.get_args(typing.get_args(schemas.ModelSpec)[0])  # the discriminated union's members
+    union = {t for cls in classes for t in cls.model_fields["type"].annotation.__args__}
     assert union == set(MODEL_TYPES) == set(specs.MODEL_SECTIONS)
 
 

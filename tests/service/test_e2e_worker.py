@@ -195,3 +195,32 @@ def test_sigterm_requeues_the_running_job_which_resumes_on_the_next_worker(make_
         history = client.get(f"/v1/jobs/{job_id}/metrics").json()["history"]
         assert [r["step"] for r in history] == list(range(1, 61))  # no gap, no duplicate at the resume
         assert f"resuming from step-{stopped_at:06d}.safetensors" in second.log_path.read_text()
+
+
+def test_uploaded_series_train_a_node_on_a_real_worker_then_forecast(make_settings, start_worker):
+    # long CSV with a missing cell; the worker resolves the stored .npz, trains, and the forecast
+    # starts from the series' first observation, in the data's units
+    rows = ["series_id,t,x,v"]
+    rng = np.random.default_rng(0)
+    for s in range(10):
+        x0, v0 = rng.uniform(-1, 1, size=2)
+        times = np.sort(rng.uniform(0, 6, size=12))
+        for k, t in enumerate(times):
+            x = np.exp(-0.1 * t) * (x0 * np.cos(t) + (v0 + 0.1 * x0) * np.sin(t))
+            rows.append(f"s{s},{t},{x},{'' if k == 3 else v0}")
+    settings = make_settings()
+    with TestClient(create_app(settings)) as client:
+        upload = client.post("/v1/datasets?kind=series", files={"file": ("osc.csv", "\n".join(rows).encode())}).json()
+        assert upload["shape"] == [10, 12, 2]
+        spec = {"model": {"type": "node", "hidden_dims": [8]}, "dataset": {"name": "series_upload", "id": upload["id"]},
+                "solver": {"rtol": 1e-3, "atol": 1e-4, "adjoint": False},
+                "training": {"iterations": 4, "batch_size": 4, "eval_every": 4, "lr": 1e-2}}
+        job_id = client.post("/v1/jobs", json=spec).json()["id"]
+        start_worker(settings)
+        job = wait_for_job(client, job_id, ("succeeded",), timeout=120)
+        assert job["metrics"]["test_interp_mse"] >= 0 and job["metrics"]["test_extrap_mse"] >= 0
+        resp = client.post(f"/v1/jobs/{job_id}/forecast", json={"series": [{"t": [1.0], "y": [[0.5, -0.2]]}],
+                                                                  "t": [1.0, 2.0, 8.0]})
+        assert resp.status_code == 200, resp.text
+        mean = np.asarray(resp.json()["forecasts"][0]["mean"])
+        assert mean.shape == (3, 2) and np.allclose(mean[0], [0.5, -0.2], rtol=1e-12) and np.isfinite(mean).all()
