@@ -106,11 +106,16 @@ class _Section:
             if spec.get(f.name) is None:
                 continue
             value = spec[f.name]
-            kind = type(f.default) if f.default is not None else None
+            # the annotation names the type also where the default is None ("float | None")
+            kind = {"bool": bool, "int": int, "float": float}.get(str(f.type).split("|")[0].strip(),
+                                                                   type(f.default))
             try:
-                if isinstance(f.default, bool):
-                    value = bool(value)
+                if kind is bool:
+                    if not isinstance(value, bool):  # bool("false") would be True
+                        raise ValueError(f"must be true or false, got {value!r}")
                 elif kind is int:
+                    if isinstance(value, float) and not value.is_integer():
+                        raise ValueError(f"must be a whole number, got {value!r}")
                     value = int(value)
                 elif kind is float:
                     value = float(value)

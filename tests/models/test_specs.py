@@ -208,3 +208,15 @@ def test_one_channel_classifiers_are_refused_with_the_reason(model_type):
     error = info.value.errors()[0]
     assert "channels" in error["loc"] and "2" in error["msg"]
     schemas.JobCreate.model_validate({"model": {"type": model_type, "channels": 2}, "dataset": {"name": "digits"}})
+
+
+def test_sections_coerce_and_refuse_types_where_the_default_is_none_too():
+    # through Python (the CLI, a resumed checkpoint), not only through the pydantic schema
+    assert specs.SolverSection.from_spec({"step_size": "0.25", "method": "rk4"}).step_size == 0.25
+    assert specs.TrainingSection.from_spec({"batch_size": 64.0}).batch_size == 64
+    with pytest.raises(ValueError, match=r"solver.step_size: could not convert"):
+        specs.SolverSection.from_spec({"step_size": "abc"})
+    with pytest.raises(ValueError, match=r"training.epochs: must be a whole number"):
+        specs.TrainingSection.from_spec({"epochs": 2.5})
+    with pytest.raises(ValueError, match=r"solver.adjoint: must be true or false"):
+        specs.SolverSection.from_spec({"adjoint": "false"})
