@@ -113,7 +113,7 @@ def trajectories_png(model: Any, data: Any, title: str, n_series: int = 3, resol
     (values standardized; shown in the data's units)."""
     test, st = data.test, data.standardization
     count = min(n_series, test.n)
-    fig = Figure(figsize=(4.5 * count, 3.6))
+    fig = Figure(figsize=(4.5 * count, 3.8), layout="constrained")  # keeps the suptitle off the axes titles
     axes = np.atleast_1d(fig.subplots(1, count))
     colors = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown"]
     for i, ax in enumerate(axes):
@@ -128,9 +128,10 @@ def trajectories_png(model: Any, data: Any, title: str, n_series: int = 3, resol
             ax.plot(grid[fitted], mean[fitted, d], c=c, lw=1.5, label=f"fit $y_{d + 1}$" if i == 0 else None)
             ax.plot(grid[~fitted], mean[~fitted, d], c=c, lw=1.5, ls="--",
                     label="extrapolated" if i == 0 and d == 0 else None)
-            ax.scatter(t[mask[:, d]], y[mask[:, d], d], s=10, c=c, alpha=0.7)
-        ax.axvline(t[context - 1], c="0.7", lw=0.8)
-        ax.set(title=f"test series {i}", xlabel="t")
+            ax.scatter(t[mask[:, d]], y[mask[:, d], d], s=10, c=c, alpha=0.7,
+                       label=f"observed $y_{d + 1}$" if i == 0 else None)
+        ax.axvline(t[context - 1], c="0.7", lw=0.8, label="end of fitted span" if i == 0 else None)
+        ax.set(title=f"test series {i}", xlabel="t (data's time units)", ylabel="y (data's units)" if i == 0 else None)
     axes[0].legend(loc="best", fontsize=7)
     fig.suptitle(title)
     return _png(fig)
