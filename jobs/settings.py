@@ -103,6 +103,27 @@ class Settings(BaseSettings):
     reconcile_every_s: float = Field(15.0, gt=0, le=3600)
     requeue_queued_after_s: float = Field(300.0, ge=0, le=86_400)
 
+    # ---- storage and supervision (issue 14; docs/architecture.md "Storage and supervision") ----
+    # Bytes one owner (API key) may keep: uploaded data sets plus the checkpoints of its jobs. An upload
+    # that would pass it, or a submission while it is passed, is a 507 quota-exceeded. 0 = no quota.
+    owner_quota_bytes: int = Field(10 * 2**30, ge=0)
+    # Periodic checkpoints kept per job (the newest k, plus final.safetensors); older ones are deleted
+    # as new ones land. At least 1: a requeued job resumes from the newest.
+    checkpoint_keep: int = Field(3, ge=1, le=100_000)
+    # Free bytes the artifact disk must keep: below it uploads and submissions are a 507
+    # insufficient-storage (room stays for running jobs' checkpoints) and /readyz is 503.
+    min_free_bytes: int = Field(256 * 2**20, ge=0)
+    # Worker liveness: each worker process writes a heartbeat row this often (seconds); one older than
+    # three periods is a dead worker. /readyz is 503 while no live worker consumes this queue, unless
+    # ready_requires_worker is off (an API scaled apart from its workers).
+    worker_heartbeat_s: float = Field(5.0, ge=0.05, le=600)
+    ready_requires_worker: bool = True
+    # `odeforge serve` restarts a dead worker or redis-server after a backoff (doubling from
+    # supervise_backoff_s up to 30 s), at most supervise_max_restarts times per minute per process;
+    # past that it stops restarting it (logged) and /readyz stays 503.
+    supervise_backoff_s: float = Field(1.0, ge=0.0, le=60)
+    supervise_max_restarts: int = Field(5, ge=1, le=1000)
+
     # API keys ("name:key,name2:key2" or bare keys); unset = no authentication (see service/auth.py).
     api_keys: SecretStr | None = None
 

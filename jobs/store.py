@@ -22,7 +22,7 @@ from jobs import leases
 from jobs.leases import fenced
 from jobs.settings import Settings
 from jobs.status import JobStatus
-from jobs.tables import Dataset, Job, JobMetric, init_db, make_engine, make_sessionmaker, utcnow
+from jobs.tables import Dataset, Job, JobMetric, WorkerBeat, init_db, make_engine, make_sessionmaker, utcnow
 
 
 class IdempotencyConflict(Exception):
@@ -284,6 +284,37 @@ class JobStore:
     def get_dataset(self, dataset_id: str) -> Dataset | None:
         with self._sessions() as s:
             return s.get(Dataset, dataset_id)
+
+    # ---- storage accounting and worker liveness (issue 14) ------------------------------------
+    def owner_artifacts(self, owner: str | None) -> tuple[list[str], list[tuple[str, int]]]:
+        """What ``owner`` keeps in the artifact store: its job ids (their checkpoints) and its data
+        sets as ``(id, rank of the stored shape)`` (2: an array upload, 3: series)."""
+        match = (lambda col: col.is_(None)) if owner is None else (lambda col: col == owner)
+        with self._sessions() as s:
+            job_ids = list(s.scalars(select(Job.id).where(match(Job.owner))))
+            datasets = [(i, len(shape or ())) for i, shape in s.execute(select(Dataset.id, Dataset.shape)
+                                                                        .where(match(Dataset.owner)))]
+        return job_ids, datasets
+
+    def beat(self, name: str, queue: str, pid: int) -> None:
+        """Record that worker ``name`` (consuming ``queue``) is alive now."""
+        now = utcnow()
+        with self._sessions.begin() as s:
+            if s.execute(update(WorkerBeat).where(WorkerBeat.name == name).values(beat_at=now)).rowcount == 0:
+                s.add(WorkerBeat(name=name, queue=queue, pid=pid, started_at=now, beat_at=now))
+
+    def forget_worker(self, name: str) -> None:
+        """Remove a worker's heartbeat row (its clean stop)."""
+        with self._sessions.begin() as s:
+            s.execute(delete(WorkerBeat).where(WorkerBeat.name == name))
+
+    def live_workers(self, queue: str, within_s: float) -> list[str]:
+        """Names of the workers of ``queue`` whose last heartbeat is at most ``within_s`` seconds old."""
+        since = utcnow() - timedelta(seconds=within_s)
+        with self._sessions() as s:
+            return list(s.scalars(select(WorkerBeat.name).where(WorkerBeat.queue == queue,
+                                                                WorkerBeat.beat_at >= since)
+                                  .order_by(WorkerBeat.name)))
 
     def ping(self) -> None:
         """Raise if the database is unreachable."""

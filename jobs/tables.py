@@ -6,6 +6,7 @@ The job store is the source of truth for a job's status (not Celery's result bac
   the worker's fencing ``token`` and ``attempts`` counter).
 - ``job_metrics``: one row per logged training step (loss, NFE, ...), evaluation values merged in.
 - ``datasets``: uploaded arrays (the array itself lives in the artifact store).
+- ``worker_beats``: one row per live worker process, its heartbeat (``/readyz`` worker liveness).
 
 The schema is created on start (``init_db``). SQLite gets WAL mode and a busy timeout because the
 API and the worker write to the same file.
@@ -122,6 +123,19 @@ class Dataset(Base):
     filename: Mapped[str | None] = mapped_column(String(255), nullable=True)
     owner: Mapped[str | None] = mapped_column(String(128), nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class WorkerBeat(Base):
+    """A worker process's heartbeat: written every ``worker_heartbeat_s`` by :class:`jobs.workers.Heartbeat`,
+    deleted on a clean stop; a row older than three periods is a dead worker (killed, frozen, lost host)."""
+
+    __tablename__ = "worker_beats"
+
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)  # Celery node name (unique per process)
+    queue: Mapped[str] = mapped_column(String(255), index=True)
+    pid: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    beat_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
 
 
 def make_engine(url: str, *, idle_in_transaction_timeout_s: float | None = None) -> Engine:

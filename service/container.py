@@ -12,6 +12,7 @@ from jobs.store import JobStore
 from service.inference import ModelCache
 from service.job_service import JobService
 from service.observability import ApiMetrics
+from service.storage import StorageGuard
 
 
 @dataclass
@@ -35,7 +36,9 @@ class Services:
             store=store,
             artifacts=artifacts,
             broker=broker,
-            jobs=JobService(store, broker, artifacts, metrics, max_upload_bytes=settings.max_upload_bytes),
+            jobs=JobService(store, broker, artifacts, metrics, max_upload_bytes=settings.max_upload_bytes,
+                            storage=StorageGuard(store, artifacts, quota_bytes=settings.owner_quota_bytes,
+                                                 min_free_bytes=settings.min_free_bytes)),
             # The API answers queries on CPU; GPUs belong to the workers.
             models=ModelCache(artifacts, settings.inference_cache_size, device="cpu"),
             metrics=metrics,

@@ -8,6 +8,7 @@ per app (:class:`service.container.Services`); it holds no per-request state and
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import tempfile
 import uuid
@@ -25,6 +26,7 @@ from service import pagination
 from service.auth import Caller
 from service.errors import ProblemError
 from service.observability import ApiMetrics
+from service.storage import StorageGuard
 
 BROKER_RETRY_AFTER_S = 5
 UPLOAD_SUFFIXES = (".npy", ".csv", ".txt")
@@ -37,9 +39,10 @@ class JobService:
     """Jobs of the API: the job store for state, the broker for work, the artifact store for uploads."""
 
     def __init__(self, store: JobStore, broker: Broker, artifacts: ArtifactStore, metrics: ApiMetrics, *,
-                 max_upload_bytes: int):
+                 max_upload_bytes: int, storage: StorageGuard | None = None):
         self.store, self.broker, self.artifacts, self.metrics = store, broker, artifacts, metrics
         self.max_upload_bytes = max_upload_bytes
+        self.storage = storage  # disk space and owner quota (507); None: unchecked
 
     def submit(self, spec: dict[str, Any], caller: Caller, idempotency_key: str | None = None) -> tuple[Job, bool]:
         """Store a queued job for ``spec`` (a validated ``JobCreate`` dumped to JSON), then publish it.
@@ -48,7 +51,8 @@ class JobService:
         submission of the same spec. The message is published only after the row is committed, and
         a job the broker refused is deleted again, so a 503 leaves nothing behind.
         Raises ProblemError: 422 ``invalid-request`` (an uploaded data set the caller cannot see),
-        422 ``idempotency-key-reused`` (the key with another spec), 503 ``broker-unavailable``.
+        422 ``idempotency-key-reused`` (the key with another spec), 503 ``broker-unavailable``,
+        507 ``insufficient-storage`` / ``quota-exceeded`` (:class:`service.storage.StorageGuard`).
         """
         dataset = spec["dataset"]
         if dataset["name"] in UPLOAD_KINDS and not self._visible_dataset(dataset.get("id"), caller,
@@ -57,6 +61,8 @@ class JobService:
                                f"{dataset.get('id')!r}",
                                errors=[{"field": "dataset.id", "reason": f"unknown uploaded data set for "
                                                                           f"{dataset['name']!r}"}])
+        if self.storage is not None:
+            self.storage.admit(caller.owner)  # 507: artifact disk below its reserve, or owner over quota
         try:
             job, created = self.store.create_job(spec, idempotency_key=caller.idempotency_key(idempotency_key),
                                                  owner=caller.owner)
@@ -116,18 +122,25 @@ class JobService:
         rows, more = self.store.metrics_history(job, after_step=after, limit=limit)
         return rows, (pagination.encode("metrics", more) if more is not None else None)
 
-    def upload_dataset(self, filename: str | None, stream: BinaryIO, caller: Caller, kind: str = "array") -> Dataset:
+    def upload_dataset(self, filename: str | None, stream: BinaryIO, caller: Caller, kind: str = "array",
+                       dtype: str | None = None) -> tuple[Dataset, str]:
         """Validate and store an upload: ``kind="array"`` an (N, D) array (``.npy`` without pickles, or
         CSV) for ``{"name": "upload"}``; ``kind="series"`` time series (long CSV ``series_id, t, y1..yD``
         or ``.npz`` t/y/mask) for ``{"name": "series_upload"}``, stored as ``.npz`` with shape (N, T, D).
 
+        Precision (``dtype``: None or ``float16``/``float32``/``float64``): an array is stored in its
+        own dtype, at most float32, unless ``dtype`` asks (``node_engine.datasets.tabular.storage_dtype``);
+        series keep float64 times (strictly increasing times must stay so) and store their values as
+        float32 unless ``dtype`` asks. Returns ``(dataset row, stored dtype name)``.
+
         Validation is node_engine's own (arrays: 2-D, numeric, finite, 10+ rows, no constant column;
         series: finite, strictly increasing times per series, sizes; the row/series at fault named):
         the worker applies the same when it trains. Raises ProblemError: 422 ``invalid-dataset``
-        naming the reason, 413 ``upload-too-large`` past ``max_upload_bytes``.
+        naming the reason (also a value the asked ``dtype`` cannot hold), 413 ``upload-too-large``
+        past ``max_upload_bytes``, 507 ``insufficient-storage`` (disk) / ``quota-exceeded`` (owner).
         """
         from node_engine.datasets import timeseries
-        from node_engine.datasets.tabular import load_array
+        from node_engine.datasets.tabular import load_array, storage_dtype, validate_array
         from node_engine.errors import DatasetError
 
         suffix = Path(filename or "").suffix.lower()
@@ -142,25 +155,48 @@ class JobService:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / f"upload{suffix}"
             path.write_bytes(data)
+            del data  # the bytes live in the file now; do not hold two copies of a 64 MB upload
             try:
                 if kind == "series":
                     series = timeseries.load_series(path)
                 else:
-                    array = load_array(path)
+                    array = load_array(path, dtype=None)  # validated in its own dtype, not widened
             except DatasetError as exc:
                 raise _bad_upload(str(exc)) from None
             except (EOFError, UnicodeDecodeError):  # an empty .npy, a binary "CSV"
                 raise _bad_upload("empty, truncated or not UTF-8 text") from None
         dataset_id = uuid.uuid4().hex
         if kind == "series":
-            self.artifacts.put(dataset_key(dataset_id, "series_upload"), timeseries.save_npz(series))
-            shape = list(series.y.shape)
+            stored_dtype = np.dtype(dtype or "float32")
+            y = series.y.astype(stored_dtype)
+            if not np.isfinite(y).all():
+                raise _bad_dtype(dtype, "a value of y does not fit")
+            blob = timeseries.save_npz(dataclasses.replace(series, y=y))
+            key, shape = dataset_key(dataset_id, "series_upload"), list(series.y.shape)
         else:
+            stored_dtype = storage_dtype(array.dtype, dtype)
+            if stored_dtype != array.dtype:
+                try:  # a narrower float may overflow (inf) or merge a column's values (constant)
+                    array = validate_array(array.astype(stored_dtype), dtype=None)
+                except DatasetError as exc:
+                    raise _bad_dtype(dtype or stored_dtype.name, str(exc)) from None
             buf = io.BytesIO()
             np.save(buf, array, allow_pickle=False)
-            self.artifacts.put(dataset_key(dataset_id), buf.getvalue())
-            shape = list(array.shape)
-        return self.store.create_dataset(dataset_id, shape, (filename or "")[:255], owner=caller.owner)
+            blob, key, shape = buf.getvalue(), dataset_key(dataset_id), list(array.shape)
+        if self.storage is not None:
+            self.storage.admit(caller.owner, len(blob))
+        self.artifacts.put(key, blob)
+        try:
+            row = self.store.create_dataset(dataset_id, shape, (filename or "")[:255], owner=caller.owner)
+        except BaseException:
+            self.artifacts.delete(key)  # no row, no file (a full database disk must not leak artifacts)
+            raise
+        return row, stored_dtype.name
+
+
+def _bad_dtype(dtype: str | None, reason: str) -> ProblemError:
+    reason = f"cannot be stored as {dtype}: {reason}; upload with another dtype"
+    return ProblemError(422, "invalid-dataset", reason, errors=[{"field": "dtype", "reason": reason}])
 
 
 def _bad_upload(reason: str) -> ProblemError:

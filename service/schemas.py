@@ -363,6 +363,8 @@ class ForecastResponse(BaseModel):
 class DatasetPublic(BaseModel):
     id: str
     shape: list[int]
+    # how the values are stored: the upload's own dtype at most float32 unless asked (?dtype=)
+    dtype: str | None = None
 
 
 class Problem(BaseModel):

@@ -185,6 +185,8 @@ def make_settings(tmp_path: Path, broker_url: str, queue_name: str) -> Callable[
             device="cpu",
             broker_timeout_s=2.0,
             cancel_poll_s=0.05,
+            # most tests run the API without a worker; tests/reliability/test_storage.py checks the worker check
+            ready_requires_worker=False,
         )
         values.update(overrides)
         return Settings(**values)

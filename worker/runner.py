@@ -27,6 +27,7 @@ from jobs.artifacts import (
     checkpoint_key,
     dataset_key,
     latest_checkpoint,
+    save_checkpoint,
 )
 from jobs.leases import LeaseKeeper
 from jobs.settings import Settings, get_settings
@@ -125,7 +126,7 @@ def _make_callbacks(ctx: WorkerContext, job: Job, token: int, trainer: Any, leas
         def on_checkpoint(self, name: str, data: bytes) -> None:
             self.flush()  # the history must reach the checkpoint's step before the checkpoint exists
             if not self.lost:  # a cancelled job keeps its last checkpoint; a superseded one writes nothing
-                ctx.artifacts.put(checkpoint_key(job.id, name), data)
+                save_checkpoint(ctx.artifacts, job.id, name, data, keep=ctx.settings.checkpoint_keep)  # + retention
 
         def should_stop(self) -> bool:
             if _shutdown.is_set():

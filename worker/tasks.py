@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 from celery import shared_task
 from celery.exceptions import Reject
 from celery.signals import worker_ready, worker_shutting_down
 
 from jobs.queue import TRAIN_TASK
+from jobs.workers import Heartbeat
 from worker.runner import request_shutdown, run_job, worker_context
 
 
@@ -23,11 +26,21 @@ def train(job_id: str) -> str:
     return status
 
 
+_heartbeat: list[Heartbeat] = []  # this process's heartbeat thread, once ready
+
+
 @worker_ready.connect
-def _open_stores(**_: object) -> None:
-    worker_context()  # create the schema and connect before the first job arrives
+def _open_stores(sender: object = None, **_: object) -> None:
+    ctx = worker_context()  # create the schema and connect before the first job arrives
+    # liveness for /readyz (jobs.workers): beats from a thread, also while a job trains
+    name = str(getattr(sender, "hostname", None) or f"worker-{os.getpid()}")
+    beat = Heartbeat(ctx.store, name, ctx.settings.queue, ctx.settings.worker_heartbeat_s)
+    beat.start()
+    _heartbeat.append(beat)
 
 
 @worker_shutting_down.connect
 def _stop_training(**_: object) -> None:
     request_shutdown()
+    while _heartbeat:
+        _heartbeat.pop().stop()

@@ -14,18 +14,30 @@ router = APIRouter(prefix="/datasets", tags=["datasets"])
 
 
 @router.post("", status_code=201, response_model=DatasetPublic,
-             responses={**PROBLEMS, 413: {"model": Problem, "description": "file too large"}})
+             responses={**PROBLEMS, 413: {"model": Problem, "description": "file too large"},
+                        507: {"model": Problem, "description": "artifact disk full or owner quota exceeded"}})
 def upload_dataset(
     file: Annotated[UploadFile, File(description="N x D array (.npy, CSV) or time series (long CSV, .npz)")],
     jobs: JobServiceDep,
     caller: CallerDep,
     kind: Annotated[Literal["array", "series"], Query(description="array: N x D points; series: time series")] = "array",
+    dtype: Annotated[Literal["float16", "float32", "float64"] | None,
+                     Query(description="store the values as this dtype (default: the upload's own, at most float32)")]
+    = None,
 ) -> DatasetPublic:
     """Validate and store a data set. ``kind=array`` (default): 2-D, numeric, finite, 10+ rows, no
     constant column; use it as ``{"dataset": {"name": "upload", "id": <id>}}``. ``kind=series``: long
     CSV ``series_id, t, y1, ..., yD`` (empty cell = missing) or ``.npz`` (``t`` (N, T), ``y`` (N, T, D),
     optional ``mask``); times strictly increasing per series; use it as
     ``{"dataset": {"name": "series_upload", "id": <id>}}``; its shape is (N, T, D).
+
+    Stored precision (the answer's ``dtype``): an array keeps its own dtype when it is no wider than
+    float32 (bool, int8..int32, float16, float32); float64 and 64-bit integers are stored as float32
+    unless ``dtype=float64`` asks; series values are float32 unless asked (times stay float64).
+    Training reads every stored dtype as float64. 422 (field ``dtype``) when the values do not fit
+    the asked dtype (float16 overflow, a column made constant by rounding).
+    507 ``insufficient-storage``: the artifact disk is full or below ``ODEFORGE_MIN_FREE_BYTES``;
+    507 ``quota-exceeded``: the caller's uploads and checkpoints would pass ``ODEFORGE_OWNER_QUOTA_BYTES``.
     """
-    dataset = jobs.upload_dataset(file.filename, file.file, caller, kind)
-    return DatasetPublic(id=dataset.id, shape=list(dataset.shape))
+    dataset, stored = jobs.upload_dataset(file.filename, file.file, caller, kind, dtype)
+    return DatasetPublic(id=dataset.id, shape=list(dataset.shape), dtype=stored)

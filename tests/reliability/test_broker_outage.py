@@ -55,7 +55,7 @@ def test_broker_down_answers_503_and_work_resumes_when_it_returns(make_settings,
     settings = make_settings(broker_url=private_redis.url, broker_timeout_s=1.0, reconcile_every_s=0.5,
                              requeue_queued_after_s=1.0)
     with TestClient(create_app(settings)) as client:
-        assert client.get("/readyz").json() == {"database": "ok", "broker": "ok"}
+        assert client.get("/readyz").json().items() >= {"database": "ok", "broker": "ok"}.items()
         queued = client.post("/v1/jobs", json=TINY).json()["id"]  # no worker yet: waits in the queue
 
         private_redis.kill()  # the broker crashes and loses its queue

@@ -349,7 +349,7 @@ def test_broker_down_is_503_and_leaves_nothing(make_settings, database_url):
 
 
 def test_readyz_healthz_prometheus_and_openapi(client):
-    assert client.get("/readyz").json() == {"database": "ok", "broker": "ok"}
+    assert client.get("/readyz").json().items() >= {"database": "ok", "broker": "ok"}.items()
     client.post("/v1/jobs", json=TINY)
     text = client.get("/metrics").text
     assert 'odeforge_jobs{status="queued"} 1.0' in text

@@ -37,12 +37,20 @@ def test_keys_cannot_escape_the_root(tmp_path, key):
 
 
 def test_symlink_out_of_the_root_is_refused(tmp_path):
+    # a planted link reads as "no such artifact" (404/409 over HTTP), never as its target
     store = LocalArtifactStore(tmp_path / "a")
     (tmp_path / "outside").mkdir()
     (tmp_path / "outside" / "secret").write_bytes(b"s")
     os.symlink(tmp_path / "outside", tmp_path / "a" / "link")
-    with pytest.raises(InvalidArtifactKey):
-        store.get("link/secret")
+    os.symlink(tmp_path / "outside" / "secret", tmp_path / "a" / "file-link")
+    for key in ("link/secret", "file-link"):
+        with pytest.raises(FileNotFoundError):
+            store.get(key)
+        assert not store.exists(key) and store.size(key) == 0
+    assert store.list("link") == []
+    with pytest.raises(FileNotFoundError):
+        store.put("link/new", b"x")
+    assert not (tmp_path / "outside" / "new").exists()
 
 
 def test_job_spec_defaults_match_the_architecture_contract():
