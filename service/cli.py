@@ -53,26 +53,43 @@ def serve(
     port: int = typer.Option(8000, help="TCP port of the API"),
     data_dir: Path = typer.Option(Path("odeforge-data"), help="job store, artifacts and broker data"),
 ) -> None:
-    """Embedded service: API, one worker and a private Redis broker; all data under DATA_DIR."""
-    from service.embedded import EmbeddedBroker, embedded_env, spawn, stop
+    """Embedded service: API, one worker and a private Redis broker; all data under DATA_DIR.
+
+    The worker and the broker are supervised: one that dies is restarted (logged with its exit code)
+    after a backoff, at most ODEFORGE_SUPERVISE_MAX_RESTARTS times a minute (service.embedded).
+    """
+    import logging
+
+    from jobs.settings import Settings
+    from service.embedded import Child, EmbeddedBroker, Supervisor, embedded_env, spawn
 
     data_dir = data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
+    if not logging.getLogger("odeforge.serve").handlers:  # supervision events on stderr, next to uvicorn's
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logging.getLogger("odeforge.serve").addHandler(handler)
+        logging.getLogger("odeforge.serve").setLevel(logging.INFO)
     broker = EmbeddedBroker(data_dir)
-    broker.start()
     os.environ.update(embedded_env(data_dir, broker.url))
-    worker = None
+    settings = Settings()
+    limits = dict(backoff_s=settings.supervise_backoff_s, max_restarts=settings.supervise_max_restarts)
+    children = [Child("redis-server", broker.start, **limits),
+                Child("worker", lambda: spawn([sys.executable, "-m", "worker"], dict(os.environ),
+                                              data_dir / "worker.log"), **limits)]
+    supervisor = Supervisor(children)
     # uvicorn re-raises the SIGTERM/SIGINT it caught once it has shut down; turning that into
     # SystemExit lets the `finally` below stop the worker and then the broker in order.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
-        worker = spawn([sys.executable, "-m", "worker"], dict(os.environ), data_dir / "worker.log")
+        for child in children:
+            child.start()
+        supervisor.start()
         console.print(f"[bold]odeforge[/] serving on http://{host}:{port}  (data: {data_dir}, worker log: "
                       f"{data_dir / 'worker.log'})")
         _run_api(host, port)
     finally:
-        stop(worker)
-        broker.stop()
+        supervisor.shutdown()  # no more restarts; then the worker, then the broker
 
 
 def _run_api(host: str, port: int) -> None:

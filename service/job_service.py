@@ -177,7 +177,9 @@ class JobService:
             stored_dtype = storage_dtype(array.dtype, dtype)
             if stored_dtype != array.dtype:
                 try:  # a narrower float may overflow (inf) or merge a column's values (constant)
-                    array = validate_array(array.astype(stored_dtype), dtype=None)
+                    with np.errstate(over="ignore"):
+                        narrowed = array.astype(stored_dtype)
+                    array = validate_array(narrowed, dtype=None)
                 except DatasetError as exc:
                     raise _bad_dtype(dtype or stored_dtype.name, str(exc)) from None
             buf = io.BytesIO()

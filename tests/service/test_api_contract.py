@@ -296,8 +296,14 @@ def test_dataset_upload_npy_and_csv_then_usable_in_a_job(client, settings):
     resp = client.post("/v1/datasets", files={"file": ("points.npy", _npy(data), "application/octet-stream")})
     assert resp.status_code == 201, resp.text
     ds = resp.json()
-    assert ds["shape"] == [40, 2]
+    assert ds["shape"] == [40, 2] and ds["dtype"] == "float32"  # float64 is stored as float32 unless asked
     stored = np.load(settings.artifact_dir / "datasets" / f"{ds['id']}.npy", allow_pickle=False)
+    assert stored.dtype == np.float32
+    np.testing.assert_array_equal(stored, data.astype(np.float32))
+    resp = client.post("/v1/datasets?dtype=float64",
+                       files={"file": ("points.npy", _npy(data), "application/octet-stream")})
+    assert resp.status_code == 201 and resp.json()["dtype"] == "float64"
+    stored = np.load(settings.artifact_dir / "datasets" / f"{resp.json()['id']}.npy", allow_pickle=False)
     np.testing.assert_array_equal(stored, data)
     csv = "x,y,z\n" + "\n".join(",".join(f"{v:.6f}" for v in row) for row in rng.normal(size=(12, 3)))
     resp = client.post("/v1/datasets", files={"file": ("points.csv", csv.encode(), "text/csv")})
