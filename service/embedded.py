@@ -167,7 +167,7 @@ class Child:
             self.restart_at = now + self.delay()
             log.error("%s exited with code %s after %.1f s; restarting in %.1f s", self.name, code, lived,
                       self.restart_at - now)
-        while self.restarts and now - self.restarts[0] > WINDOW_S:
+        while self.restarts and now - self.restarts[0] >= WINDOW_S:
             self.restarts.popleft()
         if now < self.restart_at:
             return

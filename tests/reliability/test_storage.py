@@ -13,9 +13,7 @@ import io
 import os
 import shutil
 import subprocess
-import sys
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +25,7 @@ from jobs.store import JobStore
 from jobs.tables import make_engine, make_sessionmaker
 from jobs.workers import Heartbeat
 from service.app import create_app
-from tests.conftest import REPO, settings_env, stop_process, wait_for_job, wait_for_line
+from worker.runner import WorkerContext, run_job
 
 pytestmark = pytest.mark.redis
 
@@ -149,26 +147,35 @@ def test_prune_keeps_the_newest_k_periodic_checkpoints_and_the_final(tmp_path):
         prune_checkpoints(store, "j", keep=0)
 
 
-@pytest.mark.services
-@pytest.mark.slow
-def test_a_real_worker_keeps_only_the_last_k_checkpoints(make_settings, tmp_path):
+class RecordingStore(LocalArtifactStore):
+    """The real local store, remembering every key written (to know what retention deleted)."""
+
+    def __init__(self, root):
+        super().__init__(root)
+        self.written: list[str] = []
+
+    def put(self, key: str, data: bytes) -> None:
+        super().put(key, data)
+        self.written.append(key.rsplit("/", 1)[-1])
+
+
+def test_the_worker_keeps_only_the_last_k_checkpoints_and_the_list_shows_them(make_settings, redis_client, queue_name):
     settings = make_settings(checkpoint_keep=2)
-    env = {**settings_env(settings), "ODEFORGE_CHECKPOINT_KEEP": "2"}
-    log = tmp_path / "worker.log"
-    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "worker", "--name", f"keep-{uuid.uuid4().hex[:6]}@%h"],
-                            env=env, cwd=REPO, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
-    try:
-        wait_for_line(log, " ready.", proc, timeout=90)
-        with TestClient(create_app(settings)) as client:
-            spec = {**TINY, "training": {"iterations": 6, "batch_size": 32, "eval_every": 6, "checkpoint_every": 1}}
-            job = client.post("/v1/jobs", json=spec).json()["id"]
-            wait_for_job(client, job, ("succeeded",), timeout=120)
-            names = [c["name"] for c in client.get(f"/v1/jobs/{job}/checkpoints").json()["checkpoints"]]
-            # six periodic checkpoints were written (one a step); the last two and the final remain
-            assert names == ["final.safetensors", "step-000005.safetensors", "step-000006.safetensors"], names
-            assert client.post(f"/v1/jobs/{job}/samples", json={"n": 3, "seed": 0}).status_code == 200
-    finally:
-        stop_process(proc)
+    spec = {"model": {"type": "planar", "num_layers": 2}, "dataset": {"name": "moons", "n_samples": 256},
+            "training": {"iterations": 6, "batch_size": 32, "eval_every": 6, "checkpoint_every": 1}}
+    with TestClient(create_app(settings)) as client:
+        job = client.post("/v1/jobs", json=spec).json()["id"]
+        redis_client.delete(queue_name)  # the worker's code runs here, in-process (what the task calls)
+        artifacts = RecordingStore(settings.artifact_dir)
+        ctx = WorkerContext(settings, JobStore(make_sessionmaker(make_engine(settings.database_url))), artifacts)
+        assert run_job(job, ctx) == "succeeded"
+        periodic = [f"step-{s:06d}.safetensors" for s in range(1, 6)]  # every step but the last, which is final
+        assert artifacts.written == [*periodic, "final.safetensors"]
+        names = [c["name"] for c in client.get(f"/v1/jobs/{job}/checkpoints").json()["checkpoints"]]
+        assert names == ["final.safetensors", *periodic[-2:]], names
+        assert sorted(p.name for p in (settings.artifact_dir / "jobs" / job / "checkpoints").iterdir()) == names
+        assert client.post(f"/v1/jobs/{job}/samples", json={"n": 3, "seed": 0}).status_code == 200
+        ctx.store.close()
 
 
 # ---- a full disk --------------------------------------------------------------------------------
