@@ -296,6 +296,18 @@ class JobStore:
                                                                         .where(match(Dataset.owner)))]
         return job_ids, datasets
 
+    def delete_dataset(self, dataset_id: str) -> list[str]:
+        """Delete data set row ``dataset_id`` unless a queued or running job uses it.
+
+        Returns the ids of the active jobs that use it (then nothing is deleted); [] once deleted.
+        """
+        with self._sessions.begin() as s:
+            active = s.execute(select(Job.id, Job.spec).where(Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING])))
+            users = [job_id for job_id, spec in active if ((spec or {}).get("dataset") or {}).get("id") == dataset_id]
+            if not users:
+                s.execute(delete(Dataset).where(Dataset.id == dataset_id))
+            return users
+
     def beat(self, name: str, queue: str, pid: int) -> None:
         """Record that worker ``name`` (consuming ``queue``) is alive now."""
         now = utcnow()

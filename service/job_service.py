@@ -17,7 +17,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from jobs.artifacts import ArtifactStore, dataset_key
+from jobs.artifacts import ArtifactStore, checkpoint_key, dataset_key
 from jobs.queue import Broker, BrokerUnavailable
 from jobs.status import JobStatus
 from jobs.store import IdempotencyConflict, JobStore
@@ -194,6 +194,34 @@ class JobService:
             self.artifacts.delete(key)  # no row, no file (a full database disk must not leak artifacts)
             raise
         return row, stored_dtype.name
+
+
+    def delete_dataset(self, dataset_id: str, caller: Caller) -> None:
+        """Delete an uploaded data set (row and file), freeing its bytes of the owner's quota.
+
+        Raises ProblemError: 404 ``dataset-not-found`` (unknown or another API key's), 409
+        ``dataset-in-use`` while a queued or running job trains on it (naming the jobs).
+        """
+        ds = self.store.get_dataset(dataset_id)
+        if ds is None or not caller.may_see(ds.owner):
+            raise ProblemError(404, "dataset-not-found", f"no uploaded data set with id {dataset_id!r}")
+        users = self.store.delete_dataset(dataset_id)
+        if users:
+            raise ProblemError(409, "dataset-in-use", f"data set {dataset_id} is used by active job(s) "
+                               f"{', '.join(users[:5])}; cancel them or wait until they end")
+        for name, rank in UPLOAD_KINDS.items():
+            if len(ds.shape or ()) == rank:
+                self.artifacts.delete(dataset_key(dataset_id, name))
+
+    def delete_checkpoint(self, job: Job, name: str) -> None:
+        """Delete checkpoint ``name`` of a finished job (freeing quota). 409 ``job-active`` while the
+        job is queued or running (it resumes from its newest checkpoint); 404 when there is none."""
+        if not job.status.terminal:
+            raise ProblemError(409, "job-active", f"job {job.id} is {job.status}; its checkpoints are deleted "
+                               "only once it has ended")
+        if not self.artifacts.exists(checkpoint_key(job.id, name)):
+            raise ProblemError(404, "checkpoint-not-found", f"job {job.id} has no checkpoint {name!r}")
+        self.artifacts.delete(checkpoint_key(job.id, name))
 
 
 def _bad_dtype(dtype: str | None, reason: str) -> ProblemError:

@@ -1,4 +1,4 @@
-"""``/v1/jobs/{id}/checkpoints``: list and download safetensors checkpoints."""
+"""``/v1/jobs/{id}/checkpoints``: list, download and delete (finished jobs) safetensors checkpoints."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import re
 from fastapi import APIRouter, Response
 
 from jobs.artifacts import checkpoint_key, checkpoint_prefix
-from service.deps import ArtifactsDep, JobDep
+from service.deps import ArtifactsDep, JobDep, JobServiceDep
 from service.errors import ProblemError
 from service.routers.jobs import PROBLEMS
-from service.schemas import CheckpointInfo, CheckpointsPublic
+from service.schemas import CheckpointInfo, CheckpointsPublic, Problem
 
 router = APIRouter(prefix="/jobs", tags=["checkpoints"])
 
@@ -46,3 +46,15 @@ def download_checkpoint(job: JobDep, name: str, artifacts: ArtifactsDep) -> Resp
         raise missing from None
     return Response(data, media_type="application/octet-stream",
                     headers={"Content-Disposition": f'attachment; filename="{job.id}-{name}"'})
+
+
+@router.delete("/{job_id}/checkpoints/{name}", status_code=204, response_class=Response,
+               responses={**PROBLEMS, 409: {"model": Problem, "description": "the job is queued or running"}})
+def delete_checkpoint(job: JobDep, name: str, jobs: JobServiceDep) -> Response:
+    """Delete a checkpoint of a finished job (its bytes leave the owner's ``ODEFORGE_OWNER_QUOTA_BYTES``).
+    409 ``job-active`` while the job is queued or running; 404 ``checkpoint-not-found``. Inference
+    then answers from the newest checkpoint left (409 ``no-checkpoint`` when none is)."""
+    if not _NAME.match(name):
+        raise ProblemError(404, "checkpoint-not-found", f"job {job.id} has no checkpoint {name!r}")
+    jobs.delete_checkpoint(job, name)
+    return Response(status_code=204)

@@ -1,10 +1,11 @@
-"""``/v1/datasets``: upload an (N, D) array (``.npy`` or CSV) for density models, or time series (``?kind=series``)."""
+"""``/v1/datasets``: upload an (N, D) array (``.npy`` or CSV) for density models, or time series
+(``?kind=series``); delete one (``DELETE /v1/datasets/{id}``)."""
 
 from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, File, Query, UploadFile
+from fastapi import APIRouter, File, Path, Query, Response, UploadFile
 
 from service.deps import CallerDep, JobServiceDep
 from service.routers.jobs import PROBLEMS
@@ -41,3 +42,13 @@ def upload_dataset(
     """
     dataset, stored = jobs.upload_dataset(file.filename, file.file, caller, kind, dtype)
     return DatasetPublic(id=dataset.id, shape=list(dataset.shape), dtype=stored)
+
+
+@router.delete("/{dataset_id}", status_code=204, response_class=Response,
+               responses={**PROBLEMS, 409: {"model": Problem, "description": "a queued or running job uses it"}})
+def delete_dataset(dataset_id: Annotated[str, Path(max_length=64)], jobs: JobServiceDep, caller: CallerDep) -> Response:
+    """Delete an uploaded data set (its bytes leave the caller's ``ODEFORGE_OWNER_QUOTA_BYTES``).
+    404 ``dataset-not-found`` (unknown or another key's); 409 ``dataset-in-use`` while a queued or
+    running job trains on it. Finished jobs keep their checkpoints and results."""
+    jobs.delete_dataset(dataset_id, caller)
+    return Response(status_code=204)

@@ -130,6 +130,26 @@ def test_owner_quota_counts_uploads_and_checkpoints_and_answers_507(make_setting
         assert_problem(client.post("/v1/jobs", json=TINY, headers=alice), 507, "quota-exceeded", "quota")
         assert client.post("/v1/jobs", json=TINY, headers=bob).status_code == 202
 
+        # freeing space: a queued job's checkpoints stay (it would resume from them); a finished one's go
+        ckpt = f"/v1/jobs/{job}/checkpoints/step-000002.safetensors"
+        assert_problem(client.delete(ckpt, headers=alice), 409, "job-active")
+        assert_problem(client.delete(ckpt, headers=bob), 404, "job-not-found")
+        client.post(f"/v1/jobs/{job}/cancel", headers=alice)
+        assert client.delete(ckpt, headers=alice).status_code == 204
+        assert_problem(client.delete(ckpt, headers=alice), 404, "checkpoint-not-found")
+        assert client.post("/v1/jobs", json=TINY, headers=alice).status_code == 202
+        # a data set: not another key's, not while an active job trains on it, then gone with its file
+        ds = first.json()["id"]
+        assert_problem(client.delete(f"/v1/datasets/{ds}", headers=bob), 404, "dataset-not-found")
+        user = client.post("/v1/jobs", headers=alice, json={"model": {"type": "planar"},
+                                                            "dataset": {"name": "upload", "id": ds}}).json()["id"]
+        body = assert_problem(client.delete(f"/v1/datasets/{ds}", headers=alice), 409, "dataset-in-use")
+        assert user in body["detail"]
+        client.post(f"/v1/jobs/{user}/cancel", headers=alice)
+        assert client.delete(f"/v1/datasets/{ds}", headers=alice).status_code == 204
+        assert not stored(settings, ds).exists()
+        assert upload(client, rows, headers=alice).status_code == 201  # room again
+
 
 # ---- retention ------------------------------------------------------------------------------------
 def test_prune_keeps_the_newest_k_periodic_checkpoints_and_the_final(tmp_path):
