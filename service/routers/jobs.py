@@ -22,7 +22,8 @@ PROBLEMS = {
     "",
     status_code=202,
     response_model=JobPublic,
-    responses={**PROBLEMS, 503: {"model": Problem, "description": "message broker unreachable"}},
+    responses={**PROBLEMS, 503: {"model": Problem, "description": "message broker unreachable"},
+               507: {"model": Problem, "description": "artifact or database disk full, or owner quota exceeded"}},
 )
 def submit_job(
     body: JobCreate,
@@ -35,6 +36,8 @@ def submit_job(
 
     A repeated request with the same ``Idempotency-Key`` and body returns the job created first
     (the key with another body is a 422). When the broker is down the job is not kept: 503.
+    507 ``insufficient-storage`` (a disk full or below ``ODEFORGE_MIN_FREE_BYTES``) or
+    ``quota-exceeded`` (the caller's uploads and checkpoints at ``ODEFORGE_OWNER_QUOTA_BYTES``).
     """
     job, created = jobs.submit(body.model_dump(mode="json"), caller, idempotency_key)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
