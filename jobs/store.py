@@ -309,11 +309,13 @@ class JobStore:
             return users
 
     def beat(self, name: str, queue: str, pid: int) -> None:
-        """Record that worker ``name`` (consuming ``queue``) is alive now."""
+        """Record that worker ``name`` (consuming ``queue``) is alive now; rows of workers silent for
+        a day (killed ones never delete theirs) are removed on the way."""
         now = utcnow()
         with self._sessions.begin() as s:
             if s.execute(update(WorkerBeat).where(WorkerBeat.name == name).values(beat_at=now)).rowcount == 0:
                 s.add(WorkerBeat(name=name, queue=queue, pid=pid, started_at=now, beat_at=now))
+            s.execute(delete(WorkerBeat).where(WorkerBeat.beat_at < now - timedelta(days=1)))
 
     def forget_worker(self, name: str) -> None:
         """Remove a worker's heartbeat row (its clean stop)."""
