@@ -170,7 +170,7 @@ class JobService:
             stored_dtype = np.dtype(dtype or "float32")
             y = series.y.astype(stored_dtype)
             if not np.isfinite(y).all():
-                raise _bad_dtype(dtype, "a value of y does not fit")
+                raise _bad_dtype(stored_dtype.name, "a value of y does not fit")
             blob = timeseries.save_npz(dataclasses.replace(series, y=y))
             key, shape = dataset_key(dataset_id, "series_upload"), list(series.y.shape)
         else:
@@ -194,7 +194,6 @@ class JobService:
             self.artifacts.delete(key)  # no row, no file (a full database disk must not leak artifacts)
             raise
         return row, stored_dtype.name
-
 
     def delete_dataset(self, dataset_id: str, caller: Caller) -> None:
         """Delete an uploaded data set (row and file), freeing its bytes of the owner's quota.
