@@ -106,6 +106,23 @@ def test_asked_precision_is_kept_and_a_value_it_cannot_hold_is_422(make_settings
         assert list((settings.artifact_dir / "datasets").iterdir()) == [stored(settings, resp.json()["id"])]
 
 
+def test_series_store_values_as_float32_and_times_as_float64_unless_asked(make_settings):
+    settings = make_settings()
+    rng = np.random.default_rng(6)
+    t = np.cumsum(rng.uniform(0.1, 1.0, size=(4, 12)), axis=1)
+    y = rng.normal(size=(4, 12, 2))
+    buf = io.BytesIO()
+    np.savez(buf, t=t, y=y)
+    with TestClient(create_app(settings)) as client:
+        for query, y_dtype in (("?kind=series", np.float32), ("?kind=series&dtype=float64", np.float64)):
+            resp = client.post(f"/v1/datasets{query}", files={"file": ("s.npz", buf.getvalue(), "application/zip")})
+            assert resp.status_code == 201 and resp.json()["dtype"] == np.dtype(y_dtype).name, resp.text
+            with np.load(settings.artifact_dir / "datasets" / f"{resp.json()['id']}.npz") as saved:
+                assert saved["t"].dtype == np.float64 and saved["y"].dtype == y_dtype
+                np.testing.assert_array_equal(saved["t"], t)  # times exact: strictly increasing stays so
+                np.testing.assert_allclose(saved["y"], y, rtol=2 ** -24)  # float32 rounding, relative 6e-8
+
+
 # ---- quota ----------------------------------------------------------------------------------------
 def test_owner_quota_counts_uploads_and_checkpoints_and_answers_507(make_settings):
     quota = 100_000
