@@ -240,3 +240,13 @@ def save_checkpoint(store: ArtifactStore, job_id: str, name: str, data: bytes, *
     (:func:`prune_checkpoints`). Raises InsufficientStorage when the disk is full."""
     store.put(checkpoint_key(job_id, name), data)
     prune_checkpoints(store, job_id, keep)
+
+
+def plots_prefix(job_id: str) -> str:
+    """The folder key of a job's cached figures (``service.plots``; removed with the job)."""
+    return f"jobs/{job_id}/plots"
+
+
+def plot_key(job_id: str, name: str) -> str:
+    """The key of cached figure ``name`` (``density-final-v1.png``) of a job."""
+    return f"{plots_prefix(job_id)}/{name}"
