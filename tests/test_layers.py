@@ -23,10 +23,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 # package -> the top-level packages of this repository it must never import
 FORBIDDEN = {
-    "node_engine": {"jobs", "service", "worker"},
-    "jobs": {"service", "worker", "node_engine"},
+    "odeforge": {"node_engine", "jobs", "service", "worker"},  # the HTTP client: talks to the API only
+    "node_engine": {"jobs", "service", "worker", "odeforge"},
+    "jobs": {"service", "worker", "node_engine", "odeforge"},
     "service": {"worker"},
-    "worker": {"service"},
+    "worker": {"service", "odeforge"},
 }
 
 
