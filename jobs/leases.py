@@ -34,11 +34,12 @@ import logging
 import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy import ColumnElement, and_, func, select, text, update
 from sqlalchemy.exc import OperationalError
 
+from jobs import events
 from jobs.status import TERMINAL, JobStatus
 from jobs.tables import Job, utcnow
 
@@ -64,6 +65,13 @@ def _exhausted(attempts: int, max_attempts: int, now: datetime) -> dict:
               f"training this job stopped renewing its lease without finishing it (killed, out of memory, or hung)")
     return dict(status=JobStatus.FAILED, token=Job.token + 1, lease_expires_at=None, finished_at=now, updated_at=now,
                 error_type=ATTEMPTS_EXHAUSTED, error_detail=detail)
+
+
+def _failed_event(s: Any, job_seq: int, attempts: int, max_attempts: int) -> None:
+    """The event log's result + failed status of a poison job (see :func:`_exhausted`)."""
+    values = _exhausted(attempts, max_attempts, utcnow())
+    metrics = s.scalar(select(Job.metrics).where(Job.seq == job_seq))
+    events.terminal(s, job_seq, JobStatus.FAILED, metrics=metrics, error=(values["error_type"], values["error_detail"]))
 
 
 def fenced(job_seq: int, token: int, status: JobStatus = JobStatus.RUNNING) -> ColumnElement[bool]:
@@ -111,12 +119,15 @@ def claim(sessions: "sessionmaker", job_id: str, *, lease: timedelta, max_attemp
         same = fenced(row.seq, row.token, row.status)
         if row.attempts >= max_attempts:
             res = s.execute(update(Job).where(same).values(**_exhausted(row.attempts, max_attempts, now)))
+            if res.rowcount == 1:
+                _failed_event(s, row.seq, row.attempts, max_attempts)
             return Claim(None, "exhausted" if res.rowcount == 1 else "raced")
         res = s.execute(update(Job).where(same).values(
             status=JobStatus.RUNNING, token=Job.token + 1, attempts=Job.attempts + 1, updated_at=now,
             lease_expires_at=now + lease, started_at=func.coalesce(Job.started_at, now)))
         if res.rowcount != 1:
             return Claim(None, "raced")
+        events.status(s, row.seq, JobStatus.RUNNING, attempt=row.attempts + 1)
     return Claim(row.token + 1, "claimed")
 
 
@@ -141,6 +152,8 @@ def release(sessions: "sessionmaker", job_seq: int, token: int) -> bool:
             .values(status=JobStatus.QUEUED, token=Job.token + 1, attempts=Job.attempts - 1, lease_expires_at=None,
                     updated_at=utcnow())
         )
+        if res.rowcount == 1:
+            events.status(s, job_seq, JobStatus.QUEUED, reason="worker shutting down")
         return res.rowcount == 1
 
 
@@ -198,6 +211,7 @@ def reconcile(
                 if row.attempts >= max_attempts:
                     res = s.execute(update(Job).where(same).values(**_exhausted(row.attempts, max_attempts, now)))
                     if res.rowcount == 1:
+                        _failed_event(s, row.seq, row.attempts, max_attempts)
                         report.failed.append(row.id)
                     continue
                 # A new token fences the lost worker out, should it come back (paused VM, partition).
@@ -205,6 +219,7 @@ def reconcile(
                     status=JobStatus.QUEUED, token=Job.token + 1, lease_expires_at=None, updated_at=now))
                 if res.rowcount != 1:
                     continue
+                events.status(s, row.seq, JobStatus.QUEUED, reason="worker lost (lease expired)")
         except OperationalError as exc:
             if not _is_lock_timeout(exc):
                 raise

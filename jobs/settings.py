@@ -92,6 +92,11 @@ class Settings(BaseSettings):
     # Inference: how many loaded checkpoints the API keeps in memory (LRU).
     inference_cache_size: int = Field(8, ge=1, le=1024)
 
+    # Event stream (GET /v1/jobs/{id}/events): how often it polls the job store for new events, and
+    # how often it sends a heartbeat comment while nothing happens (keeps proxies from closing it).
+    events_poll_s: float = Field(1.0, gt=0, le=60)
+    events_heartbeat_s: float = Field(15.0, gt=0, le=300)
+
     # Worker lease: a claim is valid this long and renewed by a heartbeat every third of it (seconds).
     lease_s: float = Field(600.0, ge=5.0, le=86_400.0)
     # Worker: how often (seconds) the training loop re-reads the job row for a cancel request.

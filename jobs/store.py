@@ -11,18 +11,18 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, Iterable
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import and_, delete, exists, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import sessionmaker
 
-from jobs import leases
+from jobs import events, leases
 from jobs.leases import fenced
 from jobs.settings import Settings
 from jobs.status import JobStatus
-from jobs.tables import Dataset, Job, JobMetric, init_db, make_engine, make_sessionmaker, utcnow
+from jobs.tables import Dataset, Job, JobMetric, JobTag, init_db, make_engine, make_sessionmaker, utcnow
 
 
 class IdempotencyConflict(Exception):
@@ -90,6 +90,9 @@ class JobStore:
         try:
             with self._sessions.begin() as s:
                 s.add(job)
+                s.flush()  # job.seq for the tags and the first event
+                s.add_all(JobTag(job_seq=job.seq, tag=t) for t in dict.fromkeys(spec.get("tags") or ()))
+                events.status(s, job.seq, JobStatus.QUEUED)
         except IntegrityError:
             # Two submissions with one key raced; the other insert won.
             existing = self._by_key(idempotency_key) if idempotency_key else None
@@ -109,7 +112,8 @@ class JobStore:
         return job
 
     def delete_job(self, job_id: str) -> None:
-        """Remove a job that could not be enqueued (the submission is answered 503 and leaves nothing)."""
+        """Remove job ``job_id``'s row with its metric rows, events and tags (foreign keys cascade):
+        a submission the broker refused (answered 503), or ``DELETE /v1/jobs/{id}``."""
         with self._sessions.begin() as s:
             s.execute(delete(Job).where(Job.id == job_id))
 
@@ -118,14 +122,23 @@ class JobStore:
             return s.scalar(select(Job).where(Job.id == job_id))
 
     def list_jobs(
-        self, *, status: JobStatus | None = None, limit: int = 50, before_seq: int | None = None, owner: str | None = None
+        self, *, status: JobStatus | None = None, limit: int = 50, before_seq: int | None = None, owner: str | None = None,
+        tag: str | None = None, name: str | None = None,
     ) -> tuple[list[Job], int | None]:
-        """Newest first (only ``owner``'s when given). Returns ``(jobs, next_before_seq)``; None on the last page."""
+        """Newest first (only ``owner``'s when given). Returns ``(jobs, next_before_seq)``; None on the last page.
+
+        ``tag``: only jobs carrying that tag (exact); ``name``: only jobs whose spec ``name`` contains
+        ``name``, case-insensitively (``%`` and ``_`` match themselves).
+        """
         q = select(Job).order_by(Job.seq.desc()).limit(limit + 1)
         if owner is not None:
             q = q.where(Job.owner == owner)
         if status is not None:
             q = q.where(Job.status == status)
+        if tag is not None:
+            q = q.where(exists().where(JobTag.job_seq == Job.seq, JobTag.tag == tag))
+        if name is not None:
+            q = q.where(Job.spec["name"].as_string().icontains(name, autoescape=True))
         if before_seq is not None:
             q = q.where(Job.seq < before_seq)
         with self._sessions() as s:
@@ -144,6 +157,7 @@ class JobStore:
                 job.status = JobStatus.CANCELLED
                 job.cancel_requested = True
                 job.finished_at = utcnow()
+                events.terminal(s, job.seq, JobStatus.CANCELLED, metrics=job.metrics, error=None)
             elif job.status == JobStatus.RUNNING:
                 job.cancel_requested = True
             elif job.status in (JobStatus.SUCCEEDED, JobStatus.FAILED):
@@ -194,12 +208,16 @@ class JobStore:
         step: int,
         total_steps: int | None,
         latest: dict,
+        events_: Iterable[tuple[str, dict]] | None = None,
     ) -> bool:
         """Write progress, the latest metrics and metric rows (merged by step) in one transaction.
 
+        ``events_``: the ``(type, data)`` events of this write for the job's event log
+        (:mod:`jobs.events`: metric, evaluation, checkpoint); None: one ``metric`` event per row.
         Returns False (and writes nothing) when the worker no longer holds the job.
         """
         rows = list(rows)
+        log = [("metric", r) for r in rows] if events_ is None else list(events_)
         progress = min(1.0, step / total_steps) if total_steps else 0.0
         with self._sessions.begin() as s:
             res = s.execute(
@@ -225,6 +243,8 @@ class JobStore:
                         m = JobMetric(job_seq=job.seq, step=r["step"], values=values)
                         s.add(m)
                         existing[r["step"]] = m
+            for type_, data in log:
+                events.append(s, job.seq, type_, data)
         return True
 
     def truncate_metrics_after(self, job: Job, token: int, step: int) -> bool:
@@ -268,7 +288,11 @@ class JobStore:
             values["error_type"], values["error_detail"] = error[0][:128], error[1][:10_000]
         with self._sessions.begin() as s:
             res = s.execute(update(Job).where(fenced(job.seq, token)).values(**values))
-            return res.rowcount == 1
+            if res.rowcount != 1:
+                return False
+            metrics = latest if latest is not None else s.scalar(select(Job.metrics).where(Job.seq == job.seq))
+            events.terminal(s, job.seq, status, metrics=metrics, error=error)
+            return True
 
     def release(self, job: Job, token: int) -> bool:
         """Put a running job back to ``queued`` (its worker is shutting down); fenced like ``record``."""
@@ -284,6 +308,40 @@ class JobStore:
     def get_dataset(self, dataset_id: str) -> Dataset | None:
         with self._sessions() as s:
             return s.get(Dataset, dataset_id)
+
+    # ---- lifecycle: deleting jobs and uploads (API side) -----------------------------------------
+    def jobs_using(self, *, dataset_id: str | None = None, init_job_id: str | None = None) -> list[str]:
+        """Ids of queued or running jobs that use uploaded data set ``dataset_id`` or start from a
+        checkpoint of job ``init_job_id`` (``init_from.job``)."""
+        q = select(Job.id).where(Job.status.in_((JobStatus.QUEUED, JobStatus.RUNNING)))
+        if dataset_id is not None:
+            q = q.where(Job.spec["dataset"]["id"].as_string() == dataset_id)
+        if init_job_id is not None:
+            q = q.where(Job.spec["init_from"]["job"].as_string() == init_job_id)
+        with self._sessions() as s:
+            return list(s.scalars(q.limit(10)))
+
+    def list_datasets(self, *, owner: str | None = None, limit: int = 50,
+                      before: tuple[datetime, str] | None = None) -> tuple[list[Dataset], tuple[datetime, str] | None]:
+        """Uploaded data sets, newest first (only ``owner``'s when given), keyset-paginated on
+        ``(created_at, id)``. Returns ``(datasets, next_before)``; None on the last page."""
+        q = select(Dataset).order_by(Dataset.created_at.desc(), Dataset.id.desc()).limit(limit + 1)
+        if owner is not None:
+            q = q.where(Dataset.owner == owner)
+        if before is not None:
+            at, last_id = before
+            q = q.where(or_(Dataset.created_at < at, and_(Dataset.created_at == at, Dataset.id < last_id)))
+        with self._sessions() as s:
+            rows = list(s.scalars(q))
+        if len(rows) > limit:
+            last = rows[limit - 1]
+            return rows[:limit], (last.created_at, last.id)
+        return rows, None
+
+    def delete_dataset(self, dataset_id: str) -> None:
+        """Remove an uploaded data set's row (its file is the artifact store's)."""
+        with self._sessions.begin() as s:
+            s.execute(delete(Dataset).where(Dataset.id == dataset_id))
 
     def ping(self) -> None:
         """Raise if the database is unreachable."""

@@ -6,6 +6,13 @@ The job store is the source of truth for a job's status (not Celery's result bac
   the worker's fencing ``token`` and ``attempts`` counter).
 - ``job_metrics``: one row per logged training step (loss, NFE, ...), evaluation values merged in.
 - ``datasets``: uploaded arrays (the array itself lives in the artifact store).
+- ``job_events``: each job's event log (status changes, metric rows, evaluations, checkpoints, the
+  result), appended in the transaction of the write it describes; ``GET /v1/jobs/{id}/events``
+  streams it by ``id`` (:mod:`jobs.events`).
+- ``job_tags``: one row per tag of a job (``tags`` of the spec), so ``?tag=`` filters in SQL.
+
+New tables are created on start in an existing database too (``create_all`` adds missing tables;
+no column was added to an existing table, so no migration is needed).
 
 The schema is created on start (``init_db``). SQLite gets WAL mode and a busy timeout because the
 API and the worker write to the same file.
@@ -110,6 +117,32 @@ class JobMetric(Base):
     job_seq: Mapped[int] = mapped_column(ForeignKey("jobs.seq", ondelete="CASCADE"), index=True)
     step: Mapped[int] = mapped_column(Integer)
     values: Mapped[dict] = mapped_column(JSON)
+
+
+class JobEvent(Base):
+    """One event of a job's log (``type``: status, metric, evaluation, checkpoint, result; ``data``: its JSON).
+
+    ``id`` is the stream position (SSE ``id:``): every event of a job is appended while its writer
+    holds the job row (a fenced UPDATE or SELECT ... FOR UPDATE first), so a job's events commit in
+    ``id`` order and a reader polling ``id > last`` loses none, on SQLite and PostgreSQL alike.
+    """
+
+    __tablename__ = "job_events"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    job_seq: Mapped[int] = mapped_column(ForeignKey("jobs.seq", ondelete="CASCADE"), index=True)
+    type: Mapped[str] = mapped_column(String(16))
+    data: Mapped[dict] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class JobTag(Base):
+    """One tag of a job (the spec's ``tags``), kept apart so ``GET /v1/jobs?tag=`` is an indexed SQL filter."""
+
+    __tablename__ = "job_tags"
+
+    job_seq: Mapped[int] = mapped_column(ForeignKey("jobs.seq", ondelete="CASCADE"), primary_key=True)
+    tag: Mapped[str] = mapped_column(String(64), primary_key=True, index=True)
 
 
 class Dataset(Base):

@@ -321,6 +321,7 @@ def normalize_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
     if not isinstance(spec, Mapping):
         raise ValueError("job spec must be a mapping with model, dataset, solver, training")
     out = copy.deepcopy(dict(spec))
+    check_run_fields(out)  # name, tags, init_from: kept as they are
     for section in ("model", "dataset"):
         if not isinstance(out.get(section), Mapping):
             raise ValueError(f"job spec needs a '{section}' mapping")
@@ -339,3 +340,50 @@ def normalize_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
         training["batch_size"] = family_for_dataset_name(out["dataset"]["name"]).default_batch_size
     out["training"] = training
     return out
+
+
+# ---- run metadata and fine-tuning: top-level fields beside the sections ---------------------------
+#: ``name``: a free-form label of the run, at most this many characters (no control characters).
+RUN_NAME_MAX_CHARS = 200
+#: ``tags``: at most this many labels per run, each matching :data:`RUN_TAG_PATTERN` (<= 64 characters).
+RUN_TAGS_MAX = 32
+RUN_TAG_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:/=+-]{0,63}$"
+#: ``init_from.checkpoint``: a checkpoint file name as the artifact store writes them.
+CHECKPOINT_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,100}\.safetensors$"
+#: ``init_from.job``: a job id.
+JOB_ID_PATTERN = r"^[0-9a-f]{32}$"
+
+
+def check_run_fields(spec: Mapping[str, Any]) -> None:
+    """Check the top-level ``name``, ``tags`` and ``init_from`` of a job spec (all optional).
+
+    ``name``: str of 1..RUN_NAME_MAX_CHARS characters without control characters; ``tags``: a list of
+    at most RUN_TAGS_MAX distinct strings matching RUN_TAG_PATTERN; ``init_from``: ``{"job": <id>,
+    "checkpoint": <name>}`` (the model starts from that checkpoint's parameters).
+
+    Raises:
+        ValueError: naming the field (``"tags[2] ..."``).
+    """
+    import re
+
+    name = spec.get("name")
+    if name is not None:
+        if not isinstance(name, str) or not 1 <= len(name) <= RUN_NAME_MAX_CHARS:
+            raise ValueError(f"name must be a string of 1 to {RUN_NAME_MAX_CHARS} characters")
+        if any(ord(c) < 32 or ord(c) == 127 for c in name):
+            raise ValueError("name must not contain control characters")
+    tags = spec.get("tags")
+    if tags is not None:
+        if not isinstance(tags, (list, tuple)) or len(tags) > RUN_TAGS_MAX:
+            raise ValueError(f"tags must be a list of at most {RUN_TAGS_MAX} strings")
+        for i, tag in enumerate(tags):
+            if not isinstance(tag, str) or not re.match(RUN_TAG_PATTERN, tag):
+                raise ValueError(f"tags[{i}] must match {RUN_TAG_PATTERN} (letters, digits, _.:/=+-; up to 64)")
+    init = spec.get("init_from")
+    if init is not None:
+        if not isinstance(init, Mapping) or set(init) - {"job", "checkpoint"}:
+            raise ValueError("init_from must be {'job': <job id>, 'checkpoint': <checkpoint name>}")
+        if not isinstance(init.get("job"), str) or not re.match(JOB_ID_PATTERN, init["job"]):
+            raise ValueError("init_from.job must be a job id (32 hexadecimal digits)")
+        if not isinstance(init.get("checkpoint"), str) or not re.match(CHECKPOINT_NAME_PATTERN, init["checkpoint"]):
+            raise ValueError("init_from.checkpoint must be a checkpoint name such as 'final.safetensors'")

@@ -16,7 +16,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from jobs.artifacts import ArtifactStore, dataset_key
+from jobs.artifacts import ArtifactStore, checkpoint_key, checkpoint_prefix, dataset_key, latest_checkpoint
 from jobs.queue import Broker, BrokerUnavailable
 from jobs.status import JobStatus
 from jobs.store import IdempotencyConflict, JobStore
@@ -57,6 +57,8 @@ class JobService:
                                f"{dataset.get('id')!r}",
                                errors=[{"field": "dataset.id", "reason": f"unknown uploaded data set for "
                                                                           f"{dataset['name']!r}"}])
+        if spec.get("init_from"):
+            self._resolve_init_from(spec, caller)
         try:
             job, created = self.store.create_job(spec, idempotency_key=caller.idempotency_key(idempotency_key),
                                                  owner=caller.owner)
@@ -87,13 +89,15 @@ class JobService:
         return job
 
     def list(self, caller: Caller, *, status: JobStatus | None, limit: int,
-             page_token: str | None) -> tuple[list[Job], str | None]:
+             page_token: str | None, tag: str | None = None, name: str | None = None) -> tuple[list[Job], str | None]:
         """The caller's jobs, newest first, ``limit`` per page; the second value is the next page's token.
+        ``tag``: only jobs with that tag; ``name``: only jobs whose name contains it (case-insensitive).
 
         Raises ProblemError 422 for a ``page_token`` this endpoint did not return.
         """
         jobs, next_seq = self.store.list_jobs(status=status, limit=limit,
-                                              before_seq=pagination.decode("jobs", page_token), owner=caller.owner)
+                                              before_seq=pagination.decode("jobs", page_token), owner=caller.owner,
+                                              tag=tag, name=name)
         return jobs, (pagination.encode("jobs", next_seq) if next_seq is not None else None)
 
     def cancel(self, job: Job) -> Job:
@@ -161,6 +165,90 @@ class JobService:
             self.artifacts.put(dataset_key(dataset_id), buf.getvalue())
             shape = list(array.shape)
         return self.store.create_dataset(dataset_id, shape, (filename or "")[:255], owner=caller.owner)
+
+
+    # ---- lifecycle (issue 15): fine-tuning sources, deleting jobs and uploads ---------------------
+    def _resolve_init_from(self, spec: dict[str, Any], caller: Caller) -> None:
+        """Check ``spec["init_from"]`` and name the checkpoint it starts from (its newest when null).
+
+        The source must be a job the caller can see, with the same ``model`` section (the same
+        architecture) and the same data set name (uploads: the same shape past N), and the checkpoint
+        must exist. Raises ProblemError 422 naming ``init_from.job``, ``init_from.checkpoint`` or ``init_from``.
+        """
+        init = spec["init_from"]
+        source = self.store.get_job(init["job"])
+        if source is None or not caller.may_see(source.owner):
+            raise _bad_init("init_from.job", f"no job with id {init['job']!r}")
+        if source.spec.get("model") != spec["model"]:
+            differ = sorted(k for k in set(source.spec["model"]) | set(spec["model"])
+                            if source.spec["model"].get(k) != spec["model"].get(k))
+            raise _bad_init("init_from", f"the model section differs from job {source.id}'s "
+                                         f"({', '.join(differ)}); the parameters would not fit")
+        if not self._same_data_shape(source.spec["dataset"], spec["dataset"]):
+            raise _bad_init("init_from", f"job {source.id} was trained on other data ({source.spec['dataset']['name']!r}"
+                                         f" vs {spec['dataset']['name']!r}, or another upload shape)")
+        name = init.get("checkpoint") or latest_checkpoint(self.artifacts, source.id)
+        if name is None or not self.artifacts.exists(checkpoint_key(source.id, name)):
+            raise _bad_init("init_from.checkpoint", f"job {source.id} has no checkpoint {name or '(none yet)'!r}")
+        spec["init_from"] = {"job": source.id, "checkpoint": name}
+
+    def _same_data_shape(self, a: dict[str, Any], b: dict[str, Any]) -> bool:
+        if a["name"] != b["name"]:
+            return False
+        if a.get("id") is None or a.get("id") == b.get("id"):
+            return True
+        da, db = self.store.get_dataset(a["id"]), self.store.get_dataset(b["id"])
+        return da is not None and db is not None and list(da.shape)[1:] == list(db.shape)[1:]
+
+    def delete(self, job: Job) -> None:
+        """Delete ``job``: cancel it if queued or running (its worker is fenced out and stops at its
+        next write), remove its row with its metric rows, events and tags, then its artifacts
+        (checkpoints, cached plots). Raises ProblemError 409 ``job-in-use`` while a queued or running
+        job starts from one of its checkpoints (``init_from``)."""
+        users = self.store.jobs_using(init_job_id=job.id)
+        if users:
+            raise ProblemError(409, "job-in-use", f"job {job.id} is the init_from source of queued or running "
+                               f"job(s) {', '.join(users)}; cancel or delete them first")
+        if job.status in (JobStatus.QUEUED, JobStatus.RUNNING):
+            self.store.request_cancel(job.id)
+        self.store.delete_job(job.id)
+        for prefix in (checkpoint_prefix(job.id), plots_cache_prefix(job.id)):
+            for name, _ in self.artifacts.list(prefix):
+                self.artifacts.delete(f"{prefix}/{name}")
+
+    def list_datasets(self, caller: Caller, *, limit: int, page_token: str | None) -> tuple[list[Dataset], str | None]:
+        """The caller's uploaded data sets, newest first, ``limit`` per page, and the next page's token.
+        Raises ProblemError 422 for a ``page_token`` this endpoint did not return."""
+        rows, after = self.store.list_datasets(owner=caller.owner, limit=limit,
+                                               before=pagination.decode_key("datasets", page_token))
+        return rows, (pagination.encode_key("datasets", *after) if after is not None else None)
+
+    def get_dataset(self, dataset_id: str, caller: Caller) -> Dataset:
+        """Uploaded data set ``dataset_id``; 404 problem when unknown or another API key's."""
+        ds = self.store.get_dataset(dataset_id)
+        if ds is None or not caller.may_see(ds.owner):
+            raise ProblemError(404, "dataset-not-found", f"no uploaded data set with id {dataset_id!r}")
+        return ds
+
+    def delete_dataset(self, dataset: Dataset) -> None:
+        """Delete an upload (row and file). Raises ProblemError 409 ``dataset-in-use`` while a queued or
+        running job trains on it (finished jobs keep their checkpoints; their plots of the data need it)."""
+        users = self.store.jobs_using(dataset_id=dataset.id)
+        if users:
+            raise ProblemError(409, "dataset-in-use", f"data set {dataset.id} is used by queued or running job(s) "
+                               f"{', '.join(users)}; cancel them or wait until they finish")
+        self.store.delete_dataset(dataset.id)
+        kind = "series_upload" if len(dataset.shape or ()) == 3 else "upload"
+        self.artifacts.delete(dataset_key(dataset.id, kind))
+
+
+def plots_cache_prefix(job_id: str) -> str:
+    """The folder key of a job's cached figures (``service.plots``), removed with the job."""
+    return f"jobs/{job_id}/plots"
+
+
+def _bad_init(field: str, reason: str) -> ProblemError:
+    return ProblemError(422, "invalid-request", f"{field}: {reason}", errors=[{"field": field, "reason": reason}])
 
 
 def _bad_upload(reason: str) -> ProblemError:

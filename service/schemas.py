@@ -17,6 +17,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from node_engine.solvers import ADAPTIVE, FIXED
 from node_engine.specs import (
+    CHECKPOINT_NAME_PATTERN,
+    JOB_ID_PATTERN,
+    RUN_NAME_MAX_CHARS,
+    RUN_TAG_PATTERN,
+    RUN_TAGS_MAX,
     CNFSection,
     DatasetSection,
     MLPSection,
@@ -235,13 +240,37 @@ class TrainingSpec(Strict):
         return self
 
 
+Tag = Annotated[str, Field(pattern=RUN_TAG_PATTERN, description="letters, digits and _.:/=+- (up to 64)")]
+
+
+class InitFrom(Strict):
+    """Start from another job's checkpoint (fine-tuning): the model's parameters are loaded from it;
+    the optimizer, the step count and the data order start afresh."""
+
+    job: str = Field(pattern=JOB_ID_PATTERN, description="id of a job of the same API key with the same model section")
+    checkpoint: str | None = Field(None, pattern=CHECKPOINT_NAME_PATTERN,
+                                   description="a checkpoint of that job (GET /v1/jobs/{id}/checkpoints); null: its "
+                                               "newest, resolved at submission (the stored spec names it)")
+
+
 class JobCreate(Strict):
-    """Body of ``POST /v1/jobs``: what to train, on what, with which solver."""
+    """Body of ``POST /v1/jobs``: what to train, on what, with which solver; optionally a run ``name``,
+    ``tags`` and a checkpoint to start from (``init_from``)."""
 
     model: ModelSpec
     dataset: DatasetSpec
     solver: SolverSpec = Field(default_factory=SolverSpec)
     training: TrainingSpec = Field(default_factory=TrainingSpec)
+    name: str | None = Field(None, min_length=1, max_length=RUN_NAME_MAX_CHARS, pattern=r"^[^\x00-\x1f\x7f]*$",
+                             description="a label for the run (listed with the job; GET /v1/jobs?name= searches it)")
+    tags: list[Tag] = Field(default_factory=list, max_length=RUN_TAGS_MAX,
+                            description="labels of the run (GET /v1/jobs?tag= filters by one); duplicates dropped")
+    init_from: InitFrom | None = Field(None, description="start from this job's checkpoint (same model section)")
+
+    @field_validator("tags")
+    @classmethod
+    def _distinct(cls, v: list[str]) -> list[str]:
+        return list(dict.fromkeys(v))
 
     @model_validator(mode="after")
     def _model_fits_data(self) -> "JobCreate":
@@ -272,6 +301,8 @@ class JobError(BaseModel):
 
 class JobPublic(BaseModel):
     id: str
+    name: str | None = Field(None, description="the spec's run name")
+    tags: list[str] = Field(default_factory=list, description="the spec's tags")
     status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
     progress: float = Field(ge=0.0, le=1.0)
     step: int
@@ -362,7 +393,15 @@ class ForecastResponse(BaseModel):
 
 class DatasetPublic(BaseModel):
     id: str
-    shape: list[int]
+    shape: list[int] = Field(description="(N, D) for arrays, (N, T, D) for time series")
+    kind: Literal["array", "series"] | None = Field(None, description="array (N, D) or series (N, T, D)")
+    filename: str | None = None
+    created_at: datetime | None = None
+
+
+class DatasetsPublic(BaseModel):
+    datasets: list[DatasetPublic]
+    next_page_token: str | None
 
 
 class Problem(BaseModel):
@@ -378,8 +417,11 @@ class Problem(BaseModel):
 
 def job_public(job: Any) -> JobPublic:
     """The public view of a ``jobs.tables.Job`` row (internals such as the fencing token stay hidden)."""
+    spec = job.spec or {}
     return JobPublic(
         id=job.id,
+        name=spec.get("name"),
+        tags=list(spec.get("tags") or ()),
         status=job.status,
         progress=max(0.0, min(1.0, job.progress or 0.0)),
         step=job.step or 0,
@@ -391,3 +433,10 @@ def job_public(job: Any) -> JobPublic:
         started_at=job.started_at,
         finished_at=job.finished_at,
     )
+
+
+def dataset_public(ds: Any) -> DatasetPublic:
+    """The public view of a ``jobs.tables.Dataset`` row."""
+    shape = list(ds.shape or ())
+    return DatasetPublic(id=ds.id, shape=shape, kind="series" if len(shape) == 3 else "array",
+                         filename=ds.filename or None, created_at=ds.created_at)

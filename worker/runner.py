@@ -101,6 +101,7 @@ def _make_callbacks(ctx: WorkerContext, job: Job, token: int, trainer: Any, leas
 
         def __init__(self) -> None:
             self.pending: dict[int, dict] = {}
+            self.events: list[tuple[str, dict]] = []  # the job's event log entries of the next flush (jobs.events)
             self.latest: dict[str, Any] = {"num_parameters": int(trainer.num_parameters)}
             self.last_flush = self.last_poll = time.monotonic()
             self.stop = False  # cancel requested or claim lost: the trainer stops before its next step
@@ -110,6 +111,7 @@ def _make_callbacks(ctx: WorkerContext, job: Job, token: int, trainer: Any, leas
         def on_step(self, record: dict) -> None:
             row = _jsonable(dict(record))
             self.pending.setdefault(int(row["step"]), {}).update(row)
+            self.events.append(("metric", row))
             self.latest.update({k: v for k, v in row.items() if k != "wall_seconds"})
             if time.monotonic() - self.last_flush > FLUSH_SECONDS or len(self.pending) >= FLUSH_ROWS:
                 self.flush()
@@ -119,6 +121,7 @@ def _make_callbacks(ctx: WorkerContext, job: Job, token: int, trainer: Any, leas
             # Evaluation NFE is kept apart from the training step's NFE at the same step.
             row = {("eval_" + k if k.startswith("nfe") else k): v for k, v in row.items()}
             self.pending.setdefault(int(row["step"]), {}).update(row)
+            self.events.append(("evaluation", row))
             self.latest.update({k: v for k, v in row.items() if k != "step"})
             self.flush()
 
@@ -126,6 +129,8 @@ def _make_callbacks(ctx: WorkerContext, job: Job, token: int, trainer: Any, leas
             self.flush()  # the history must reach the checkpoint's step before the checkpoint exists
             if not self.lost:  # a cancelled job keeps its last checkpoint; a superseded one writes nothing
                 ctx.artifacts.put(checkpoint_key(job.id, name), data)
+                self.events.append(("checkpoint", {"name": name, "step": int(trainer.step)}))
+                self.flush()
 
         def should_stop(self) -> bool:
             if _shutdown.is_set():
@@ -139,10 +144,11 @@ def _make_callbacks(ctx: WorkerContext, job: Job, token: int, trainer: Any, leas
 
         def flush(self) -> None:
             rows = [{**values, "step": step} for step, values in sorted(self.pending.items())]
+            events, self.events = self.events, []
             self.pending.clear()
             self.last_flush = time.monotonic()
             ok = ctx.store.record(job, token, rows, step=int(trainer.step), total_steps=int(trainer.total_steps),
-                                  latest=self.latest)
+                                  latest=self.latest, events_=events)
             if not ok:
                 self.stop = self.lost = True
 
@@ -150,7 +156,7 @@ def _make_callbacks(ctx: WorkerContext, job: Job, token: int, trainer: Any, leas
 
 
 def _engine_spec(job: Job, ctx: WorkerContext, stack: ExitStack) -> dict:
-    spec = {k: dict(v) for k, v in job.spec.items()}
+    spec = {k: dict(v) if isinstance(v, dict) else v for k, v in job.spec.items()}  # name, tags: not sections
     spec["dataset"].setdefault("path", None)
     if spec["dataset"]["name"] in UPLOAD_SUFFIXES:
         key = dataset_key(spec["dataset"]["id"], spec["dataset"]["name"])
@@ -198,6 +204,10 @@ def run_job(job_id: str, ctx: WorkerContext | None = None) -> str:
                 log.info("job %s: resuming from %s at step %d", job_id, resume, trainer.step)
             else:
                 trainer = build_trainer(spec, device=ctx.device)
+                source = spec.get("init_from")
+                if source:  # fine-tuning: parameters from another job's checkpoint (checked at submission)
+                    trainer.load_parameters(ctx.artifacts.get(checkpoint_key(source["job"], source["checkpoint"])))
+                    log.info("job %s: parameters from job %s, %s", job_id, source["job"], source["checkpoint"])
             callbacks = _make_callbacks(ctx, job, token, trainer, lease)
             final = trainer.run(callbacks)
         callbacks.flush()

@@ -307,6 +307,25 @@ class Trainer:
         return trainer
 
 
+    def load_parameters(self, data: bytes) -> None:
+        """Start from another run's parameters (fine-tuning): load the model weights of checkpoint
+        ``data`` into this trainer's model; the optimizer, RNG states and step stay fresh (step 0).
+
+        Raises:
+            CheckpointError: corrupted bytes, another model family, or a model whose parameter names
+                or shapes differ (another architecture or input size).
+        """
+        ckpt = load_checkpoint(data)
+        try:
+            same = get_family(ckpt.kind) is self.family
+        except ValueError:
+            same = False
+        if not same:
+            raise CheckpointError(f"init_from: checkpoint of a {ckpt.kind!r} model, this job trains a {self.kind!r} one")
+        # The data may differ (fine-tuning on other samples): the weights are taken as they are.
+        load_state_strict(self.model, {k: v.to(self.device) for k, v in ckpt.model_state.items()})
+
+
 def build_trainer(spec: Mapping[str, Any], *, device: str | torch.device = "cpu") -> Trainer:
     """A :class:`Trainer` for a job spec (docs/architecture.md): loads the data set, builds the model and Adam.
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, File, Query, UploadFile
+from fastapi import APIRouter, File, Path, Query, Response, UploadFile
 
-from service.deps import CallerDep, JobServiceDep
+from service.deps import CallerDep, JobServiceDep, SettingsDep
 from service.routers.jobs import PROBLEMS
-from service.schemas import DatasetPublic, Problem
+from service.schemas import DatasetPublic, DatasetsPublic, Problem, dataset_public
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])
 
@@ -28,4 +28,29 @@ def upload_dataset(
     ``{"dataset": {"name": "series_upload", "id": <id>}}``; its shape is (N, T, D).
     """
     dataset = jobs.upload_dataset(file.filename, file.file, caller, kind)
-    return DatasetPublic(id=dataset.id, shape=list(dataset.shape))
+    return dataset_public(dataset)
+
+
+# ---- listing and deleting uploads (issue 15) ------------------------------------------------------
+@router.get("", response_model=DatasetsPublic, responses=PROBLEMS)
+def list_datasets(
+    jobs: JobServiceDep,
+    caller: CallerDep,
+    settings: SettingsDep,
+    limit: Annotated[int | None, Query(ge=1, le=1000)] = None,
+    page_token: Annotated[str | None, Query(max_length=256)] = None,
+) -> DatasetsPublic:
+    """The caller's uploaded data sets, newest first (id, shape, kind, filename, created_at); follow
+    ``next_page_token``."""
+    limit = min(limit or settings.page_limit_default, settings.page_limit_max)
+    page, token = jobs.list_datasets(caller, limit=limit, page_token=page_token)
+    return DatasetsPublic(datasets=[dataset_public(d) for d in page], next_page_token=token)
+
+
+@router.delete("/{dataset_id}", status_code=204, response_class=Response,
+               responses={**PROBLEMS, 409: {"model": Problem, "description": "a queued or running job uses it"}})
+def delete_dataset(dataset_id: Annotated[str, Path(max_length=64)], jobs: JobServiceDep, caller: CallerDep) -> Response:
+    """Delete an upload (its row and file): 204. 409 while a queued or running job trains on it;
+    404 for an unknown id or another API key's upload. Finished jobs keep their checkpoints."""
+    jobs.delete_dataset(jobs.get_dataset(dataset_id, caller))
+    return Response(status_code=204)
