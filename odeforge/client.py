@@ -114,7 +114,8 @@ class Client:
         return self._json("GET", "/readyz")
 
     # ---- jobs -----------------------------------------------------------------------------------
-    def submit(self, spec: Any, *, idempotency_key: str | None = None) -> dict[str, Any]:
+    def submit(self, spec: Any, *, name: str | None = None, tags: list[str] | None = None,
+               init_from: str | Mapping[str, Any] | None = None, idempotency_key: str | None = None) -> dict[str, Any]:
         """``POST /v1/jobs``: queue a training job; returns the job (``id``, ``status`` "queued", the
         stored ``spec`` with every default filled in, ...).
 
@@ -123,6 +124,9 @@ class Client:
                 or an object with ``model_dump()`` (``service.schemas.JobCreate``) or ``to_json()``; a dict's
                 sections may also be such objects (``node_engine.specs.SolverSection(...)``); a model
                 section needs its ``type``: ``{"type": "cnf", **CNFSection(...).to_json()}``.
+            name, tags: the run's name and tags (set in the spec; listed with the job, filtered by :meth:`list`).
+            init_from: start from another job's checkpoint: its id (its newest checkpoint) or
+                ``{"job": id, "checkpoint": "step-000100.safetensors"}``.
             idempotency_key: ``Idempotency-Key``: resending the same key and body returns the first job.
 
         Raises:
@@ -130,7 +134,14 @@ class Client:
                 the broker is down (nothing was queued). ValueError: a model section without ``type``.
         """
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
-        return self._json("POST", "/v1/jobs", json=spec_json(spec), headers=headers)
+        body = spec_json(spec)
+        if name is not None:
+            body["name"] = name
+        if tags is not None:
+            body["tags"] = list(tags)
+        if init_from is not None:
+            body["init_from"] = {"job": init_from} if isinstance(init_from, str) else dict(init_from)
+        return self._json("POST", "/v1/jobs", json=body, headers=headers)
 
     def get(self, job_id: str) -> dict[str, Any]:
         """``GET /v1/jobs/{id}``: status, progress (0..1), step, spec, latest metrics, error, times.
@@ -146,24 +157,30 @@ class Client:
 
         Args:
             status: only jobs with this status ("queued", "running", ...).
-            tag, name: only jobs carrying this tag / with this name.
+            tag: only jobs carrying this tag (exact). name: only jobs whose name contains this text
+                (case-insensitive).
             limit: stop after this many jobs (default: all of them).
             page_size: jobs per request (default: the server's, ``ODEFORGE_PAGE_LIMIT_DEFAULT``).
 
         Yields job dicts as :meth:`get` returns them. Raises ProblemError (422: a bad filter value).
         """
-        params: dict[str, Any] = {k: v for k, v in (("status", status), ("tag", tag), ("name", name)) if v is not None}
+        params = {k: v for k, v in (("status", status), ("tag", tag), ("name", name)) if v is not None}
+        return self._pages("/v1/jobs", "jobs", params, limit=limit, page_size=page_size)
+
+    def _pages(self, path: str, key: str, params: dict[str, Any], *, limit: int | None,
+               page_size: int | None) -> Iterator[dict[str, Any]]:
+        """The items under ``key`` of every page of ``path`` (keyset pages: ``next_page_token``)."""
         if page_size is not None or limit is not None:
-            params["limit"] = min(page_size or 500, limit or 500)
+            params = {**params, "limit": min(page_size or 500, limit or 500)}  # 500: the server's default cap
         seen = 0
         token: str | None = None
         while True:
-            page = self._json("GET", "/v1/jobs", params={**params, **({"page_token": token} if token else {})})
-            for job in page["jobs"]:
+            page = self._json("GET", path, params={**params, **({"page_token": token} if token else {})})
+            for item in page[key]:
                 if limit is not None and seen >= limit:
                     return
                 seen += 1
-                yield job
+                yield item
             token = page.get("next_page_token")
             if not token or (limit is not None and seen >= limit):
                 return
@@ -176,6 +193,15 @@ class Client:
             ProblemError: 409 when the job already finished; 404 unknown job.
         """
         return self._json("POST", f"/v1/jobs/{job_id}/cancel")
+
+    def delete(self, job_id: str) -> None:
+        """``DELETE /v1/jobs/{id}``: cancel the job if it is queued or running, then remove it, its metric
+        rows, events, checkpoints and figures (a later :meth:`get` is a 404).
+
+        Raises:
+            ProblemError: 404 unknown job; 409 a queued or running job starts from its checkpoint (``init_from``).
+        """
+        self._request("DELETE", f"/v1/jobs/{job_id}")
 
     def wait(self, job_id: str, *, timeout: float | None = None, poll_s: float = 1.0,
              progress: bool = False) -> dict[str, Any]:
@@ -212,9 +238,13 @@ class Client:
         evaluations, checkpoints and result, as :class:`odeforge.Event` (``event``, ``data`` parsed from
         JSON, ``id``), in order, until the job has ended.
 
-        A dropped connection is resumed with ``Last-Event-ID`` (the server replays what came after it,
-        so nothing is lost or repeated), after the server's ``retry:`` delay; ``max_retries``
-        consecutive failures raise. ``last_event_id`` starts after an event seen earlier.
+        Event types: ``status`` ``{"status", ...}`` at each change (the stream ends after the final
+        one), ``metric`` (a training step's row: ``step``, ``loss``, ``nfe_forward``, ...),
+        ``evaluation`` (``step``, ``test_...``), ``checkpoint`` ``{"name", "step"}``, ``result``
+        ``{"status", "metrics", "error"}``. A dropped connection is resumed with ``Last-Event-ID``
+        (the server replays what came after it, so nothing is lost or repeated), after the server's
+        ``retry:`` delay; ``max_retries`` consecutive failures raise. ``last_event_id`` starts after
+        an event seen earlier. The iterator also ends when the job is deleted.
 
         Raises:
             ProblemError: 404 unknown job (or another key's). ServiceUnreachable: the stream could not be
@@ -245,12 +275,18 @@ class Client:
                         raise exc
                 time.sleep((state.retry_ms or 1000) / 1000.0)
                 continue
-            # The server closed the stream cleanly without a final event (a proxy's idle cut, say):
-            # done if the job has ended, else resume where it stopped.
-            if self.get(job_id)["status"] in TERMINAL:
-                return
+            # The server closed the stream cleanly without a final status (a proxy's idle cut, or the
+            # job was deleted): done if the job has ended or is gone, else resume where it stopped.
+            try:
+                if self.get(job_id)["status"] in TERMINAL:
+                    return
+            except ProblemError as exc:
+                if exc.status == 404:
+                    return
+                raise
             if not reconnect:
                 return
+            time.sleep((state.retry_ms or 1000) / 1000.0)
 
     def metrics(self, job_id: str, *, since_step: int | None = None) -> list[dict[str, Any]]:
         """``GET /v1/jobs/{id}/metrics`` (all pages): rows ``{"step", "loss", "nfe_forward",
@@ -390,6 +426,20 @@ class Client:
         return self._json("POST", "/v1/datasets", params={"kind": kind},
                           files={"file": (filename, content, "application/octet-stream")})
 
+    def datasets(self, *, limit: int | None = None, page_size: int | None = None) -> Iterator[dict[str, Any]]:
+        """``GET /v1/datasets``: the caller's uploads, newest first, following ``next_page_token``:
+        ``{"id", "shape", "kind" ("array" | "series"), "filename", "created_at"}``; at most ``limit``.
+        Raises ProblemError."""
+        return self._pages("/v1/datasets", "datasets", {}, limit=limit, page_size=page_size)
+
+    def delete_dataset(self, dataset_id: str) -> None:
+        """``DELETE /v1/datasets/{id}``: remove an upload (row and file); finished jobs keep their checkpoints.
+
+        Raises:
+            ProblemError: 404 unknown id (or another key's); 409 a queued or running job trains on it.
+        """
+        self._request("DELETE", f"/v1/datasets/{dataset_id}")
+
 
 def spec_json(spec: Any) -> dict[str, Any]:
     """The JSON body of a job spec given as a dict, a pydantic model or an object with ``to_json()``
@@ -439,9 +489,9 @@ def _problem(resp: httpx.Response) -> ProblemError:
 
 
 def _ends_stream(event: Event) -> bool:
-    """The event that closes a job's stream: one carrying a terminal status."""
+    """The event that closes a job's stream: the final ``status`` (``result`` comes just before it)."""
     data = event.data
-    return isinstance(data, dict) and data.get("status") in TERMINAL and event.event in ("status", "end", "result", "done")
+    return event.event == "status" and isinstance(data, dict) and data.get("status") in TERMINAL
 
 
 class _TransportErrors:

@@ -206,6 +206,9 @@ def _print_job(job: dict) -> None:
 def submit(
     spec: Path = typer.Argument(..., exists=True, dir_okay=False, help="job spec (JSON)"),
     wait: bool = typer.Option(False, "--wait", help="follow the job with a progress bar until it ends"),
+    name: Optional[str] = typer.Option(None, help="run name (replaces the spec's)"),
+    tag: Optional[list[str]] = typer.Option(None, "--tag", help="run tag (repeat for several; replaces the spec's)"),
+    init_from: Optional[str] = typer.Option(None, help="start from JOB's newest checkpoint, or JOB:CHECKPOINT"),
     idempotency_key: Optional[str] = typer.Option(None, help="Idempotency-Key header (safe retries)"),
     url: str = UrlOpt,
     api_key: Optional[str] = KeyOpt,
@@ -217,7 +220,11 @@ def submit(
         typer.echo(f"error: {spec}: not JSON ({exc})", err=True)
         raise typer.Exit(2) from None
     with _connect(url, api_key) as client:
-        job = client.submit(body, idempotency_key=idempotency_key)
+        start = None
+        if init_from:
+            job_ref, _, checkpoint = init_from.partition(":")
+            start = {"job": job_ref, "checkpoint": checkpoint or None}
+        job = client.submit(body, name=name, tags=tag or None, init_from=start, idempotency_key=idempotency_key)
         console.print(f"job [bold]{job['id']}[/] {job['status']}")
         if wait:
             _finish(client.wait(job["id"], poll_s=0.5, progress=True))
@@ -288,13 +295,22 @@ def cancel(job_id: str, url: str = UrlOpt, api_key: Optional[str] = KeyOpt) -> N
 
 
 @app.command()
+def delete(job_id: str, url: str = UrlOpt, api_key: Optional[str] = KeyOpt) -> None:
+    """Delete a job (cancelled first if it runs) with its metrics, checkpoints and figures."""
+    with _connect(url, api_key) as client:
+        client.delete(job_id)
+    typer.echo(f"job {job_id} deleted")
+
+
+@app.command()
 def logs(
     job_id: str,
     follow: bool = typer.Option(False, "--follow", "-f", help="keep printing rows from the event stream until the job ends"),
     url: str = UrlOpt,
     api_key: Optional[str] = KeyOpt,
 ) -> None:
-    """Print a job's metric rows (step, loss, NFE, test metrics), one line each."""
+    """Print a job's metric rows (step, loss, NFE, test metrics), one line each; with -f follow the
+    live event stream (training rows, evaluations, status changes) until the job ends."""
     with _connect(url, api_key) as client:
         rows = client.metrics(job_id)
         for row in rows:
@@ -304,12 +320,14 @@ def logs(
         last = rows[-1]["step"] if rows else -1
         for event in client.events(job_id):
             data = event.data if isinstance(event.data, dict) else {"data": event.data}
-            if event.event in ("metric", "metrics"):
+            if event.event in ("metric", "evaluation"):
                 if isinstance(data.get("step"), int) and data["step"] <= last:
-                    continue  # already printed from the history
+                    continue  # already printed from the history (which has evaluations merged in)
                 typer.echo(_row_line(data))
             elif event.event == "status":
                 typer.echo(f"# status {data.get('status')}")
+            elif event.event == "checkpoint":
+                typer.echo(f"# checkpoint {data.get('name')}")
 
 
 @app.command()
@@ -417,6 +435,34 @@ def upload(
     with _connect(url, api_key) as client:
         ds = client.upload(file, kind=kind)
     typer.echo(f"dataset {ds['id']} shape {ds['shape']}")
+
+
+datasets_app = typer.Typer(help="Your uploaded data sets: list, delete (upload with `odeforge upload`).",
+                           no_args_is_help=True)
+app.add_typer(datasets_app, name="datasets")
+
+
+@datasets_app.command("list")
+def datasets_list(url: str = UrlOpt, api_key: Optional[str] = KeyOpt, as_json: bool = JsonOpt) -> None:
+    """Your uploads, newest first: id, kind, shape, file name, time."""
+    with _connect(url, api_key) as client:
+        items = list(client.datasets())
+    if as_json:
+        _print_json(items)
+        return
+    table = Table("id", "kind", "shape", "filename", "created")
+    for d in items:
+        table.add_row(d["id"], str(d.get("kind") or ""), " x ".join(map(str, d["shape"])), str(d.get("filename") or ""),
+                      str(d.get("created_at") or "")[:19])
+    console.print(table)
+
+
+@datasets_app.command("delete")
+def datasets_delete(dataset_id: str, url: str = UrlOpt, api_key: Optional[str] = KeyOpt) -> None:
+    """Delete an upload (refused while a queued or running job trains on it)."""
+    with _connect(url, api_key) as client:
+        client.delete_dataset(dataset_id)
+    typer.echo(f"dataset {dataset_id} deleted")
 
 
 def _free_port() -> int:

@@ -293,14 +293,34 @@ def test_cli_needs_the_api_key_and_takes_it_from_option_or_environment(serve, tm
     assert cancelled.exit_code == 0 and cancelled.stdout == f"job {job_id} cancelled\n"
 
 
-def test_cli_upload_and_bad_input(api, tmp_path):
+def test_cli_data_sets_events_delete_and_bad_input(api, tmp_path):
     url, _ = api
     runner = CliRunner()
+    env = {"ODEFORGE_URL": url, "COLUMNS": "200"}
     csv = tmp_path / "p.csv"
     np.savetxt(csv, np.random.default_rng(1).normal(size=(12, 2)), delimiter=",")
-    out = runner.invoke(cli_app, ["upload", str(csv), "--url", url])
+    out = runner.invoke(cli_app, ["upload", str(csv)], env=env)
     assert out.exit_code == 0 and out.stdout.startswith("dataset ") and out.stdout.rstrip().endswith("shape [12, 2]")
-    bad = runner.invoke(cli_app, ["log-density", "0" * 32, "[[0, oops]]", "--url", url])
+    ds_id = out.stdout.split()[1]
+    listed = runner.invoke(cli_app, ["datasets", "list", "--json"], env=env)
+    assert [(d["id"], d["filename"]) for d in json.loads(listed.stdout)] == [(ds_id, "p.csv")]
+    assert runner.invoke(cli_app, ["datasets", "delete", ds_id], env=env).stdout == f"dataset {ds_id} deleted\n"
+    gone = runner.invoke(cli_app, ["datasets", "delete", ds_id], env=env)
+    assert gone.exit_code == 1 and gone.stderr.startswith("error: 404 ") and gone.stderr.count("\n") == 1
+
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps(TINY))
+    job_id = runner.invoke(cli_app, ["submit", str(spec), "--name", "cli run", "--tag", "a", "--tag", "b"],
+                           env=env).stdout.split()[1]
+    runner.invoke(cli_app, ["cancel", job_id], env=env)
+    lines = runner.invoke(cli_app, ["events", job_id], env=env).stdout.splitlines()
+    assert json.loads(lines[-1])["data"]["status"] == "cancelled"
+    shown = json.loads(runner.invoke(cli_app, ["get", job_id, "--json"], env=env).stdout)
+    assert (shown["name"], shown["tags"]) == ("cli run", ["a", "b"])
+    assert runner.invoke(cli_app, ["delete", job_id], env=env).stdout == f"job {job_id} deleted\n"
+    assert runner.invoke(cli_app, ["status", job_id], env=env).exit_code == 1
+
+    bad = runner.invoke(cli_app, ["log-density", "0" * 32, "[[0, oops]]"], env=env)
     assert bad.exit_code == 2 and bad.stderr.startswith("error: points: ") and bad.stderr.count("\n") == 1
 
 
@@ -313,3 +333,47 @@ def test_client_imports_no_service_code_and_agrees_on_terminal_statuses():
     out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=60,
                          env={**os.environ, "PYTHONPATH": str(REPO)})
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr
+
+
+# ---- run metadata, deletion, data sets, the live stream (issue 15's endpoints) -----------------------
+def test_name_tag_filters_delete_and_datasets(api):
+    url, _ = api
+    with odeforge.Client(url) as c:
+        a = c.submit(TINY, name="Moons baseline", tags=["cnf", "baseline"])
+        b = c.submit({**TINY, "name": "moons wide", "tags": ["cnf"]})
+        assert (a["name"], a["tags"]) == ("Moons baseline", ["cnf", "baseline"])
+        assert [j["id"] for j in c.list(tag="cnf", page_size=1)] == [b["id"], a["id"]]
+        assert [j["id"] for j in c.list(tag="baseline")] == [a["id"]]
+        assert [j["id"] for j in c.list(name="BASELINE")] == [a["id"]]
+        c.delete(a["id"])
+        with pytest.raises(odeforge.ProblemError) as info:
+            c.get(a["id"])
+        assert info.value.status == 404
+        assert [j["id"] for j in c.list()] == [b["id"]]
+
+        buf = io.BytesIO()
+        np.save(buf, np.arange(24.0).reshape(12, 2) ** 1.5)
+        first = c.upload(buf.getvalue(), filename="one.npy")
+        second = c.upload(b"x,y\n" + b"".join(f"{i},{i * i % 7}\n".encode() for i in range(11)), filename="two.csv")
+        assert [d["id"] for d in c.datasets(page_size=1)] == [second["id"], first["id"]]
+        assert [(d["kind"], d["shape"], d["filename"]) for d in c.datasets()] == [("array", [11, 2], "two.csv"),
+                                                                                ("array", [12, 2], "one.npy")]
+        c.delete_dataset(first["id"])
+        assert [d["id"] for d in c.datasets()] == [second["id"]]
+        with pytest.raises(odeforge.ProblemError) as info:
+            c.delete_dataset(first["id"])
+        assert info.value.status == 404
+
+
+def test_events_of_a_real_stream_end_at_the_final_status_and_resume_after_an_id(api):
+    url, _ = api
+    with odeforge.Client(url) as c:
+        job = c.submit(TINY)
+        c.cancel(job["id"])
+        events = list(c.events(job["id"]))
+        assert [e.event for e in events][-1] == "status" and events[-1].data["status"] == "cancelled"
+        assert len(events) >= 2, events  # queued, cancelled
+        ids = [int(e.id) for e in events]
+        assert ids == sorted(set(ids))
+        rest = list(c.events(job["id"], last_event_id=events[0].id))
+        assert [(e.id, e.event, e.data) for e in rest] == [(e.id, e.event, e.data) for e in events[1:]]
