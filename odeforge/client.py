@@ -30,6 +30,11 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 
 _NPY_MAGIC, _ZIP_MAGIC = b"\x93NUMPY", b"PK\x03\x04"
+_RETRY_STATUSES = frozenset({502, 503, 504})  # an event stream is reopened after these (up to max_retries)
+
+
+class _Retry(Exception):
+    """Internal: reopen the event stream."""
 
 
 class Client:
@@ -78,7 +83,13 @@ class Client:
         return resp
 
     def _json(self, method: str, path: str, **kwargs: Any) -> Any:
-        return self._request(method, path, **kwargs).json()
+        resp = self._request(method, path, **kwargs)
+        try:
+            return resp.json()
+        except ValueError:  # another web server at this URL, say
+            raise OdeforgeError(f"{method} {resp.url} answered {resp.status_code} with "
+                                f"{resp.headers.get('content-type', 'no content type')}, not JSON: is {self.url} "
+                                f"an odeforge API?") from None
 
     def _transport_errors(self) -> "_TransportErrors":
         return _TransportErrors(self.url, self.timeout)
@@ -251,26 +262,33 @@ class Client:
             (re)opened ``max_retries`` times in a row.
         """
         state = sse.StreamState(last_event_id=last_event_id)
-        failures = 0
+        failures, connected = 0, False
         while True:
             headers = {"Accept": "text/event-stream", "Cache-Control": "no-cache"}
             if state.last_event_id is not None:
                 headers["Last-Event-ID"] = state.last_event_id
             try:
                 with self._http.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers) as resp:
+                    if resp.status_code in _RETRY_STATUSES and reconnect and failures < max_retries:
+                        raise _Retry()  # a replica restarting behind the load balancer
                     if resp.is_error:
                         resp.read()
                         raise _problem(resp)
                     if resp.status_code == 204:  # SSE: the server says "do not reconnect"
                         return
-                    failures = 0
+                    connected = True
                     for event in sse.parse(resp.iter_lines(), state):
+                        failures = 0  # progress: the retry budget is for failures in a row
                         yield event
                         if _ends_stream(event):
                             return
+            except _Retry:
+                failures += 1
+                time.sleep((state.retry_ms or 1000) / 1000.0)
+                continue
             except httpx.TransportError as exc:
                 failures += 1
-                if not reconnect or failures > max_retries:
+                if not reconnect or not connected or failures > max_retries:  # never reached: say so now
                     with self._transport_errors():
                         raise exc
                 time.sleep((state.retry_ms or 1000) / 1000.0)

@@ -1,4 +1,5 @@
-"""The package layering: node_engine <- jobs <- {service, worker}, and nothing read at import time.
+"""The package layering: node_engine <- jobs <- {service, worker}, the HTTP client ``odeforge`` beside
+them (imports none of them; only the CLI in service uses it), and nothing read at import time.
 
 ``service`` (the API) and ``worker`` (Celery) share what they share through ``jobs`` and never
 import each other; ``jobs`` imports neither, nor ``node_engine``; ``node_engine`` imports none of
