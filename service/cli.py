@@ -178,7 +178,8 @@ def _fmt(value: Any) -> str:
 
 def _row_line(row: dict) -> str:
     """A metric row as one line: ``step=40 loss=1.2345 nfe_forward=26 ...``."""
-    return "  ".join(f"{k}={_fmt(v)}" for k, v in row.items() if v is not None)
+    first = {"step": row["step"]} if "step" in row else {}
+    return "  ".join(f"{k}={_fmt(v)}" for k, v in {**first, **row}.items() if v is not None)
 
 
 _SHOWN_METRICS = ("num_parameters", "loss", "nfe_forward", "nfe_backward", "test_nll", "test_bits_per_dim",

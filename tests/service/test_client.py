@@ -377,3 +377,42 @@ def test_events_of_a_real_stream_end_at_the_final_status_and_resume_after_an_id(
         assert ids == sorted(set(ids))
         rest = list(c.events(job["id"], last_event_id=events[0].id))
         assert [(e.id, e.event, e.data) for e in rest] == [(e.id, e.event, e.data) for e in events[1:]]
+
+
+def test_a_job_driven_through_the_worker_side_of_the_store(api):
+    """Metric rows written as a worker writes them (fenced JobStore calls): the client's metrics, wait
+    and events, and the CLI's logs and wait, show exactly those rows and the final status."""
+    from jobs.store import JobStore
+    from jobs.tables import make_engine, make_sessionmaker
+
+    url, settings = api
+    engine = make_engine(settings.database_url)
+    store = JobStore(make_sessionmaker(engine))
+    rows = [{"step": 1, "loss": 2.5, "nfe_forward": 20}, {"step": 2, "loss": 1.25, "nfe_forward": 26}]
+    try:
+        with odeforge.Client(url) as c:
+            job_id = c.submit(TINY)["id"]
+            row, token = store.claim(job_id)
+            assert store.record(row, token, rows, step=2, total_steps=3, latest=rows[-1])
+            assert c.get(job_id)["status"] == "running" and c.metrics(job_id) == rows
+            assert c.metrics(job_id, since_step=1) == rows[1:]
+            with pytest.raises(TimeoutError):
+                c.wait(job_id, timeout=0.3, poll_s=0.1)
+            assert store.finish(row, token, "succeeded", latest=rows[-1])
+            assert c.wait(job_id, timeout=10)["status"] == "succeeded"
+            events = [(e.event, e.data) for e in c.events(job_id)]
+        assert [d for kind, d in events if kind == "metric"] == rows
+        assert [d["status"] for kind, d in events if kind == "status"] == ["queued", "running", "succeeded"]
+        assert events[-2][0] == "result" and events[-2][1]["status"] == "succeeded"
+    finally:
+        engine.dispose()
+
+    runner = CliRunner()
+    env = {"ODEFORGE_URL": url, "COLUMNS": "200"}
+    logs = runner.invoke(cli_app, ["logs", job_id], env=env)
+    assert logs.stdout == "step=1  loss=2.5  nfe_forward=20\nstep=2  loss=1.25  nfe_forward=26\n"
+    followed = runner.invoke(cli_app, ["logs", job_id, "-f"], env=env)
+    assert followed.exit_code == 0 and followed.stdout.startswith(logs.stdout)
+    assert followed.stdout.rstrip().endswith("# status succeeded")
+    waited = runner.invoke(cli_app, ["wait", job_id], env=env)
+    assert waited.exit_code == 0 and "succeeded" in waited.stdout
