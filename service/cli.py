@@ -348,14 +348,14 @@ def events(
 def download(
     job_id: str,
     name: Optional[str] = typer.Argument(None, help="checkpoint name (default: final, else the newest)"),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="file to write (default: JOB-NAME here)"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="file or folder to write to (default: JOB-NAME here)"),
     url: str = UrlOpt,
     api_key: Optional[str] = KeyOpt,
 ) -> None:
     """Download a checkpoint (safetensors; load it offline with node_engine.inference.load_model)."""
     with _connect(url, api_key) as client:
         name = name or client.newest_checkpoint(job_id)
-        path = client.download_checkpoint(job_id, name, output or Path(f"{job_id}-{name}"))
+        path = client.download_checkpoint(job_id, name, _output(output, f"{job_id}-{name}"))
     typer.echo(str(path))
 
 
@@ -363,14 +363,21 @@ def download(
 def plot(
     job_id: str,
     name: str = typer.Argument("training", help="training, density, samples or trajectories"),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="PNG to write (default: JOB-NAME.png here)"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="PNG or folder to write to (default: JOB-NAME.png here)"),
     url: str = UrlOpt,
     api_key: Optional[str] = KeyOpt,
 ) -> None:
     """Download a job's figure as PNG."""
     with _connect(url, api_key) as client:
-        path = client.plot(job_id, name, output or Path(f"{job_id}-{name}.png"))
+        path = client.plot(job_id, name, _output(output, f"{job_id}-{name}.png"))
     typer.echo(str(path))
+
+
+def _output(output: Optional[Path], default_name: str) -> Path:
+    """Where a download goes: ``output``, inside it when it is a folder, else ``default_name`` here."""
+    if output is None:
+        return Path(default_name)
+    return output / default_name if output.is_dir() else output
 
 
 @app.command("log-density")

@@ -416,3 +416,27 @@ def test_a_job_driven_through_the_worker_side_of_the_store(api):
     assert followed.stdout.rstrip().endswith("# status succeeded")
     waited = runner.invoke(cli_app, ["wait", job_id], env=env)
     assert waited.exit_code == 0 and "succeeded" in waited.stdout
+
+
+def test_cli_download_writes_the_checkpoint_into_a_folder_or_file(api, tmp_path):
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    from jobs.artifacts import LocalArtifactStore, checkpoint_key
+
+    url, settings = api
+    with odeforge.Client(url) as c:
+        job_id = c.submit(TINY)["id"]
+    artifacts = LocalArtifactStore(settings.artifact_dir)
+    artifacts.put(checkpoint_key(job_id, "step-000010.safetensors"), b"ten")
+    artifacts.put(checkpoint_key(job_id, "step-000002.safetensors"), b"two")
+    runner = CliRunner()
+    env = {"ODEFORGE_URL": url}
+    out = runner.invoke(cli_app, ["download", job_id, "-o", str(out_dir)], env=env)
+    assert out.exit_code == 0 and out.stdout == f"{out_dir / f'{job_id}-step-000010.safetensors'}\n"  # the newest
+    assert (out_dir / f"{job_id}-step-000010.safetensors").read_bytes() == b"ten"
+    out = runner.invoke(cli_app, ["download", job_id, "step-000002.safetensors", "-o", str(out_dir / "a.st")], env=env)
+    assert out.exit_code == 0 and (out_dir / "a.st").read_bytes() == b"two"
+    missing = runner.invoke(cli_app, ["download", job_id, "final.safetensors", "-o", str(out_dir / "b")], env=env)
+    assert missing.exit_code == 1 and missing.stderr.startswith("error: 404 checkpoint not found")
+    assert not (out_dir / "b").exists() and {p.name for p in out_dir.iterdir()} == {
+        "a.st", f"{job_id}-step-000010.safetensors"}  # no partial file left behind
