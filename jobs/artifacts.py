@@ -138,3 +138,13 @@ def latest_checkpoint(store: ArtifactStore, job_id: str) -> str | None:
         return int(m.group(1)) if m else -1
 
     return max(names, key=step_of)
+
+
+def plots_prefix(job_id: str) -> str:
+    """The folder key of a job's cached figures (``service.plots``; removed with the job)."""
+    return f"jobs/{job_id}/plots"
+
+
+def plot_key(job_id: str, name: str) -> str:
+    """The key of cached figure ``name`` (``density-final-v1.png``) of a job."""
+    return f"{plots_prefix(job_id)}/{name}"

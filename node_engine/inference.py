@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -180,9 +182,11 @@ def raise_for_rows(status: np.ndarray, what: str) -> None:
                          f"{failed.size} of {len(status)} failed")
 
 
-def load_model(data: bytes, *, device: str | torch.device = "cpu",
+def load_model(data: bytes | str | os.PathLike, *, device: str | torch.device = "cpu",
                dtype: torch.dtype = SERVE_DTYPE) -> DensityModel | ClassifierModel:
-    """A model for inference from checkpoint bytes (``Trainer.checkpoint()`` / ``on_checkpoint`` data).
+    """A model for inference from a checkpoint: its bytes (``Trainer.checkpoint()``, ``on_checkpoint``
+    data) or the path of a ``.safetensors`` file (e.g. downloaded from ``/v1/jobs/{id}/checkpoints``).
+    Also ``from node_engine import load_model``.
 
     The checkpoint's ``kind`` names its model family, which builds the model and wraps it (density
     and energy: :class:`DensityModel`; classifier, or the older "classification": :class:`ClassifierModel`).
@@ -192,10 +196,13 @@ def load_model(data: bytes, *, device: str | torch.device = "cpu",
         dtype: the served model's floating dtype (float64 by default, see ``SERVE_DTYPE``).
     Raises:
         CheckpointError: corrupted, tampered, of an unknown family, or inconsistent with its own spec.
+        FileNotFoundError: ``data`` is a path to no file.
     """
     from node_engine.families import get_family
 
-    ckpt = load_checkpoint(data)
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        data = Path(data).read_bytes()  # a safetensors file: no pickle, safe to read from anywhere
+    ckpt = load_checkpoint(bytes(data))
     device = torch.device(device)
     try:
         family = get_family(ckpt.kind)

@@ -19,7 +19,7 @@ from service.container import Services
 from service.errors import install_handlers
 from service.limits import BodySizeLimitMiddleware
 from service.observability import ApiMetrics
-from service.openapi_docs import document_common_responses
+from service.openapi_docs import document_common_responses, install_offline_docs
 from service.outages import install_outage_handlers
 from service.routers import api_router
 from service.runtime import freeze_startup_heap
@@ -50,7 +50,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             reconciler.stop()
             services.close()
 
-    app = FastAPI(title="odeforge", version="0.1.0", description=API_DESCRIPTION, lifespan=lifespan)
+    # /docs and /redoc are served with local assets (install_offline_docs), not FastAPI's CDN pages
+    app = FastAPI(title="odeforge", version="0.1.0", description=API_DESCRIPTION, lifespan=lifespan,
+                  docs_url=None, redoc_url=None)
+    install_offline_docs(app)
     install_handlers(app)
     install_outage_handlers(app)
     document_common_responses(app)

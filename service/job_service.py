@@ -16,7 +16,14 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from jobs.artifacts import ArtifactStore, checkpoint_key, checkpoint_prefix, dataset_key, latest_checkpoint
+from jobs.artifacts import (
+    ArtifactStore,
+    checkpoint_key,
+    checkpoint_prefix,
+    dataset_key,
+    latest_checkpoint,
+    plots_prefix,
+)
 from jobs.queue import Broker, BrokerUnavailable
 from jobs.status import JobStatus
 from jobs.store import IdempotencyConflict, JobStore
@@ -212,7 +219,7 @@ class JobService:
         if job.status in (JobStatus.QUEUED, JobStatus.RUNNING):
             self.store.request_cancel(job.id)
         self.store.delete_job(job.id)
-        for prefix in (checkpoint_prefix(job.id), plots_cache_prefix(job.id)):
+        for prefix in (checkpoint_prefix(job.id), plots_prefix(job.id)):
             for name, _ in self.artifacts.list(prefix):
                 self.artifacts.delete(f"{prefix}/{name}")
 
@@ -240,11 +247,6 @@ class JobService:
         self.store.delete_dataset(dataset.id)
         kind = "series_upload" if len(dataset.shape or ()) == 3 else "upload"
         self.artifacts.delete(dataset_key(dataset.id, kind))
-
-
-def plots_cache_prefix(job_id: str) -> str:
-    """The folder key of a job's cached figures (``service.plots``), removed with the job."""
-    return f"jobs/{job_id}/plots"
 
 
 def _bad_init(field: str, reason: str) -> ProblemError:

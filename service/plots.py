@@ -36,8 +36,11 @@ def training_png(history: Sequence[dict[str, Any]], title: str, train_metrics: S
     ``train_metrics``, ``eval_metrics``: the model family's metric names (``Family.train_metrics``,
     ``Family.eval_metrics``); the first training metric is drawn next to the evaluation metrics.
     """
+    if not history:
+        return no_data_png(title, "no data yet: the job has not logged a training step")
     fig = Figure(figsize=(12, 3.8), layout="constrained")
     axes = fig.subplots(1, 3)
+
     def series(key: str) -> tuple[list[int], list[float]]:
         pts = [(r["step"], r[key]) for r in history if isinstance(r.get(key), (int, float))]
         return [p[0] for p in pts], [p[1] for p in pts]
@@ -64,6 +67,28 @@ def training_png(history: Sequence[dict[str, Any]], title: str, train_metrics: S
         axes[2].legend()
     fig.suptitle(title)
     return _png(fig)
+
+
+def no_data_png(title: str, message: str) -> bytes:
+    """A figure that says ``message`` (no axes: empty axes would read as a flat or broken curve)."""
+    fig = Figure(figsize=(12, 3.8), layout="constrained")
+    fig.text(0.5, 0.5, message, ha="center", va="center", fontsize=14, color="0.35")
+    fig.suptitle(title)
+    return _png(fig)
+
+
+# ---- cache: a figure is drawn once per checkpoint --------------------------------------------------
+#: bumped when a figure's drawing changes, so figures cached by an older release are not served
+PLOT_VERSION = 1
+
+
+def cache_name(plot: str, checkpoint: str) -> str:
+    """File name of the cached figure ``plot`` drawn from checkpoint ``checkpoint`` ("final" for a
+    finished job's training curves): ``density-final-v1.png``. Figures are cached in the artifact
+    store (``jobs.artifacts.plot_key``: shared by every API replica, removed with the job); a
+    checkpoint is never rewritten with other weights, and a finished job's metric rows no longer change."""
+    stem = checkpoint.removesuffix(".safetensors")
+    return f"{plot}-{stem}-v{PLOT_VERSION}.png"
 
 
 def _bounds(points: np.ndarray | None, fallback: np.ndarray) -> tuple[float, float, float, float]:

@@ -46,6 +46,8 @@ def test_every_endpoint_but_health_needs_a_known_key(client):
               ("POST", f"/v1/jobs/{job_id}/log-density"), ("POST", f"/v1/jobs/{job_id}/samples"),
               ("POST", f"/v1/jobs/{job_id}/predict"), ("GET", f"/v1/jobs/{job_id}/plots/training.png"),
               ("POST", "/v1/datasets"), ("GET", "/metrics"), ("GET", "/openapi.json"), ("GET", "/docs"),
+              ("GET", f"/v1/jobs/{job_id}/events"), ("DELETE", f"/v1/jobs/{job_id}"), ("GET", "/v1/datasets"),
+              ("DELETE", f"/v1/datasets/{'0' * 32}"), ("GET", "/redoc"), ("GET", "/docs-assets/swagger-ui.css"),
               ("GET", "/v1/no-such-route")]
     bad_headers = [{}, auth("wrong-key-0000000000000000"), {"Authorization": ALICE},
                    {"Authorization": f"Basic {ALICE}"}, auth(""), auth(ALICE[:-1]), auth(ALICE + "x")]

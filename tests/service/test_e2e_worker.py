@@ -84,6 +84,17 @@ def test_cnf_trains_on_a_real_worker_then_answers_queries_and_a_failing_solve_is
 
         names = [c["name"] for c in client.get(f"/v1/jobs/{good}/checkpoints").json()["checkpoints"]]
         assert names == ["final.safetensors", "step-000002.safetensors", "step-000004.safetensors"]
+        # The Celery worker wrote the job's event log: the stream of the finished job replays it and ends.
+        import json
+
+        raw = client.get(f"/v1/jobs/{good}/events").text
+        events = [dict(line.split(": ", 1) for line in block.split("\n")) for block in raw.strip().split("\n\n")
+                  if block.startswith("id:")]
+        kinds = [e["event"] for e in events]
+        assert [json.loads(e["data"])["step"] for e in events if e["event"] == "metric"] == [1, 2, 3, 4, 5]
+        assert sorted(json.loads(e["data"])["name"] for e in events if e["event"] == "checkpoint") == names
+        assert kinds[:2] == ["status", "status"] and kinds[-2:] == ["result", "status"]
+        assert json.loads(events[-1]["data"]) == {"status": "succeeded"}
         from safetensors.numpy import load
 
         tensors = load(client.get(f"/v1/jobs/{good}/checkpoints/final.safetensors").content)
