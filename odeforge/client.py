@@ -332,7 +332,7 @@ class Client:
     def download_checkpoint(self, job_id: str, name: str | None = None,
                             path: str | os.PathLike | None = None) -> bytes | Path:
         """``GET /v1/jobs/{id}/checkpoints/{name}``: a safetensors checkpoint (tensors + JSON metadata,
-        no pickle; ``node_engine.inference.load_model`` reads it offline).
+        no pickle; ``node_engine.load_model(path)`` serves it offline).
 
         Args:
             name: e.g. ``final.safetensors`` (default: ``final.safetensors`` if the job has it, else its

@@ -352,7 +352,7 @@ def download(
     url: str = UrlOpt,
     api_key: Optional[str] = KeyOpt,
 ) -> None:
-    """Download a checkpoint (safetensors; load it offline with node_engine.inference.load_model)."""
+    """Download a checkpoint (safetensors; serve it offline with node_engine.load_model(path))."""
     with _connect(url, api_key) as client:
         name = name or client.newest_checkpoint(job_id)
         path = client.download_checkpoint(job_id, name, _output(output, f"{job_id}-{name}"))

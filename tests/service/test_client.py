@@ -173,6 +173,8 @@ def test_checkpoint_download_metrics_and_inference(api, tmp_path):
         want, _ = load_model(data).log_density(points)
         np.testing.assert_allclose(got["log_density"], want, rtol=1e-6, atol=1e-9)
         assert got["checkpoint"] == "final.safetensors"
+        tuned = c.submit(TINY, init_from=job["id"])  # a job id: its newest checkpoint, named in the stored spec
+        assert tuned["spec"]["init_from"] == {"job": job["id"], "checkpoint": "final.safetensors"}
         assert len(c.samples(job["id"], n=4, seed=1)["samples"]) == 4
         with pytest.raises(odeforge.ProblemError) as info:
             c.log_density(job["id"], [[0.0, 0.0, 0.0]])
