@@ -152,17 +152,18 @@ def _one_line(exc: BaseException) -> str:
 def _load_array(value: str, what: str) -> Any:
     """An array argument: a file (``.npy``, ``.csv``, ``.json``) or inline JSON (``'[[0, 1], [2, 3]]'``)."""
     path = Path(value)
+    suffix = path.suffix.lower()
     try:
-        if value.lower().endswith((".npy", ".csv", ".txt", ".json")) and path.is_file():
-            if path.suffix.lower() == ".npy":
-                import numpy as np
-
-                return np.load(path, allow_pickle=False).tolist()  # never unpickle a user's file
-            if path.suffix.lower() == ".json":
+        if suffix in (".npy", ".csv", ".txt", ".json"):
+            if not path.is_file():
+                raise _InputError(f"{what}: no file {value}")
+            if suffix == ".json":
                 return json.loads(path.read_text())
             import numpy as np
 
-            return np.atleast_2d(np.loadtxt(path, delimiter=",", ndmin=2)).tolist()
+            if suffix == ".npy":
+                return np.load(path, allow_pickle=False).tolist()  # never unpickle a user's file
+            return np.loadtxt(path, delimiter=",", ndmin=2).tolist()
         return json.loads(value)
     except (ValueError, OSError) as exc:
         raise _InputError(f"{what}: not a .npy/.csv/.json file or JSON array ({exc})") from None
