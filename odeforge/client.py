@@ -17,6 +17,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any, Iterator
+from urllib.parse import quote
 
 import httpx
 
@@ -160,7 +161,7 @@ class Client:
         Raises:
             ProblemError: 404 for an unknown id or another API key's job.
         """
-        return self._json("GET", f"/v1/jobs/{job_id}")
+        return self._json("GET", f"/v1/jobs/{_q(job_id)}")
 
     def list(self, *, status: str | None = None, tag: str | None = None, name: str | None = None,
              limit: int | None = None, page_size: int | None = None) -> Iterator[dict[str, Any]]:
@@ -203,7 +204,7 @@ class Client:
         Raises:
             ProblemError: 409 when the job already finished; 404 unknown job.
         """
-        return self._json("POST", f"/v1/jobs/{job_id}/cancel")
+        return self._json("POST", f"/v1/jobs/{_q(job_id)}/cancel")
 
     def delete(self, job_id: str) -> None:
         """``DELETE /v1/jobs/{id}``: cancel the job if it is queued or running, then remove it, its metric
@@ -212,7 +213,7 @@ class Client:
         Raises:
             ProblemError: 404 unknown job; 409 a queued or running job starts from its checkpoint (``init_from``).
         """
-        self._request("DELETE", f"/v1/jobs/{job_id}")
+        self._request("DELETE", f"/v1/jobs/{_q(job_id)}")
 
     def wait(self, job_id: str, *, timeout: float | None = None, poll_s: float = 1.0,
              progress: bool = False) -> dict[str, Any]:
@@ -268,7 +269,7 @@ class Client:
             if state.last_event_id is not None:
                 headers["Last-Event-ID"] = state.last_event_id
             try:
-                with self._http.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers) as resp:
+                with self._http.stream("GET", f"/v1/jobs/{_q(job_id)}/events", headers=headers) as resp:
                     if resp.status_code in _RETRY_STATUSES and reconnect and failures < max_retries:
                         raise _Retry()  # a replica restarting behind the load balancer
                     if resp.is_error:
@@ -318,7 +319,7 @@ class Client:
         if since_step is not None:
             params["since_step"] = since_step
         while True:
-            page = self._json("GET", f"/v1/jobs/{job_id}/metrics", params=params)
+            page = self._json("GET", f"/v1/jobs/{_q(job_id)}/metrics", params=params)
             rows.extend(page["history"])
             if not page.get("next_page_token"):
                 return rows
@@ -327,7 +328,7 @@ class Client:
     def checkpoints(self, job_id: str) -> list[dict[str, Any]]:
         """``GET /v1/jobs/{id}/checkpoints``: ``[{"name": "step-000100.safetensors", "size_bytes", "url"},
         ..., {"name": "final.safetensors", ...}]``. Raises ProblemError (404 unknown job)."""
-        return self._json("GET", f"/v1/jobs/{job_id}/checkpoints")["checkpoints"]
+        return self._json("GET", f"/v1/jobs/{_q(job_id)}/checkpoints")["checkpoints"]
 
     def download_checkpoint(self, job_id: str, name: str | None = None,
                             path: str | os.PathLike | None = None) -> bytes | Path:
@@ -346,7 +347,7 @@ class Client:
             no checkpoint yet.
         """
         name = name or self.newest_checkpoint(job_id)
-        return self._download(f"/v1/jobs/{job_id}/checkpoints/{name}", path)
+        return self._download(f"/v1/jobs/{_q(job_id)}/checkpoints/{_q(name)}", path)
 
     def newest_checkpoint(self, job_id: str) -> str:
         """The name of a job's ``final.safetensors`` if it has one, else of its newest ``step-*`` checkpoint.
@@ -367,7 +368,7 @@ class Client:
         Raises:
             ProblemError: 404 unknown plot or job; 409 the job's model does not draw it or has no checkpoint.
         """
-        return self._download(f"/v1/jobs/{job_id}/plots/{name}.png", path)
+        return self._download(f"/v1/jobs/{_q(job_id)}/plots/{_q(name)}.png", path)
 
     # ---- inference ------------------------------------------------------------------------------
     def log_density(self, job_id: str, points: Any) -> dict[str, Any]:
@@ -379,20 +380,20 @@ class Client:
             ProblemError: 409 not a density job or no checkpoint yet; 422 wrong dimension (field
             ``points[i]``), non-finite values, more than ``ODEFORGE_MAX_POINTS`` points.
         """
-        return self._json("POST", f"/v1/jobs/{job_id}/log-density", json={"points": _plain(points)})
+        return self._json("POST", f"/v1/jobs/{_q(job_id)}/log-density", json={"points": _plain(points)})
 
     def samples(self, job_id: str, n: int = 1000, seed: int = 0) -> dict[str, Any]:
         """``POST /v1/jobs/{id}/samples``: ``{"samples": (n, D) in the data's coordinates, "checkpoint"}``,
         the same for the same ``seed``. Raises ProblemError (409 not a density/energy job or no
         checkpoint; 422 ``n`` beyond ``ODEFORGE_MAX_SAMPLES``)."""
-        return self._json("POST", f"/v1/jobs/{job_id}/samples", json={"n": int(n), "seed": int(seed)})
+        return self._json("POST", f"/v1/jobs/{_q(job_id)}/samples", json={"n": int(n), "seed": int(seed)})
 
     def predict(self, job_id: str, inputs: Any) -> dict[str, Any]:
         """``POST /v1/jobs/{id}/predict``: class probabilities ``{"probabilities": (N, 10), "checkpoint"}``
         for images ``inputs`` (N, C, H, W) or (N, H, W) in the training data's raw pixel scale (0..16
         for ``digits``, 0..255 for ``mnist``). Raises ProblemError (409 not a classifier job or no
         checkpoint; 422 wrong shape or non-finite values, field ``inputs``)."""
-        return self._json("POST", f"/v1/jobs/{job_id}/predict", json={"inputs": _plain(inputs)})
+        return self._json("POST", f"/v1/jobs/{_q(job_id)}/predict", json={"inputs": _plain(inputs)})
 
     def forecast(self, job_id: str, series: Any, t: Any, *, samples: int | None = None) -> dict[str, Any]:
         """``POST /v1/jobs/{id}/forecast``: each series' trajectory at times ``t`` (T,), in the data's units.
@@ -412,7 +413,7 @@ class Client:
                                 "t": _plain(t)}
         if samples is not None:
             body["samples"] = int(samples)
-        return self._json("POST", f"/v1/jobs/{job_id}/forecast", json=body)
+        return self._json("POST", f"/v1/jobs/{_q(job_id)}/forecast", json=body)
 
     # ---- data sets ------------------------------------------------------------------------------
     def upload(self, data: str | os.PathLike | bytes | IO[bytes], *, filename: str | None = None,
@@ -456,7 +457,7 @@ class Client:
         Raises:
             ProblemError: 404 unknown id (or another key's); 409 a queued or running job trains on it.
         """
-        self._request("DELETE", f"/v1/datasets/{dataset_id}")
+        self._request("DELETE", f"/v1/datasets/{_q(dataset_id)}")
 
 
 def spec_json(spec: Any) -> dict[str, Any]:
@@ -479,6 +480,11 @@ def spec_json(spec: Any) -> dict[str, Any]:
                                  f"{{'type': '<model type>', **section.to_json()}}")
         out[key] = value
     return out
+
+
+def _q(segment: str) -> str:
+    """A path segment, percent-encoded: an id or name cannot reach another path (``../``, ``?``)."""
+    return quote(str(segment), safe="")
 
 
 def _plain(value: Any) -> Any:

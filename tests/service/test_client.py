@@ -3,7 +3,9 @@
 The app (``service.app.create_app``: SQLite job store, the real Redis broker, local artifacts) runs in
 uvicorn on a free port in this process; no worker runs, so jobs stay queued, and a checkpoint, when
 a test needs one, is an untrained model written by node_engine into the artifact store, whose
-log-densities the test computes itself from the same bytes.
+log-densities the test computes itself from the same bytes. Tests using the ``api``/``serve``
+fixtures are marked ``services``/``redis`` by tests/conftest.py (through ``make_settings``); the
+parser, resumption, refused-connection and import tests need no server and run in the fast tier.
 """
 
 from __future__ import annotations
@@ -29,7 +31,6 @@ from odeforge import sse
 from service.cli import app as cli_app
 from tests.conftest import REPO
 
-pytestmark = pytest.mark.redis
 
 TINY = {"model": {"type": "cnf", "hidden_dims": [8, 8]}, "dataset": {"name": "moons", "n_samples": 256},
         "training": {"iterations": 3}}
@@ -102,6 +103,9 @@ def test_problem_details_are_raised_with_their_fields(api):
         with pytest.raises(odeforge.ProblemError) as info:
             c.get("f" * 32)
         assert info.value.status == 404 and str(info.value).startswith("404 job not found: ")
+        with pytest.raises(odeforge.ProblemError) as info:
+            c.get("../datasets")  # an id stays one path segment
+        assert info.value.status == 404 and info.value.slug == "job-not-found"
 
 
 
