@@ -6,6 +6,7 @@ ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
 WORKDIR /app
 RUN pip install "torch==2.13.0" --index-url "${TORCH_INDEX_URL}"
 COPY pyproject.toml README.md ./
+COPY odeforge ./odeforge
 COPY node_engine ./node_engine
 COPY jobs ./jobs
 COPY service ./service

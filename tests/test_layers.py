@@ -1,4 +1,5 @@
-"""The package layering: node_engine <- jobs <- {service, worker}, and nothing read at import time.
+"""The package layering: node_engine <- jobs <- {service, worker}, the HTTP client ``odeforge`` beside
+them (imports none of them; only the CLI in service uses it), and nothing read at import time.
 
 ``service`` (the API) and ``worker`` (Celery) share what they share through ``jobs`` and never
 import each other; ``jobs`` imports neither, nor ``node_engine``; ``node_engine`` imports none of
@@ -23,10 +24,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 # package -> the top-level packages of this repository it must never import
 FORBIDDEN = {
-    "node_engine": {"jobs", "service", "worker"},
-    "jobs": {"service", "worker", "node_engine"},
+    "odeforge": {"node_engine", "jobs", "service", "worker"},  # the HTTP client: talks to the API only
+    "node_engine": {"jobs", "service", "worker", "odeforge"},
+    "jobs": {"service", "worker", "node_engine", "odeforge"},
     "service": {"worker"},
-    "worker": {"service"},
+    "worker": {"service", "odeforge"},
 }
 
 

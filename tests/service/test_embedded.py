@@ -78,7 +78,7 @@ def test_odeforge_serve_runs_a_job_end_to_end(tmp_path: Path):
             assert status.returncode == 0 and json.loads(status.stdout)["status"] == "succeeded"
             missing = subprocess.run([*cli, "status", "f" * 32, *url], env=env, capture_output=True, text=True,
                                      timeout=60)
-            assert missing.returncode == 1 and "404" in missing.stdout
+            assert missing.returncode == 1 and missing.stderr.startswith("error: 404 job not found")
 
             dens = client.post(f"/v1/jobs/{job['id']}/log-density", json={"points": [[0.0, 0.0], [2.0, 2.0]]}).json()
             assert len(dens["log_density"]) == 2 and all(math.isfinite(v) for v in dens["log_density"])
