@@ -145,7 +145,8 @@ def test_upload_round_trip_bytes_path_and_refusal(api, tmp_path):
         job = c.submit({**TINY, "dataset": {"name": "upload", "id": up["id"]}})
         assert job["spec"]["dataset"]["id"] == up["id"]
         stored = (Path(settings.artifact_dir) / "datasets" / f"{up['id']}.npy").read_bytes()
-        np.testing.assert_array_equal(np.load(io.BytesIO(stored)), points)
+        # float64 uploads are stored as float32 unless ?dtype=float64 (issue 14)
+        np.testing.assert_array_equal(np.load(io.BytesIO(stored)), points.astype(np.float32))
         with pytest.raises(odeforge.ProblemError) as info:
             c.upload(b"1,2\n1,3\n", filename="flat.csv")  # too few rows, constant column
         assert info.value.status == 422 and [e["field"] for e in info.value.errors] == ["file"]
