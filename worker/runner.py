@@ -33,7 +33,7 @@ from jobs.settings import Settings, get_settings
 from jobs.status import JobStatus
 from jobs.store import JobStore
 from jobs.tables import Job
-from worker.guard import JobGuard, memory_limit_bytes
+from worker.guard import JobGuard, JobTimeLimitExceeded, MemoryLimitExceeded, memory_limit_bytes
 
 log = logging.getLogger("odeforge.worker")
 
@@ -132,6 +132,10 @@ def _make_callbacks(ctx: WorkerContext, job: Job, token: int, trainer: Any, guar
             if _shutdown.is_set():
                 self.stop = self.interrupted = True
             if guard():  # cancel, time or memory limit, or the heartbeat found our claim superseded
+                if guard.error() is not None:
+                    # a limit fails the job at once: no new checkpoint (writing one needs more memory
+                    # and time), the last periodic one stays
+                    raise guard.error()
                 self.stop = True
                 self.lost = self.lost or guard.reason == "lost"
             return self.stop
@@ -215,8 +219,6 @@ def run_job(job_id: str, ctx: WorkerContext | None = None) -> str:
         latest = {**final, **callbacks.latest}
         if callbacks.lost:
             status = "superseded"
-        elif stopped_early and guard.error() is not None:  # a time or memory limit
-            status = _fail(ctx, job, token, guard.error(), latest)
         elif stopped_early and ctx.store.should_stop(job, token):  # cancel requested
             status = _finish(ctx, job, token, JobStatus.CANCELLED, latest=latest)
         elif stopped_early and callbacks.interrupted:
@@ -237,7 +239,7 @@ def run_job(job_id: str, ctx: WorkerContext | None = None) -> str:
     except Exception as exc:  # solver, data, checkpoint or programming error: the job fails, the worker goes on
         from node_engine.errors import ODEForgeError, SolveCancelled
 
-        if not isinstance(exc, ODEForgeError):
+        if not isinstance(exc, (ODEForgeError, JobTimeLimitExceeded, MemoryLimitExceeded)):
             log.exception("job %s: unexpected error", job_id)
         latest = callbacks.latest if callbacks is not None else None
         if callbacks is not None:
