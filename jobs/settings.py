@@ -75,8 +75,8 @@ class Settings(BaseSettings):
     device: str = "auto"
 
     # Longest job: a worker fails a job (JobTimeLimitExceeded, its last checkpoint kept) once it has
-    # trained this many wall-clock seconds (counted from its claim, plus the training time of earlier
-    # attempts it resumed from). The broker's visibility timeout is set above it so an unacked long
+    # run this many wall-clock seconds (counted once its model and data are loaded, plus the training
+    # time of earlier attempts it resumed from). The broker's visibility timeout is set above it so an unacked long
     # job is never handed to a second worker while the first one still trains it.
     max_job_seconds: int = Field(7 * 24 * 3600, ge=1)
     # How long the API waits for the broker before answering 503.

@@ -189,7 +189,6 @@ def run_job(job_id: str, ctx: WorkerContext | None = None) -> str:
         return "skipped"
     job, token = claimed
     log.info("job %s: claimed (attempt %d, token %d)", job_id, job.attempts, token)
-    claimed_at = time.monotonic()
     callbacks = lease = guard = None
     try:
         with ExitStack() as stack:
@@ -207,7 +206,7 @@ def run_job(job_id: str, ctx: WorkerContext | None = None) -> str:
                 log.info("job %s: resuming from %s at step %d", job_id, resume, trainer.step)
             else:
                 trainer = build_trainer(spec, device=ctx.device)
-            guard = _make_guard(ctx, job, token, lease, claimed_at, float(trainer.elapsed_seconds))
+            guard = _make_guard(ctx, job, token, lease, float(trainer.elapsed_seconds))
             callbacks = _make_callbacks(ctx, job, token, trainer, guard)
             # every solve of training and evaluation: the NFE budget and the guard as its stop signal
             with solve_limits(max_nfe=ctx.settings.max_nfe_per_solve, stop=guard):
@@ -266,13 +265,12 @@ def run_job(job_id: str, ctx: WorkerContext | None = None) -> str:
     return status
 
 
-def _make_guard(ctx: WorkerContext, job: Job, token: int, lease: LeaseKeeper, claimed_at: float,
-                earlier_seconds: float) -> JobGuard:
-    """The job's :class:`JobGuard`: its time limit counts from the claim, less the training time of
-    the attempts it resumed from (a requeued job does not start its clock again)."""
+def _make_guard(ctx: WorkerContext, job: Job, token: int, lease: LeaseKeeper, earlier_seconds: float) -> JobGuard:
+    """The job's :class:`JobGuard`, made once its trainer is built: its time limit counts from now
+    (the worker's first import of torch and the data loading are not the job's), less the training
+    time of the attempts it resumed from (a requeued job does not start its clock again)."""
     limit = float(ctx.settings.max_job_seconds)
-    return JobGuard(poll_s=ctx.settings.cancel_poll_s,
-                    seconds=limit - earlier_seconds - (time.monotonic() - claimed_at), limit_seconds=limit,
+    return JobGuard(poll_s=ctx.settings.cancel_poll_s, seconds=limit - earlier_seconds, limit_seconds=limit,
                     memory_bytes=memory_limit_bytes(ctx.settings.max_worker_memory_mb),
                     should_cancel=lambda: ctx.store.should_stop(job, token), lost=lease.lost.is_set)
 
