@@ -138,7 +138,9 @@ class JobStore:
         return rows, None
 
     def request_cancel(self, job_id: str) -> CancelResult:
-        """Cancel a job: a queued one at once, a running one cooperatively (the worker stops between steps)."""
+        """Cancel a job: a queued one at once, a running one cooperatively (its worker reads the flag
+        every ``cancel_poll_s``, between training steps and inside solves; if the worker died, the
+        reconciler ends the job ``cancelled``)."""
         with self._sessions.begin() as s:
             job = s.scalar(select(Job).where(Job.id == job_id).with_for_update())
             if job is None:

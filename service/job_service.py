@@ -126,7 +126,8 @@ class JobService:
         return jobs, (pagination.encode("jobs", next_seq) if next_seq is not None else None)
 
     def cancel(self, job: Job) -> Job:
-        """Cancel ``job``: a queued one at once, a running one between training steps (it stays
+        """Cancel ``job``: a queued one at once, a running one within about ``cancel_poll_s`` (its worker
+        checks between training steps and inside every solve; it stays
         ``running`` until its worker stops). 409 problem when it already succeeded or failed."""
         result = self.store.request_cancel(job.id)
         if result.job is None:
