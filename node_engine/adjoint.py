@@ -30,8 +30,9 @@ import math
 import torch
 from torch import nn
 
+from .errors import NFEBudgetExceeded
 from .odeint import SolverConfig, add_info, check_t, is_per_sample, make_config, odeint
-from .solvers.adaptive import SolveInfo, StepRecord
+from .solvers.adaptive import SolveInfo, StepRecord, budget_message, check_stop, over_budget
 from .solvers.rk import RKStepper
 from .solvers import ADAPTIVE, METHODS
 from .solvers.state import StateLayout, VectorField
@@ -74,6 +75,11 @@ class _AugmentedField:
         parts += [torch.zeros(p.numel(), dtype=y.dtype, device=y.device) if g is None else g.reshape(-1)
                   for g, p in zip(g_p, self.params)]
         return torch.cat(parts)
+
+    @property
+    def nfe(self) -> int:
+        """Evaluations so far (of the wrapped field: the solver checks ``max_nfe`` against it)."""
+        return self.vf.nfe
 
     def at(self, t: float, z: torch.Tensor) -> torch.Tensor:
         """The solver's call with a host time (the work shape is already flat)."""
@@ -210,7 +216,12 @@ def _checkpoint_backward(run: _Run, vf: VectorField, starts, g_out, info):
             dense_at.setdefault(n, []).append((i, th))
     a = torch.zeros(N, dtype=g_out.dtype, device=g_out.device)
     p_acc = [torch.zeros_like(p) for p in params]
+    stop, max_nfe = run.cfg.options.get("stop"), run.cfg.options.get("max_nfe")
     for n in range(n_steps - 1, -1, -1):
+        check_stop(stop, rec.bounds[n + 1])
+        if over_budget(vf, max_nfe):
+            raise NFEBudgetExceeded(budget_message(vf, max_nfe, rec.bounds[n + 1], " (checkpoint adjoint)"),
+                                    t=rec.bounds[n + 1])
         for i in end_at.get(n, ()):
             a = a + g_out[i]
         dense = dense_at.get(n, [])
@@ -327,6 +338,9 @@ def odeint_adjoint(
         raise TypeError("adjoint_params must be a sequence of tensors")
     adj_opts = dict(adjoint_options or {})
     norm = adj_opts.pop("norm", "default")
+    for k in ("max_nfe", "stop"):  # the caller's compute bound and stop signal hold for the backward pass too
+        if cfg.options.get(k) is not None and k not in adj_opts:
+            adj_opts[k] = cfg.options[k]
     if norm not in NORMS:
         raise ValueError(f"unknown adjoint norm {norm!r}; valid: {', '.join(NORMS)}")
     adj_cfg, warm_start = None, False

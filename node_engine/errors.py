@@ -38,11 +38,22 @@ class NonFiniteStateError(SolverError):
     """The state or its derivative became NaN/inf and shrinking the step did not help."""
 
 
+class NFEBudgetExceeded(SolverError):
+    """More than ``options["max_nfe"]`` evaluations of the field were made (a compute bound set
+    by the caller, e.g. a deployment's per-solve budget; checked after every trial step)."""
+
+
+class SolveCancelled(SolverError):
+    """``options["stop"]()`` returned True: the caller asked the solve to end (a cancelled job, a
+    wall-clock or memory limit). Always raised, whatever ``raise_on_failure`` says."""
+
+
 class SolveStatus(IntEnum):
     """Outcome of one row of a solve (``SolverStats.status`` holds one per row, int64).
 
     Values are stable (stored and compared as ints): SUCCESS=0, MAX_NUM_STEPS=1, STEP_UNDERFLOW=2,
-    NON_FINITE=3 (the status codes of torchode's ``Status``). :attr:`error` is the named exception a
+    NON_FINITE=3 (the status codes of torchode's ``Status``), NFE_BUDGET=4 (``max_nfe`` reached; every
+    row still active then gets it). :attr:`error` is the named exception a
     failure raises by default (``options["raise_on_failure"]=True``).
     """
 
@@ -50,6 +61,7 @@ class SolveStatus(IntEnum):
     MAX_NUM_STEPS = 1
     STEP_UNDERFLOW = 2
     NON_FINITE = 3
+    NFE_BUDGET = 4
 
     @property
     def error(self) -> type[SolverError] | None:
@@ -61,6 +73,7 @@ _STATUS_ERRORS = {
     SolveStatus.MAX_NUM_STEPS: MaxNumStepsError,
     SolveStatus.STEP_UNDERFLOW: StepSizeUnderflowError,
     SolveStatus.NON_FINITE: NonFiniteStateError,
+    SolveStatus.NFE_BUDGET: NFEBudgetExceeded,
 }
 
 

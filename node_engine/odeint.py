@@ -24,9 +24,9 @@ from .stats import SolverStats
 __all__ = ["odeint", "ADAPTIVE_OPTIONS", "FIXED_OPTIONS", "DEFAULT_MAX_NUM_STEPS"]
 
 ADAPTIVE_OPTIONS = ("first_step", "max_num_steps", "step_t", "jump_t", "safety", "ifactor", "dfactor", "beta",
-                    "step_control", "raise_on_failure")
+                    "step_control", "raise_on_failure", "max_nfe", "stop")
 STEP_CONTROLS = ("joint", "per_sample")
-FIXED_OPTIONS = ("step_size", "grid")
+FIXED_OPTIONS = ("step_size", "grid", "max_nfe", "stop")
 
 
 def check_method(method: str) -> None:
@@ -56,6 +56,11 @@ def check_options(method: str, options, allowed_extra: tuple[str, ...] = ()) -> 
                          f"got {options['step_control']!r}")
     if not isinstance(options.get("raise_on_failure", True), bool):
         raise ValueError(f"options['raise_on_failure'] must be True or False, got {options['raise_on_failure']!r}")
+    max_nfe = options.get("max_nfe")
+    if max_nfe is not None and not (isinstance(max_nfe, int) and not isinstance(max_nfe, bool) and max_nfe > 0):
+        raise ValueError(f"options['max_nfe'] must be a positive int or None, got {max_nfe!r}")
+    if options.get("stop") is not None and not callable(options["stop"]):
+        raise ValueError(f"options['stop'] must be a zero-argument callable or None, got {options['stop']!r}")
     if is_per_sample(options):
         for k in ("step_t", "jump_t"):
             if options.get(k) is not None:
@@ -175,7 +180,8 @@ class SolverConfig:
                     f"method {self.method!r} is fixed-step: pass options=dict(step_size=...) or dict(grid=...)"
                 )
             info.status = np.zeros(1, dtype=np.int64)
-            return integrate_fixed(vf, z0, times, stepper, grid, info, record)
+            return integrate_fixed(vf, z0, times, stepper, grid, info, record,
+                                   max_nfe=o.get("max_nfe"), stop=o.get("stop"))
         norm = ErrorNorm(self.rtol, self.atol, self.segments, self.used)
         ctrl = PIController(
             tab.control_order,
@@ -195,6 +201,7 @@ class SolverConfig:
             step_t=tuple(_floats(o.get("step_t"), "step_t") or ()),
             jump_t=tuple(_floats(o.get("jump_t"), "jump_t") or ()),
             raise_on_failure=o.get("raise_on_failure", True),
+            max_nfe=o.get("max_nfe"), stop=o.get("stop"),
         )
         return integrate_adaptive(vf, z0, times, stepper, norm, ctrl, aopts, info, record)
 
@@ -270,6 +277,17 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method="dopri5", options=None,
             outputs at times it never reached are NaN, the solve returns and ``stats.status``
             says which rows failed and why). Fixed: ``step_size`` or ``grid`` (tensor of times
             covering t); the grid always includes the times in ``t``.
+            Both: ``max_nfe`` (int, default None: no budget): the solve raises
+            :class:`~node_engine.errors.NFEBudgetExceeded` once more than ``max_nfe`` evaluations
+            of ``func`` were made (checked after every trial step, so it overshoots by at most one
+            step's stages; a solve that needs exactly ``max_nfe`` succeeds); with
+            ``raise_on_failure=False`` every row still active gets ``SolveStatus.NFE_BUDGET``
+            instead. ``stop`` (zero-argument callable, default None): called before every trial
+            step; when it returns True the solve raises
+            :class:`~node_engine.errors.SolveCancelled` (always). It runs once per step, so keep it
+            cheap (e.g. re-read a flag at most every few seconds). The adjoint's backward pass takes
+            both from the forward options unless ``adjoint_options`` sets them; its budget counts
+            the whole backward pass.
             ``step_control``: ``"joint"`` (default; one step size for the whole state: one row)
             or ``"per_sample"``: dim 0 of y0 (of every tuple member) is a batch of B rows, and
             every row gets its own time, step size, accept/reject decision and status, in the
@@ -292,8 +310,9 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method="dopri5", options=None,
     Raises:
         ValueError: bad ``t`` (not 1-D or (B, T), not strictly monotonic), unknown method or
             option, bad tolerances, func output of the wrong shape/dtype.
-        node_engine.errors.StepSizeUnderflowError, MaxNumStepsError, NonFiniteStateError (unless
-            ``raise_on_failure=False``; per sample the message names the sample).
+        node_engine.errors.StepSizeUnderflowError, MaxNumStepsError, NonFiniteStateError,
+            NFEBudgetExceeded (unless ``raise_on_failure=False``; per sample the message names the
+            sample); SolveCancelled (``stop`` returned True).
 
     Backpropagating through the result gives the exact gradient of the discrete solve (step
     sizes are not differentiated); no gradient flows to ``t``. For O(1) memory use

@@ -38,7 +38,8 @@ class Services:
             broker=broker,
             jobs=JobService(store, broker, artifacts, metrics, max_upload_bytes=settings.max_upload_bytes,
                             storage=StorageGuard(store, artifacts, quota_bytes=settings.owner_quota_bytes,
-                                                 min_free_bytes=settings.min_free_bytes)),
+                                                 min_free_bytes=settings.min_free_bytes),
+                            max_job_cost=settings.max_job_cost),
             # The API answers queries on CPU; GPUs belong to the workers.
             models=ModelCache(artifacts, settings.inference_cache_size, device="cpu"),
             metrics=metrics,

@@ -13,17 +13,19 @@ advance. A *joint* solve is one row (the whole state; host quantities are Python
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from ..errors import SolveStatus
+from ..errors import SolveCancelled, SolveStatus
 from .controller import PIController, initial_step_size
 from .rk import RKStepper
 from .rows import any_, count, isfinite, maximum, minimum, nextafter, not_, to_device, where
 
-__all__ = ["AdaptiveOptions", "SolveInfo", "StepRecord", "integrate_adaptive", "DEFAULT_MAX_NUM_STEPS"]
+__all__ = ["AdaptiveOptions", "SolveInfo", "StepRecord", "integrate_adaptive", "DEFAULT_MAX_NUM_STEPS",
+           "check_stop", "over_budget"]
 
 DEFAULT_MAX_NUM_STEPS = 100_000
 MAX_NONFINITE_RETRIES = 12  # consecutive NaN/inf trial steps of a row, each shrinking h tenfold
@@ -37,6 +39,25 @@ class AdaptiveOptions:
     step_t: tuple[float, ...] = ()
     jump_t: tuple[float, ...] = ()
     raise_on_failure: bool = True
+    max_nfe: int | None = None  # NFE budget of the solve (None: none)
+    stop: Callable[[], bool] | None = None  # polled before every trial step; True ends the solve
+
+
+def check_stop(stop, t) -> None:
+    """Raise SolveCancelled when the caller's ``stop()`` says so (one call per step: the caller
+    keeps it cheap, e.g. by re-reading a cancel flag at most every few seconds)."""
+    if stop is not None and stop():
+        raise SolveCancelled(f"the solve was stopped by its caller at t={float(np.min(t)):g}", t=float(np.min(t)))
+
+
+def over_budget(vf, max_nfe: int | None) -> bool:
+    """True when the field has been evaluated more than ``max_nfe`` times (``vf.nfe`` counts calls)."""
+    return max_nfe is not None and vf.nfe > max_nfe
+
+
+def budget_message(vf, max_nfe: int, t, where_: str = "") -> str:
+    return (f"max_nfe={max_nfe} function evaluations exceeded ({vf.nfe} made){where_} at t={t:g}; raise "
+            f"options['max_nfe'] (a deployment's per-solve budget) or loosen rtol/atol")
 
 
 @dataclass
@@ -194,8 +215,11 @@ def _loop(vf, z, grid, stepper, norm, ctrl, opts, info, record, pieces) -> None:
         record.k1_time.append(t)
     n_trials = 0
     mns = opts.max_num_steps
+    stop, max_nfe = opts.stop, opts.max_nfe
     with np.errstate(all="ignore"):
         while True:
+            if stop is not None:
+                check_stop(stop, t)
             remaining = d * (target - t)
             landing = 1.01 * h >= remaining  # stretch by <= 1% rather than leave a sliver (dopri5.f)
             t_new = where(landing, target, t + d * h)
@@ -233,6 +257,10 @@ def _loop(vf, z, grid, stepper, norm, ctrl, opts, info, record, pieces) -> None:
                 continue
             t_eval_end = where(landing, nextafter(t_new, t), t_new) if is_jump else t_new
             z_new = stepper.step(vf, t, t_new, t_eval_end, z, k1)
+            if max_nfe is not None and vf.nfe > max_nfe:  # the budget is shared: every active row stops
+                fail(np.ones(gid.size, dtype=bool) if per_row else True, SolveStatus.NFE_BUDGET,
+                     lambda i, s, ti: budget_message(vf, max_nfe, ti, s))
+                return
             with torch.no_grad():
                 err, err3, scale = stepper.error()
                 ratio = scale * norm.ratio(z, z_new, err, err3)  # the one host sync of the step

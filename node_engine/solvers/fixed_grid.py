@@ -7,8 +7,8 @@ import math
 
 import torch
 
-from ..errors import NonFiniteStateError
-from .adaptive import SolveInfo, StepRecord
+from ..errors import NFEBudgetExceeded, NonFiniteStateError, SolveStatus
+from .adaptive import SolveInfo, StepRecord, budget_message, check_stop, over_budget
 from .rk import RKStepper
 
 __all__ = ["make_grid", "integrate_fixed"]
@@ -38,9 +38,12 @@ def make_grid(times: list[float], step_size: float | None, grid: list[float] | N
 
 def integrate_fixed(
     vf, z0: torch.Tensor, times: list[float], stepper: RKStepper, grid: list[float], info: SolveInfo,
-    record: StepRecord | None = None,
+    record: StepRecord | None = None, *, max_nfe: int | None = None, stop=None,
 ) -> torch.Tensor:
-    """States at ``times`` (all of them grid points): (T, N). Row 0 is z0 itself."""
+    """States at ``times`` (all of them grid points): (T, N). Row 0 is z0 itself.
+
+    ``stop`` is polled before every step (SolveCancelled); ``max_nfe`` is checked after every step
+    (NFEBudgetExceeded), as in the adaptive loop."""
     outs = [z0]
     i_out = 1
     T = len(times)
@@ -50,6 +53,7 @@ def integrate_fixed(
         record.bounds.append(grid[0])
     shape = stepper.shape
     for t, t_new in zip(grid[:-1], grid[1:]):
+        check_stop(stop, t)
         if k1 is None or not stepper.fsal:
             k1 = vf(t, z.view(shape))
         if record is not None:
@@ -58,6 +62,9 @@ def integrate_fixed(
             record.eval_end.append(t_new)
             record.k1_time.append(t)
         z = stepper.step(vf, t, t_new, t_new, z, k1)
+        if over_budget(vf, max_nfe):
+            info.status[:] = SolveStatus.NFE_BUDGET
+            raise NFEBudgetExceeded(budget_message(vf, max_nfe, t), t=t)
         k1 = stepper.last_stage.clone() if stepper.fsal else None
         info.accepted += 1
         info.last_step = abs(t_new - t)

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from node_engine import (MaxNumStepsError, NonFiniteStateError, SolverStats, SolveStatus, StepSizeUnderflowError,
+from node_engine import (MaxNumStepsError, NFEBudgetExceeded, NonFiniteStateError, SolverStats, SolveStatus, StepSizeUnderflowError,
                          odeint)
 
 from .problems import ADAPTIVE_METHODS
@@ -22,11 +22,12 @@ def blowup(t, y):
 
 
 def test_status_enum_maps_to_the_named_errors():
-    assert [int(s) for s in SolveStatus] == [0, 1, 2, 3]
+    assert [int(s) for s in SolveStatus] == [0, 1, 2, 3, 4]
     assert SolveStatus.SUCCESS.error is None
     assert SolveStatus.MAX_NUM_STEPS.error is MaxNumStepsError
     assert SolveStatus.STEP_UNDERFLOW.error is StepSizeUnderflowError
     assert SolveStatus.NON_FINITE.error is NonFiniteStateError
+    assert SolveStatus.NFE_BUDGET.error is NFEBudgetExceeded
 
 
 @pytest.mark.parametrize("method", ADAPTIVE_METHODS)
