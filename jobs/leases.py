@@ -154,7 +154,8 @@ def claim(sessions: "sessionmaker", job_id: str, *, lease: timedelta, max_attemp
             return Claim(None, "leased")  # a duplicate message while another worker trains it
         same = fenced(row.seq, row.token, row.status)
         if row.cancel_requested:
-            s.execute(update(Job).where(same).values(**_cancelled(now)))
+            if s.execute(update(Job).where(same).values(**_cancelled(now))).rowcount == 1:
+                events.terminal(s, row.seq, JobStatus.CANCELLED, metrics=None, error=None)
             return Claim(None, "cancelled")
         if row.attempts >= max_attempts:
             res = s.execute(update(Job).where(same).values(**_exhausted(row.attempts, max_attempts, now)))
@@ -258,6 +259,7 @@ def reconcile(
                 if row.cancel_requested:  # its worker died before honouring the cancel: it ends here
                     res = s.execute(update(Job).where(same).values(**_cancelled(now)))
                     if res.rowcount == 1:
+                        events.terminal(s, row.seq, JobStatus.CANCELLED, metrics=None, error=None)
                         report.cancelled.append(row.id)
                     continue
                 if row.attempts >= max_attempts:
@@ -287,8 +289,10 @@ def reconcile(
 
     with sessions.begin() as s:  # queued with a cancel request (left so by older releases): end them
         stuck = s.execute(update(Job).where(Job.status == JobStatus.QUEUED, Job.cancel_requested.is_(True))
-                          .values(**_cancelled(now)).returning(Job.id)).scalars().all()
-        report.cancelled.extend(stuck)
+                          .values(**_cancelled(now)).returning(Job.id, Job.seq)).all()
+        for job_id, seq in stuck:
+            events.terminal(s, seq, JobStatus.CANCELLED, metrics=None, error=None)
+            report.cancelled.append(job_id)
     for job_id in report.cancelled:
         log.warning("job %s: cancel requested and its worker is gone; cancelled", job_id)
     report.republished = _republish_lost(sessions, publisher, requeue_queued_after, now, batch)
