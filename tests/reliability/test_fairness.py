@@ -12,6 +12,7 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import update
 
+from jobs import events
 from jobs.leases import reconcile
 from jobs.queue import Broker
 from jobs.store import JobStore
@@ -113,6 +114,12 @@ def test_a_cancelled_job_whose_worker_died_ends_cancelled(env, redis_client, que
     row = store.get_job(job)
     assert row.status == "cancelled" and row.finished_at is not None and row.lease_expires_at is None
     assert messages(redis_client, queue_name) == []  # nothing left to run
+    assert last_events(store, job) == [("result", "cancelled"), ("status", "cancelled")]  # its stream ends
+
+
+def last_events(store, job_id, n=2):
+    """(type, status) of the last ``n`` events of a job's event log."""
+    return [(t, d.get("status")) for _, t, d in events.read(store.sessions, store.get_job(job_id).seq, after_id=0)][-n:]
 
 
 def test_cancel_requests_left_queued_by_older_releases_end_cancelled(env, redis_client, queue_name):
@@ -122,7 +129,9 @@ def test_cancel_requests_left_queued_by_older_releases_end_cancelled(env, redis_
         s.execute(update(Job).where(Job.id.in_([stuck, redelivered])).values(cancel_requested=True))
     assert store.claim(redelivered) is None and store.last_claim_reason == "cancelled"
     assert store.get_job(redelivered).status == "cancelled"
+    assert last_events(store, redelivered) == [("result", "cancelled"), ("status", "cancelled")]
     report = reconcile(store.sessions, broker, max_attempts=3, requeue_queued_after=LATER)
     assert report.cancelled == [stuck]
     assert store.get_job(stuck).status == "cancelled"
+    assert last_events(store, stuck) == [("result", "cancelled"), ("status", "cancelled")]
     assert messages(redis_client, queue_name) == []
