@@ -371,13 +371,17 @@ class ForecastRequest(Strict):
     series: list[SeriesObservations] = Field(min_length=1, max_length=10_000)
     t: list[Finite] = Field(min_length=1, max_length=100_000,
                             description="strictly increasing times wanted for every series (not before its first observation)")
-    samples: int | None = Field(None, ge=1, le=1000, description="posterior draws per series (latent models only)")
+    samples: int | None = Field(None, ge=1, le=1000, description="posterior draws per series (latent_ode only; "
+                                "at most ODEFORGE_MAX_FORECAST_SAMPLES)")
+    seed: Seed = Field(0, description="draw j of a series is keyed by (seed, j, the series' own observations)")
 
 
 class SeriesForecast(BaseModel):
     t: list[float]
-    mean: list[list[float]] = Field(description="(T, D) in the data's units")
-    samples: list[list[list[float]]] | None = None
+    mean: list[list[float]] = Field(description="(T, D) in the data's units (latent_ode: the decoded "
+                                    "trajectory of the posterior mean z0)")
+    samples: list[list[list[float]]] | None = Field(None, description="(k, T, D) posterior draws in the data's "
+                                                    "units, when 'samples' was asked")
 
 
 class ForecastResponse(BaseModel):
