@@ -203,3 +203,19 @@ def test_forecast_mean_is_the_decoded_posterior_mean_in_user_units_after_a_check
             path[target] = model.decoder(zt[None])[0].numpy()
     want = np.stack([path[k] for k in times - t_obs[0]]) * st.std + st.mean
     np.testing.assert_allclose(mean, want, rtol=1e-6, atol=1e-7)
+
+
+def test_a_series_without_a_fully_observed_start_trains_a_latent_ode_but_not_a_node(tmp_path):
+    rng = np.random.default_rng(7)
+    t = np.cumsum(rng.uniform(0.1, 0.3, size=(6, 5)), axis=1)
+    y = rng.normal(size=(6, 5, 2))
+    y[0, 0, 1] = np.nan  # series 0 starts half observed
+    np.savez(tmp_path / "s.npz", t=t, y=y)
+    dataset = {"name": "series_upload", "path": str(tmp_path / "s.npz"), "test_fraction": 0.34}
+    spec = {"model": {"type": "latent_ode", "latent_dim": 2, "hidden": 4, "rec_hidden": 3}, "dataset": dataset,
+            "solver": {"adjoint": False}, "training": {"iterations": 1, "batch_size": 4}}
+    assert np.isfinite(build_trainer(spec).run()["loss"])
+    from node_engine.errors import DatasetError
+
+    with pytest.raises(DatasetError, match="fully observed first point"):
+        build_trainer({**spec, "model": {"type": "node"}})
