@@ -14,8 +14,8 @@ after their clients had left. Now:
 - Each admitted request has a :class:`Budget`: a deadline (``ODEFORGE_INFERENCE_TIMEOUT_S``) and an
   NFE budget per solve (``ODEFORGE_INFERENCE_MAX_NFE``). They reach every ODE solve the request
   makes through ``node_engine.solve_limits`` (options ``max_nfe`` and ``stop``); ``stop`` trips on
-  the deadline or when the client disconnects (polled with Starlette's ``request.is_disconnected()``
-  while the route awaits its work), so work ends soon after its client leaves.
+  the deadline or when the client disconnects (an ASGI ``http.disconnect`` awaited while the route
+  awaits its work), so work ends soon after its client leaves.
 """
 
 from __future__ import annotations
@@ -158,20 +158,23 @@ class InferencePool:
     async def wait(self, request: Request, budget: Budget, future: Future) -> Any:
         """The result of ``future`` (raising what it raised), awaited without blocking the event loop.
 
-        While waiting, the client's connection and the deadline are checked every ``POLL_S``: a
-        disconnect trips the budget (the work stops at its next solver step); a passed deadline trips
-        it and answers at once with a 503 ``inference-timeout`` problem, even when the work is shared
-        with other requests (a micro-batch) that keep it going.
+        While waiting, a disconnect of the client trips the budget (the work stops at its next solver
+        step) and the deadline is checked every ``POLL_S``: a tripped budget answers at once with a 503
+        ``inference-timeout`` problem, even when the work is shared with other requests (a
+        micro-batch) that keep it going.
         """
         waiting = asyncio.wrap_future(future)
-        while True:
-            done, _ = await asyncio.wait({waiting}, timeout=POLL_S)
-            if done:
-                return waiting.result()
-            if budget.expired() or await request.is_disconnected():
-                budget.cancel("client disconnected")  # no-op when the deadline already tripped it
-                waiting.add_done_callback(_consume)  # the work's own outcome is no longer anyone's
-                raise timeout_problem(budget)
+        watcher = asyncio.ensure_future(_watch_disconnect(request, budget))
+        try:
+            while True:
+                done, _ = await asyncio.wait({waiting}, timeout=POLL_S)
+                if done:
+                    return waiting.result()
+                if budget.expired():
+                    waiting.add_done_callback(_consume)  # the work's own outcome is no longer anyone's
+                    raise timeout_problem(budget)
+        finally:
+            watcher.cancel()
 
     def close(self) -> None:
         """Shutdown: trip every live budget (running solves end at their next step), drop queued work."""
@@ -180,6 +183,19 @@ class InferencePool:
         for budget in live:
             budget.cancel("server shutting down")
         self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+async def _watch_disconnect(request: Request, budget: Budget) -> None:
+    """Trip ``budget`` when the client disconnects. The body has been read, so the next ASGI message
+    is ``http.disconnect``; this waits for it. (``request.is_disconnected()`` polls with an already
+    cancelled scope, which behind Starlette's ``BaseHTTPMiddleware`` -- the metrics middleware --
+    swallows the message and never reports the disconnect.)"""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            budget.cancel("client disconnected")
+            return
+        await asyncio.sleep(POLL_S)  # not expected after the body: do not spin
 
 
 def _consume(future: asyncio.Future) -> None:
