@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import time
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Annotated, Any, Callable, Iterator, TypeVar
 
 import numpy as np
 from fastapi import APIRouter, Request
@@ -32,6 +32,7 @@ from service.deps import BatcherDep, InferenceDep, JobDep, MetricsDep, ModelsDep
 from service.errors import ProblemError
 from service.inference import LoadedModel, ModelCache, NoCheckpoint
 from service.inference_pool import Budget, InferencePool, timeout_problem
+from service.limits import json_body, json_body_openapi
 from service.routers.jobs import PROBLEMS
 from service.schemas import (
     ForecastRequest,
@@ -52,6 +53,12 @@ MAX_PIXEL = 1e4
 router = APIRouter(prefix="/jobs", tags=["inference"])
 
 T = TypeVar("T")
+
+# Request bodies parsed by service.limits.json_body (off the event loop when large), not by FastAPI.
+LogDensityBody = Annotated[LogDensityRequest, json_body(LogDensityRequest)]
+SamplesBody = Annotated[SamplesRequest, json_body(SamplesRequest)]
+PredictBody = Annotated[PredictRequest, json_body(PredictRequest)]
+ForecastBody = Annotated[ForecastRequest, json_body(ForecastRequest)]
 
 RESPONSES = {**PROBLEMS, 409: {"model": Problem, "description": "wrong model type or no checkpoint yet"},
              503: {"model": Problem, "description": "inference capacity reached (`inference-busy`) or the "
@@ -160,8 +167,9 @@ def _log_density_answer(log_p: np.ndarray, status: np.ndarray, max_nfe: int | No
     return values, failed
 
 
-@router.post("/{job_id}/log-density", response_model=LogDensityResponse, responses=RESPONSES)
-async def log_density(request: Request, job: JobDep, body: LogDensityRequest, models: ModelsDep,
+@router.post("/{job_id}/log-density", response_model=LogDensityResponse, responses=RESPONSES,
+             openapi_extra=json_body_openapi(LogDensityRequest))
+async def log_density(request: Request, job: JobDep, body: LogDensityBody, models: ModelsDep,
                       settings: SettingsDep, metrics: MetricsDep, pool: InferenceDep,
                       batcher: BatcherDep) -> LogDensityResponse:
     """log p(x) in nats at ``points`` (N, D), in the data set's original coordinates.
@@ -195,8 +203,9 @@ async def _pooled(request: Request, pool: InferencePool, operation: Callable[[],
     return await _budgeted(request, pool, lambda budget: pool.call(request, budget, operation))
 
 
-@router.post("/{job_id}/samples", response_model=SamplesResponse, responses=RESPONSES)
-async def samples(request: Request, job: JobDep, body: SamplesRequest, models: ModelsDep, settings: SettingsDep,
+@router.post("/{job_id}/samples", response_model=SamplesResponse, responses=RESPONSES,
+             openapi_extra=json_body_openapi(SamplesRequest))
+async def samples(request: Request, job: JobDep, body: SamplesBody, models: ModelsDep, settings: SettingsDep,
                   metrics: MetricsDep, pool: InferenceDep) -> SamplesResponse:
     """``n`` samples x ~ p (n, D) in original coordinates, reproducible for a given ``seed``.
 
@@ -222,8 +231,9 @@ def samples_sync(job: Job, body: SamplesRequest, models: ModelCache, settings: A
     return SamplesResponse(samples=x.tolist(), checkpoint=entry.checkpoint)
 
 
-@router.post("/{job_id}/predict", response_model=PredictResponse, responses=RESPONSES)
-async def predict(request: Request, job: JobDep, body: PredictRequest, models: ModelsDep, settings: SettingsDep,
+@router.post("/{job_id}/predict", response_model=PredictResponse, responses=RESPONSES,
+             openapi_extra=json_body_openapi(PredictRequest))
+async def predict(request: Request, job: JobDep, body: PredictBody, models: ModelsDep, settings: SettingsDep,
                   metrics: MetricsDep, pool: InferenceDep) -> PredictResponse:
     """Class probabilities (N, 10) for images ``inputs`` (N, C, H, W) or (N, H, W), raw pixel scale.
 
@@ -294,8 +304,9 @@ def _increasing(values: list[float], field: str) -> None:
         raise _invalid(f"{field}[{int(steps[0]) + 1}]", "times must be strictly increasing")
 
 
-@router.post("/{job_id}/forecast", response_model=ForecastResponse, responses=RESPONSES)
-async def forecast(request: Request, job: JobDep, body: ForecastRequest, models: ModelsDep, settings: SettingsDep,
+@router.post("/{job_id}/forecast", response_model=ForecastResponse, responses=RESPONSES,
+             openapi_extra=json_body_openapi(ForecastRequest))
+async def forecast(request: Request, job: JobDep, body: ForecastBody, models: ModelsDep, settings: SettingsDep,
                    metrics: MetricsDep, pool: InferenceDep) -> ForecastResponse:
     """See :func:`forecast_sync`; run on the inference pool (503: ``inference-busy``, ``inference-timeout``;
     422 ``inference-budget-exceeded``: a series needs more than ``ODEFORGE_INFERENCE_MAX_NFE`` evaluations)."""

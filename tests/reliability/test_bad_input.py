@@ -454,3 +454,32 @@ def test_npz_members_are_checked_like_npy_files(client, settings):
     body = assert_problem(client.post("/v1/datasets", params={"kind": "series"},
                                       files={"file": ("hostile.npz", buf.getvalue())}), 422, "file")
     assert "member 't'" in body["detail"] and "declares shape" in body["detail"], body["detail"]
+
+
+def test_json_bodies_have_a_tighter_limit_than_uploads(make_settings, redis_client, queue_name):
+    settings = make_settings(max_json_bytes=64 * 1024, max_upload_bytes=200 * 1024, max_body_bytes=256 * 1024)
+    with TestClient(create_app(settings)) as c:
+        body = json.dumps({**TINY, "training": {"iterations": 1, "note": "x" * 70_000}}).encode()
+        refused = assert_problem(c.post("/v1/jobs", content=body, headers={"content-type": "application/json"}),
+                                 413, "body")
+        assert "ODEFORGE_MAX_JSON_BYTES" in refused["detail"] and str(64 * 1024) in refused["detail"]
+        streamed = c.post("/v1/jobs", content=iter([body[:30_000], body[30_000:]]),
+                          headers={"content-type": "application/json"})
+        assert assert_problem(streamed, 413, "body")["errors"] == refused["errors"]
+        rows = np.random.default_rng(0).normal(size=(4000, 2))  # ~100 KB of CSV: over the JSON limit, an upload
+        csv = "\n".join(f"{a:.15f},{b:.15f}" for a, b in rows).encode()
+        assert len(csv) > 64 * 1024
+        assert c.post("/v1/datasets", files={"file": ("big.csv", csv)}).status_code == 201
+    assert messages(redis_client, queue_name) == []  # the refused submissions published nothing
+
+
+def test_a_large_json_body_is_parsed_and_validated_like_a_small_one(client, trained):
+    # over JSON_OFF_LOOP_BYTES: parsed on a worker thread, same answers and same field-level errors
+    from service.limits import JSON_OFF_LOOP_BYTES
+
+    pad = [[0.0, 0.0]] * 12_000
+    raw = json.dumps({"points": pad + [[0.0, "NaN"]]})
+    assert JSON_OFF_LOOP_BYTES < len(raw) < 256 * 1024
+    assert_problem(client.post(f"/v1/jobs/{trained}/log-density", content=raw,
+                               headers={"content-type": "application/json"}), 422, "points[12000][1]")
+    assert_problem(client.post(f"/v1/jobs/{trained}/log-density", json={"points": pad}), 422, "points")  # > 50
