@@ -20,6 +20,13 @@ than ``requeue_queued_after_s`` are published again. Duplicate messages are harm
 takes a ``queued`` job or a ``running`` one whose lease has expired, so a second message for a job
 that is already training is skipped.
 
+A job with a cancel request never goes back to the queue: when its worker died before honouring
+the request, the reconciler (or a claim of a redelivered message) ends it ``cancelled``.
+
+Fairness: a claim may be limited to ``max_running_per_owner`` running jobs per owner
+(:func:`owner_may_start`, part of the claim's UPDATE); a refused claim leaves the job queued and
+the worker republishes its message after a delay (``worker.tasks``).
+
 Every transition is an optimistic compare-and-set on ``(token, status)``; it is correct on SQLite
 (no ``SELECT ... FOR UPDATE``) and PostgreSQL, and with several API replicas reconciling at once.
 
@@ -36,7 +43,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Protocol
 
-from sqlalchemy import ColumnElement, and_, func, select, text, update
+from sqlalchemy import ColumnElement, and_, exists, func, not_, select, text, update
 from sqlalchemy.exc import OperationalError
 
 from jobs.status import TERMINAL, JobStatus
@@ -83,35 +90,73 @@ class Claim:
     """Outcome of :func:`claim`: ``token`` is set when the caller now holds the job."""
 
     token: int | None
-    reason: str  # "claimed" | "unknown" | "finished" | "cancelled" | "leased" | "exhausted" | "raced"
+    # "claimed" | "unknown" | "finished" | "cancelled" | "leased" | "exhausted" | "raced" | "owner-limit"
+    reason: str
 
 
-def claim(sessions: "sessionmaker", job_id: str, *, lease: timedelta, max_attempts: int) -> Claim:
+def _cancelled(now: datetime) -> dict:
+    """Column values of a job whose cancel request is honoured without a worker (its worker died)."""
+    return dict(status=JobStatus.CANCELLED, token=Job.token + 1, lease_expires_at=None, finished_at=now, updated_at=now)
+
+
+def owner_may_start(seq: int, owner: str, limit: int, now: datetime) -> ColumnElement[bool]:
+    """The fairness predicate of a claim: job ``seq`` of ``owner`` may start when fewer than ``limit``
+    other jobs of that owner are running under a live lease and no older job of the owner is still
+    queued (so an owner's jobs start in submission order). One SQL condition: it goes into the
+    claim's UPDATE, evaluated atomically with it."""
+    others = select(func.count()).select_from(Job).where(
+        Job.owner == owner, Job.status == JobStatus.RUNNING, Job.seq != seq,
+        Job.lease_expires_at.is_not(None), Job.lease_expires_at > now).scalar_subquery()
+    older = exists().where(Job.owner == owner, Job.status == JobStatus.QUEUED, Job.seq < seq)
+    return and_(others < limit, not_(older))
+
+
+def _lock_owner(session, owner: str) -> None:
+    """PostgreSQL: serialize the claims of one owner until the transaction ends (two claims of one
+    owner at once could each count the other as not yet running under READ COMMITTED). SQLite runs
+    one writer at a time already."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(select(func.pg_advisory_xact_lock(func.hashtextextended(owner, 14))))
+
+
+def claim(sessions: "sessionmaker", job_id: str, *, lease: timedelta, max_attempts: int,
+          max_running_per_owner: int = 0) -> Claim:
     """Take job ``job_id`` for one training attempt.
 
     Claimable: a ``queued`` job, or a ``running`` one whose lease has expired (its worker is gone and
     the message was redelivered before the reconciler saw it). A job already at ``max_attempts`` is
-    failed with :data:`ATTEMPTS_EXHAUSTED` instead. Never raises for a lost race: two workers claiming
-    one job at the same moment get one ``claimed`` and one ``raced``.
+    failed with :data:`ATTEMPTS_EXHAUSTED` instead; a job with a cancel request ends ``cancelled``
+    (its worker died before honouring it). With ``max_running_per_owner`` > 0 a job whose owner
+    is at that limit (:func:`owner_may_start`) stays queued: ``owner-limit`` (the caller retries
+    later). Never raises for a lost race: two workers claiming one job at the same moment get one
+    ``claimed`` and one ``raced``.
     """
     now = utcnow()
     with sessions.begin() as s:
         row = s.execute(
-            select(Job.seq, Job.status, Job.token, Job.attempts, Job.lease_expires_at, Job.cancel_requested)
+            select(Job.seq, Job.status, Job.token, Job.attempts, Job.lease_expires_at, Job.cancel_requested,
+                   Job.owner)
             .where(Job.id == job_id)
         ).first()
         if row is None:
             return Claim(None, "unknown")
         if row.status in TERMINAL:
             return Claim(None, "finished")
-        if row.cancel_requested:
-            return Claim(None, "cancelled")
         if row.status == JobStatus.RUNNING and row.lease_expires_at is not None and row.lease_expires_at > now:
             return Claim(None, "leased")  # a duplicate message while another worker trains it
         same = fenced(row.seq, row.token, row.status)
+        if row.cancel_requested:
+            s.execute(update(Job).where(same).values(**_cancelled(now)))
+            return Claim(None, "cancelled")
         if row.attempts >= max_attempts:
             res = s.execute(update(Job).where(same).values(**_exhausted(row.attempts, max_attempts, now)))
             return Claim(None, "exhausted" if res.rowcount == 1 else "raced")
+        if max_running_per_owner > 0 and row.owner is not None:
+            _lock_owner(s, row.owner)
+            fair = owner_may_start(row.seq, row.owner, max_running_per_owner, now)
+            if not s.scalar(select(fair)):
+                return Claim(None, "owner-limit")
+            same = and_(same, fair)
         res = s.execute(update(Job).where(same).values(
             status=JobStatus.RUNNING, token=Job.token + 1, attempts=Job.attempts + 1, updated_at=now,
             lease_expires_at=now + lease, started_at=func.coalesce(Job.started_at, now)))
@@ -148,6 +193,7 @@ def release(sessions: "sessionmaker", job_seq: int, token: int) -> bool:
 class ReconcileReport:
     requeued: list[str] = field(default_factory=list)  # lease expired: back to queued, message published
     failed: list[str] = field(default_factory=list)  # lease expired at the attempt limit: poison job
+    cancelled: list[str] = field(default_factory=list)  # lease expired with a cancel request: cancelled
     republished: list[str] = field(default_factory=list)  # queued, but the broker had lost the message
     unpublished: list[str] = field(default_factory=list)  # requeued but the broker is down (retried later)
     locked: list[str] = field(default_factory=list)  # row locked by a stuck holder: tried again next pass
@@ -174,7 +220,8 @@ def reconcile(
     now: datetime | None = None,
     batch: int = 500,
 ) -> ReconcileReport:
-    """One pass: requeue (or fail) running jobs whose lease has expired; republish lost queued jobs.
+    """One pass: requeue (or fail) running jobs whose lease has expired (a job with a cancel request
+    ends ``cancelled`` instead: nothing is left to cancel); republish lost queued jobs.
 
     Safe to run concurrently from several processes: each transition is a compare-and-set on the
     job's token, and only the process that won it publishes. Broker errors are not raised: the job
@@ -184,7 +231,7 @@ def reconcile(
     report = ReconcileReport()
     with sessions() as s:
         expired = s.execute(
-            select(Job.seq, Job.id, Job.token, Job.attempts)
+            select(Job.seq, Job.id, Job.token, Job.attempts, Job.cancel_requested)
             .where(Job.status == JobStatus.RUNNING, Job.lease_expires_at.is_not(None), Job.lease_expires_at < now)
             .order_by(Job.seq).limit(batch)
         ).all()
@@ -195,6 +242,11 @@ def reconcile(
                 # a holder frozen mid-transaction keeps the row locked (until the server ends its
                 # session): skip the job this pass rather than stall every other one behind it
                 _bounded_lock_wait(s)
+                if row.cancel_requested:  # its worker died before honouring the cancel: it ends here
+                    res = s.execute(update(Job).where(same).values(**_cancelled(now)))
+                    if res.rowcount == 1:
+                        report.cancelled.append(row.id)
+                    continue
                 if row.attempts >= max_attempts:
                     res = s.execute(update(Job).where(same).values(**_exhausted(row.attempts, max_attempts, now)))
                     if res.rowcount == 1:
@@ -218,6 +270,12 @@ def reconcile(
         log.warning("job %s: lease expired; %s", job_id, "requeued" if job_id in report.requeued else
                     "attempt limit reached, failed")
 
+    with sessions.begin() as s:  # queued with a cancel request (left so by older releases): end them
+        stuck = s.execute(update(Job).where(Job.status == JobStatus.QUEUED, Job.cancel_requested.is_(True))
+                          .values(**_cancelled(now)).returning(Job.id)).scalars().all()
+        report.cancelled.extend(stuck)
+    for job_id in report.cancelled:
+        log.warning("job %s: cancel requested and its worker is gone; cancelled", job_id)
     report.republished = _republish_lost(sessions, publisher, requeue_queued_after, now, batch)
     return report
 

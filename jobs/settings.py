@@ -74,9 +74,11 @@ class Settings(BaseSettings):
     # Worker device: auto picks cuda when available, else cpu.
     device: str = "auto"
 
-    # Longest job we plan for; the broker's visibility timeout is set above it so an unacked
-    # long job is never handed to a second worker while the first one still trains it.
-    max_job_seconds: int = Field(7 * 24 * 3600, ge=60)
+    # Longest job: a worker fails a job (JobTimeLimitExceeded, its last checkpoint kept) once it has
+    # run this many wall-clock seconds (counted once its model and data are loaded, plus the training
+    # time of earlier attempts it resumed from). The broker's visibility timeout is set above it so an unacked long
+    # job is never handed to a second worker while the first one still trains it.
+    max_job_seconds: int = Field(7 * 24 * 3600, ge=1)
     # How long the API waits for the broker before answering 503.
     broker_timeout_s: float = Field(3.0, gt=0, le=60)
 
@@ -116,6 +118,28 @@ class Settings(BaseSettings):
     # job whose message the broker lost (restart without persistence) is published again (seconds).
     reconcile_every_s: float = Field(15.0, gt=0, le=3600)
     requeue_queued_after_s: float = Field(300.0, ge=0, le=86_400)
+
+    # ---- compute bounds per job and per owner (issue 14) -----------------------------------------
+    # Largest estimated cost a submission may have (node_engine.cost: parameters x state size x
+    # per-sample field evaluations of training and evaluation); above it the API answers 422
+    # `job-too-costly` naming the estimate. 1e18 admits every example of the project (the largest,
+    # odenet on MNIST for 10 epochs, is ~6e15) and refuses a spec at the maximum of every field.
+    max_job_cost: float = Field(1e18, gt=0)
+    # NFE budget of each ODE solve of a job's training and evaluation (node_engine's
+    # options["max_nfe"]); a solve that needs more fails the job with NFEBudgetExceeded. Legitimate
+    # solves take 10^2-10^4 evaluations.
+    max_nfe_per_solve: int = Field(1_000_000, ge=1)
+    # Resident memory (MiB) a worker process may reach while it runs a job, checked every
+    # cancel_poll_s inside the training loop and every solve; above it the job fails with
+    # MemoryLimitExceeded (its last checkpoint kept) and the worker takes the next job.
+    # 0: 80% of the machine's physical memory (with several workers per host, set RAM / workers).
+    max_worker_memory_mb: int = Field(0, ge=0)
+    # Running jobs one API-key owner may hold at once; a worker that takes a message for an owner at
+    # the limit leaves the job queued and republishes it after owner_retry_s (so another owner's job
+    # runs meanwhile; an owner's own jobs still start in submission order). 0: no limit. Jobs
+    # without an owner (authentication off: one tenant) are not limited.
+    max_running_per_owner: int = Field(4, ge=0)
+    owner_retry_s: float = Field(2.0, gt=0, le=600)
 
     # API keys ("name:key,name2:key2" or bare keys); unset = no authentication (see service/auth.py).
     api_keys: SecretStr | None = None

@@ -38,10 +38,12 @@ class CancelResult:
 class JobStore:
     """Job rows, metrics rows and uploaded-dataset rows behind one small API (thread-safe)."""
 
-    def __init__(self, sessions: sessionmaker, *, lease_s: float = 600.0, max_attempts: int = 3):
+    def __init__(self, sessions: sessionmaker, *, lease_s: float = 600.0, max_attempts: int = 3,
+                 max_running_per_owner: int = 0):
         self._sessions = sessions
         self.lease = timedelta(seconds=lease_s)
         self.max_attempts = max_attempts
+        self.max_running_per_owner = max_running_per_owner  # 0: no fairness limit (jobs.leases.claim)
         self.last_claim_reason: str | None = None  # why the last claim() returned None (worker logs)
 
     @classmethod
@@ -53,7 +55,8 @@ class JobStore:
         """
         engine = make_engine(settings.database_url, idle_in_transaction_timeout_s=idle_in_transaction_timeout_s)
         init_db(engine)
-        return cls(make_sessionmaker(engine), lease_s=settings.lease_s, max_attempts=settings.max_attempts)
+        return cls(make_sessionmaker(engine), lease_s=settings.lease_s, max_attempts=settings.max_attempts,
+                   max_running_per_owner=settings.max_running_per_owner)
 
     @property
     def sessions(self) -> sessionmaker:
@@ -135,7 +138,9 @@ class JobStore:
         return rows, None
 
     def request_cancel(self, job_id: str) -> CancelResult:
-        """Cancel a job: a queued one at once, a running one cooperatively (the worker stops between steps)."""
+        """Cancel a job: a queued one at once, a running one cooperatively (its worker reads the flag
+        every ``cancel_poll_s``, between training steps and inside solves; if the worker died, the
+        reconciler ends the job ``cancelled``)."""
         with self._sessions.begin() as s:
             job = s.scalar(select(Job).where(Job.id == job_id).with_for_update())
             if job is None:
@@ -177,9 +182,11 @@ class JobStore:
         """Mark a queued job (or a running one whose lease expired) as running under a new fencing token.
 
         Returns ``(job, token)``, or None when the job is unknown, finished, cancelled, leased by a live
-        worker, or has used up its attempts (then it is failed; see :mod:`jobs.leases`).
+        worker, has used up its attempts (then it is failed; see :mod:`jobs.leases`) or its owner is
+        at ``max_running_per_owner`` (``last_claim_reason == "owner-limit"``: it stays queued).
         """
-        result = leases.claim(self._sessions, job_id, lease=self.lease, max_attempts=self.max_attempts)
+        result = leases.claim(self._sessions, job_id, lease=self.lease, max_attempts=self.max_attempts,
+                              max_running_per_owner=self.max_running_per_owner)
         self.last_claim_reason = result.reason
         if result.token is None:
             return None
@@ -237,7 +244,8 @@ class JobStore:
         return True
 
     def should_stop(self, job: Job, token: int) -> bool:
-        """True when a cancel was requested or another claim superseded ours."""
+        """True when a cancel was requested or another claim superseded ours (one indexed read: the
+        worker calls it at most every ``cancel_poll_s``, also from inside solves)."""
         with self._sessions() as s:
             cancel_requested = s.scalar(select(Job.cancel_requested).where(fenced(job.seq, token)))
         return cancel_requested is None or bool(cancel_requested)

@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 import torch
 
 from node_engine.solvers import ADAPTIVE, FIXED, METHODS
+from node_engine.solve_limits import current_limits
 
 __all__ = ["SolverSection", "TrainingSection", "DatasetSection", "CNFSection", "PlanarSection", "ODENetSection",
            "ResNetSection", "MLPSection", "NODESection", "MODEL_SECTIONS", "bounded", "check_bounds", "normalize_spec"]
@@ -132,14 +133,6 @@ class _Section:
 
 
 # ---- solver -----------------------------------------------------------------------------------
-def _limit_options() -> dict[str, Any]:
-    """``max_nfe``/``stop`` of the caller's :func:`node_engine.solve_limits.solve_limits`, if any."""
-    from node_engine.solve_limits import current_limits
-
-    limits = current_limits()
-    return limits.options() if limits is not None else {}
-
-
 @dataclass(frozen=True)
 class SolverSection(_Section):
     """How a model's ODEs are solved (job spec ``solver``).
@@ -171,7 +164,7 @@ class SolverSection(_Section):
         methods (``step_size``, else ``default_step``), the step budget of adaptive ones, and
         ``step_control="per_sample"`` when this section asks for it and no gradient is being
         recorded (served answers; the one place a model decides on per-sample stepping), and the
-        ``max_nfe``/``stop`` limits of an enclosing ``node_engine.solve_limits.solve_limits`` block.
+        caller's ``max_nfe`` / ``stop`` (:func:`node_engine.solve_limits.solve_limits`).
 
         Raises:
             ValueError: a fixed-grid method without a step size and no ``default_step``.
@@ -182,8 +175,8 @@ class SolverSection(_Section):
             if step is None:
                 raise ValueError(f"solver.step_size: method {method!r} is fixed-step and needs a step size "
                                  f"(e.g. 0.05; adaptive methods need none: {', '.join(sorted(ADAPTIVE))})")
-            return {"step_size": float(step), **_limit_options()}
-        options: dict[str, Any] = {"max_num_steps": int(self.max_num_steps), **_limit_options()}
+            return {"step_size": float(step), **current_limits()}
+        options: dict[str, Any] = {"max_num_steps": int(self.max_num_steps), **current_limits()}
         if self.step_control == "per_sample" and not torch.is_grad_enabled() and METHODS[method].adaptive:
             options["step_control"] = "per_sample"
         if not self.raise_on_failure and not torch.is_grad_enabled():

@@ -41,7 +41,8 @@ class Services:
             store=store,
             artifacts=artifacts,
             broker=broker,
-            jobs=JobService(store, broker, artifacts, metrics, max_upload_bytes=settings.max_upload_bytes),
+            jobs=JobService(store, broker, artifacts, metrics, max_upload_bytes=settings.max_upload_bytes,
+                            max_job_cost=settings.max_job_cost),
             # The API answers queries on CPU; GPUs belong to the workers.
             models=ModelCache(artifacts, settings.inference_cache_size, device="cpu"),
             metrics=metrics,

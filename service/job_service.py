@@ -37,9 +37,10 @@ class JobService:
     """Jobs of the API: the job store for state, the broker for work, the artifact store for uploads."""
 
     def __init__(self, store: JobStore, broker: Broker, artifacts: ArtifactStore, metrics: ApiMetrics, *,
-                 max_upload_bytes: int):
+                 max_upload_bytes: int, max_job_cost: float = float("inf")):
         self.store, self.broker, self.artifacts, self.metrics = store, broker, artifacts, metrics
         self.max_upload_bytes = max_upload_bytes
+        self.max_job_cost = max_job_cost
 
     def submit(self, spec: dict[str, Any], caller: Caller, idempotency_key: str | None = None) -> tuple[Job, bool]:
         """Store a queued job for ``spec`` (a validated ``JobCreate`` dumped to JSON), then publish it.
@@ -47,16 +48,21 @@ class JobService:
         Returns ``(job, created)``; ``created`` is False when ``idempotency_key`` replays an earlier
         submission of the same spec. The message is published only after the row is committed, and
         a job the broker refused is deleted again, so a 503 leaves nothing behind.
-        Raises ProblemError: 422 ``invalid-request`` (an uploaded data set the caller cannot see),
-        422 ``idempotency-key-reused`` (the key with another spec), 503 ``broker-unavailable``.
+        Raises ProblemError: 422 ``invalid-request`` (an uploaded data set the caller cannot see; a
+        ``solver.rtol``/``solver.eval_rtol`` below what its dtype can honour), 422 ``job-too-costly``
+        (the estimated cost is above ``ODEFORGE_MAX_JOB_COST``), 422 ``idempotency-key-reused`` (the
+        key with another spec), 503 ``broker-unavailable``.
         """
         dataset = spec["dataset"]
-        if dataset["name"] in UPLOAD_KINDS and not self._visible_dataset(dataset.get("id"), caller,
-                                                                          UPLOAD_KINDS[dataset["name"]]):
-            raise ProblemError(422, "invalid-request", f"no uploaded {dataset['name']!r} data set with id "
-                               f"{dataset.get('id')!r}",
-                               errors=[{"field": "dataset.id", "reason": f"unknown uploaded data set for "
-                                                                          f"{dataset['name']!r}"}])
+        upload = None
+        if dataset["name"] in UPLOAD_KINDS:
+            upload = self._visible_dataset(dataset.get("id"), caller, UPLOAD_KINDS[dataset["name"]])
+            if upload is None:
+                raise ProblemError(422, "invalid-request", f"no uploaded {dataset['name']!r} data set with id "
+                                   f"{dataset.get('id')!r}",
+                                   errors=[{"field": "dataset.id", "reason": f"unknown uploaded data set for "
+                                                                              f"{dataset['name']!r}"}])
+        self._check_bounds(spec, upload.shape if upload is not None else None)
         try:
             job, created = self.store.create_job(spec, idempotency_key=caller.idempotency_key(idempotency_key),
                                                  owner=caller.owner)
@@ -75,9 +81,32 @@ class JobService:
             self.metrics.jobs_submitted.inc()
         return job, created
 
-    def _visible_dataset(self, dataset_id: str, caller: Caller, ndim: int) -> bool:
+    def _visible_dataset(self, dataset_id: str, caller: Caller, ndim: int) -> Dataset | None:
         ds = self.store.get_dataset(dataset_id)  # the stored shape tells arrays (N, D) from series (N, T, D)
-        return ds is not None and caller.may_see(ds.owner) and len(ds.shape or ()) == ndim
+        return ds if ds is not None and caller.may_see(ds.owner) and len(ds.shape or ()) == ndim else None
+
+    def _check_bounds(self, spec: dict[str, Any], upload_shape: list[int] | None) -> None:
+        """Refuse (422) tolerances the job's dtype cannot honour and a spec whose estimated cost
+        (:func:`node_engine.cost.estimate_cost`) is above ``max_job_cost``."""
+        from node_engine.cost import estimate_cost, input_info, tolerance_errors
+        from node_engine.specs import normalize_spec
+
+        errors = tolerance_errors(spec["solver"])
+        if errors:
+            raise ProblemError(422, "invalid-request", "; ".join(f"{e['field']}: {e['reason']}" for e in errors),
+                               errors=errors)
+        normalized = normalize_spec(spec)
+        try:
+            cost = estimate_cost(normalized, input_info(normalized["dataset"], upload_shape))
+        except (ValueError, TypeError, RuntimeError) as exc:  # the trainer could not build it either
+            raise ProblemError(422, "invalid-request", f"model: {exc}",
+                               errors=[{"field": "model", "reason": str(exc)}]) from None
+        if cost.total > self.max_job_cost:
+            reason = (f"estimated cost {cost.total:.3g} exceeds the limit ODEFORGE_MAX_JOB_COST={self.max_job_cost:.3g} "
+                      f"(parameters {cost.parameters} x state size {cost.state_size} x per-sample field evaluations "
+                      f"{cost.train_evaluations:.3g} in training + {cost.eval_evaluations:.3g} in evaluation); fewer "
+                      f"iterations, a smaller batch_size, model or test set, or looser tolerances cost less")
+            raise ProblemError(422, "job-too-costly", reason, errors=[{"field": "spec", "reason": reason}])
 
     def get(self, job_id: str, caller: Caller) -> Job:
         """The job ``job_id``; 404 problem when unknown or another API key's (existence is not revealed)."""
@@ -97,7 +126,8 @@ class JobService:
         return jobs, (pagination.encode("jobs", next_seq) if next_seq is not None else None)
 
     def cancel(self, job: Job) -> Job:
-        """Cancel ``job``: a queued one at once, a running one between training steps (it stays
+        """Cancel ``job``: a queued one at once, a running one within about ``cancel_poll_s`` (its worker
+        checks between training steps and inside every solve; it stays
         ``running`` until its worker stops). 409 problem when it already succeeded or failed."""
         result = self.store.request_cancel(job.id)
         if result.job is None:

@@ -33,6 +33,7 @@ from jobs.settings import Settings, get_settings
 from jobs.status import JobStatus
 from jobs.store import JobStore
 from jobs.tables import Job
+from worker.guard import JobGuard, JobTimeLimitExceeded, MemoryLimitExceeded, memory_limit_bytes
 
 log = logging.getLogger("odeforge.worker")
 
@@ -93,7 +94,7 @@ def _jsonable(value: Any) -> Any:
         return str(value)
 
 
-def _make_callbacks(ctx: WorkerContext, job: Job, token: int, trainer: Any, lease: LeaseKeeper | None = None) -> Any:
+def _make_callbacks(ctx: WorkerContext, job: Job, token: int, trainer: Any, guard: JobGuard) -> Any:
     from node_engine.training import TrainingCallbacks
 
     class JobCallbacks(TrainingCallbacks):
@@ -102,8 +103,8 @@ def _make_callbacks(ctx: WorkerContext, job: Job, token: int, trainer: Any, leas
         def __init__(self) -> None:
             self.pending: dict[int, dict] = {}
             self.latest: dict[str, Any] = {"num_parameters": int(trainer.num_parameters)}
-            self.last_flush = self.last_poll = time.monotonic()
-            self.stop = False  # cancel requested or claim lost: the trainer stops before its next step
+            self.last_flush = time.monotonic()
+            self.stop = False  # cancel requested, a limit reached or claim lost: the trainer stops before its next step
             self.lost = False  # another claim superseded ours: write nothing more
             self.interrupted = False  # this worker is shutting down
 
@@ -130,11 +131,13 @@ def _make_callbacks(ctx: WorkerContext, job: Job, token: int, trainer: Any, leas
         def should_stop(self) -> bool:
             if _shutdown.is_set():
                 self.stop = self.interrupted = True
-            if lease is not None and lease.lost.is_set():  # the heartbeat found our claim superseded
-                self.stop = self.lost = True
-            if not self.stop and time.monotonic() - self.last_poll >= ctx.settings.cancel_poll_s:
-                self.last_poll = time.monotonic()
-                self.stop = ctx.store.should_stop(job, token)
+            if guard():  # cancel, time or memory limit, or the heartbeat found our claim superseded
+                if guard.error() is not None:
+                    # a limit fails the job at once: no new checkpoint (writing one needs more memory
+                    # and time), the last periodic one stays
+                    raise guard.error()
+                self.stop = True
+                self.lost = self.lost or guard.reason == "lost"
             return self.stop
 
         def flush(self) -> None:
@@ -167,7 +170,8 @@ def run_job(job_id: str, ctx: WorkerContext | None = None) -> str:
     """Train job ``job_id`` to its end.
 
     Returns the status written: succeeded, failed, cancelled, ``requeued`` (the worker is shutting
-    down; the job is queued again and resumes from its checkpoint), ``skipped`` (not claimable),
+    down; the job is queued again and resumes from its checkpoint), ``deferred`` (its owner is at
+    ``max_running_per_owner``: it stays queued; the task republishes it later), ``skipped`` (not claimable),
     ``superseded`` (another claim took the job over) or ``store-unavailable`` (the database went
     away; the job's lease runs out and the reconciler requeues it, see ``jobs/leases.py``).
     """
@@ -178,15 +182,19 @@ def run_job(job_id: str, ctx: WorkerContext | None = None) -> str:
         log.error("job %s: job store unreachable at claim (%s)", job_id, type(exc).__name__)
         return "store-unavailable"
     if claimed is None:
+        if ctx.store.last_claim_reason == "owner-limit":
+            log.info("job %s: its owner is at ODEFORGE_MAX_RUNNING_PER_OWNER; left queued", job_id)
+            return "deferred"
         log.info("job %s: not claimable (%s); skipped", job_id, ctx.store.last_claim_reason)
         return "skipped"
     job, token = claimed
     log.info("job %s: claimed (attempt %d, token %d)", job_id, job.attempts, token)
-    callbacks = lease = None
+    callbacks = lease = guard = None
     try:
         with ExitStack() as stack:
             # Heartbeat first: importing torch or loading a checkpoint may outlast a short lease.
             lease = stack.enter_context(LeaseKeeper(ctx.store.sessions, job.seq, token, ctx.store.lease))
+            from node_engine.solve_limits import solve_limits
             from node_engine.training import Trainer, build_trainer
 
             spec = _engine_spec(job, ctx, stack)
@@ -198,8 +206,11 @@ def run_job(job_id: str, ctx: WorkerContext | None = None) -> str:
                 log.info("job %s: resuming from %s at step %d", job_id, resume, trainer.step)
             else:
                 trainer = build_trainer(spec, device=ctx.device)
-            callbacks = _make_callbacks(ctx, job, token, trainer, lease)
-            final = trainer.run(callbacks)
+            guard = _make_guard(ctx, job, token, lease, float(trainer.elapsed_seconds))
+            callbacks = _make_callbacks(ctx, job, token, trainer, guard)
+            # every solve of training and evaluation: the NFE budget and the guard as its stop signal
+            with solve_limits(max_nfe=ctx.settings.max_nfe_per_solve, stop=guard):
+                final = trainer.run(callbacks)
         callbacks.flush()
         # The final summary adds what the step records lacked; its "status" is the trainer's own word.
         final = _jsonable(dict(final or {}))
@@ -225,9 +236,9 @@ def run_job(job_id: str, ctx: WorkerContext | None = None) -> str:
                   str(exc).splitlines()[0] if str(exc) else "")
         return "store-unavailable"
     except Exception as exc:  # solver, data, checkpoint or programming error: the job fails, the worker goes on
-        from node_engine.errors import ODEForgeError
+        from node_engine.errors import ODEForgeError, SolveCancelled
 
-        if not isinstance(exc, ODEForgeError):
+        if not isinstance(exc, (ODEForgeError, JobTimeLimitExceeded, MemoryLimitExceeded)):
             log.exception("job %s: unexpected error", job_id)
         latest = callbacks.latest if callbacks is not None else None
         if callbacks is not None:
@@ -235,6 +246,47 @@ def run_job(job_id: str, ctx: WorkerContext | None = None) -> str:
                 callbacks.flush()
             except Exception:
                 log.exception("job %s: could not write the last metric rows", job_id)
-        status = _finish(ctx, job, token, JobStatus.FAILED, latest=latest, error=(type(exc).__name__, str(exc)))
+        if isinstance(exc, SolveCancelled) and guard is not None and guard.reason is not None:
+            # a solve stopped by the guard: the job ends as the guard's reason says (its last
+            # periodic checkpoint stays; the step in progress is lost)
+            if guard.reason == "lost":
+                status = "superseded"
+            elif guard.error() is not None:
+                status = _fail(ctx, job, token, guard.error(), latest)
+            else:
+                status = _finish(ctx, job, token, JobStatus.CANCELLED, latest=latest)
+        else:
+            status = _fail(ctx, job, token, exc, latest)
+    finally:
+        if guard is not None and guard.reason == "memory":
+            trainer = callbacks = None  # noqa: F841 (drop the job's model and data before trimming the heap)
+            _return_memory()
     log.info("job %s: %s", job_id, status)
     return status
+
+
+def _make_guard(ctx: WorkerContext, job: Job, token: int, lease: LeaseKeeper, earlier_seconds: float) -> JobGuard:
+    """The job's :class:`JobGuard`, made once its trainer is built: its time limit counts from now
+    (the worker's first import of torch and the data loading are not the job's), less the training
+    time of the attempts it resumed from (a requeued job does not start its clock again)."""
+    limit = float(ctx.settings.max_job_seconds)
+    return JobGuard(poll_s=ctx.settings.cancel_poll_s, seconds=limit - earlier_seconds, limit_seconds=limit,
+                    memory_bytes=memory_limit_bytes(ctx.settings.max_worker_memory_mb),
+                    should_cancel=lambda: ctx.store.should_stop(job, token), lost=lease.lost.is_set)
+
+
+def _fail(ctx: WorkerContext, job: Job, token: int, exc: BaseException, latest: dict | None) -> str:
+    return _finish(ctx, job, token, JobStatus.FAILED, latest=latest, error=(type(exc).__name__, str(exc)))
+
+
+def _return_memory() -> None:
+    """After a job stopped for memory: free its objects now and hand freed heap back to the OS, so
+    the next job starts from a small process (glibc keeps freed memory otherwise)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass

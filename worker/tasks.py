@@ -10,16 +10,20 @@ from jobs.queue import TRAIN_TASK
 from worker.runner import request_shutdown, run_job, worker_context
 
 
-@shared_task(name=TRAIN_TASK, acks_late=True, ignore_result=True)
-def train(job_id: str) -> str:
+@shared_task(name=TRAIN_TASK, bind=True, acks_late=True, ignore_result=True, max_retries=None)
+def train(self, job_id: str) -> str:
     """Train job ``job_id`` (see :func:`worker.runner.run_job`); returns its final status.
 
     When the worker shuts down mid-job, the job has been checkpointed and set back to queued; the
-    message is rejected with requeue so the next worker picks it up and resumes.
+    message is rejected with requeue so the next worker picks it up and resumes. A job whose owner
+    is at ``max_running_per_owner`` stays queued and its message is published again after
+    ``owner_retry_s`` (meanwhile this worker takes other messages: another owner's jobs run).
     """
     status = run_job(job_id)
     if status == "requeued":
         raise Reject(f"worker shutting down; job {job_id} requeued", requeue=True)
+    if status == "deferred":
+        raise self.retry(countdown=worker_context().settings.owner_retry_s)
     return status
 
 

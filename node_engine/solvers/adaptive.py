@@ -218,7 +218,8 @@ def _loop(vf, z, grid, stepper, norm, ctrl, opts, info, record, pieces) -> None:
     stop, max_nfe = opts.stop, opts.max_nfe
     with np.errstate(all="ignore"):
         while True:
-            check_stop(stop, t)
+            if stop is not None:
+                check_stop(stop, t)
             remaining = d * (target - t)
             landing = 1.01 * h >= remaining  # stretch by <= 1% rather than leave a sliver (dopri5.f)
             t_new = where(landing, target, t + d * h)
@@ -256,7 +257,7 @@ def _loop(vf, z, grid, stepper, norm, ctrl, opts, info, record, pieces) -> None:
                 continue
             t_eval_end = where(landing, nextafter(t_new, t), t_new) if is_jump else t_new
             z_new = stepper.step(vf, t, t_new, t_eval_end, z, k1)
-            if over_budget(vf, max_nfe):  # the budget is shared: every active row stops
+            if max_nfe is not None and vf.nfe > max_nfe:  # the budget is shared: every active row stops
                 fail(np.ones(gid.size, dtype=bool) if per_row else True, SolveStatus.NFE_BUDGET,
                      lambda i, s, ti: budget_message(vf, max_nfe, ti, s))
                 return

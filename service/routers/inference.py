@@ -104,8 +104,7 @@ def _solver_errors(field: str) -> Iterator[None]:
     except SolveCancelled:
         raise
     except NFEBudgetExceeded as exc:
-        limits = current_limits()
-        raise _budget_exceeded(field, limits.max_nfe if limits else None, str(exc)) from None
+        raise _budget_exceeded(field, current_limits().get("max_nfe"), str(exc)) from None
     except ODEForgeError as exc:
         raise ProblemError(422, "evaluation-failed", f"{type(exc).__name__}: {exc}",
                            errors=[{"field": field, "reason": f"{type(exc).__name__}: {exc}"}]) from None

@@ -35,6 +35,9 @@ def submit_job(
 
     A repeated request with the same ``Idempotency-Key`` and body returns the job created first
     (the key with another body is a 422). When the broker is down the job is not kept: 503.
+    Refused with 422 before anything is stored: a ``solver.rtol`` / ``solver.eval_rtol`` below what
+    float32 training / float64 answers can honour (naming the field), and a spec whose estimated
+    cost is above ``ODEFORGE_MAX_JOB_COST`` (``job-too-costly``, naming the estimate and the limit).
     """
     job, created = jobs.submit(body.model_dump(mode="json"), caller, idempotency_key)
     response.headers["Location"] = f"/v1/jobs/{job.id}"

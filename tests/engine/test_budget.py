@@ -150,3 +150,28 @@ def test_bad_stop_is_refused():
 def test_budget_error_names_the_option():
     with pytest.raises(NFEBudgetExceeded, match=r"options\['max_nfe'\]"):
         odeint(Counting(), torch.ones(1, dtype=f64), T10, options=dict(max_nfe=5))
+
+
+def test_solve_limits_reach_spec_options_of_this_thread_only():
+    """``solve_limits`` adds max_nfe/stop to the options models build from their solver section,
+    inside the block and in the calling thread only."""
+    import threading
+
+    from node_engine.solve_limits import solve_limits
+    from node_engine.specs import SolverSection
+
+    stop = lambda: False  # noqa: E731
+    assert "max_nfe" not in SolverSection().solver_options()
+    seen = {}
+    with solve_limits(max_nfe=123, stop=stop):
+        opts = SolverSection().solver_options()
+        fixed = SolverSection(method="rk4", step_size=0.1).solver_options()
+        th = threading.Thread(target=lambda: seen.update(SolverSection().solver_options()))
+        th.start()
+        th.join()
+        with solve_limits(max_nfe=7):
+            inner = SolverSection().solver_options()
+    assert opts["max_nfe"] == 123 and opts["stop"] is stop and fixed["max_nfe"] == 123
+    assert inner["max_nfe"] == 7 and inner["stop"] is stop
+    assert "max_nfe" not in seen and "stop" not in seen
+    assert "max_nfe" not in SolverSection().solver_options()

@@ -30,6 +30,12 @@ def worker_env(settings) -> dict[str, str]:
         ODEFORGE_LEASE_S=str(settings.lease_s),
         ODEFORGE_MAX_ATTEMPTS=str(settings.max_attempts),
         ODEFORGE_BROKER_TIMEOUT_S=str(settings.broker_timeout_s),
+        # compute bounds (tests/reliability/test_compute_limits.py)
+        ODEFORGE_MAX_JOB_SECONDS=str(settings.max_job_seconds),
+        ODEFORGE_MAX_WORKER_MEMORY_MB=str(settings.max_worker_memory_mb),
+        ODEFORGE_MAX_NFE_PER_SOLVE=str(settings.max_nfe_per_solve),
+        ODEFORGE_MAX_RUNNING_PER_OWNER=str(settings.max_running_per_owner),
+        ODEFORGE_OWNER_RETRY_S=str(settings.owner_retry_s),
     )
     return env
 
