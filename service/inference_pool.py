@@ -173,6 +173,10 @@ class InferencePool:
                 if budget.expired():
                     waiting.add_done_callback(_consume)  # the work's own outcome is no longer anyone's
                     raise timeout_problem(budget)
+        except asyncio.CancelledError:  # the server cancels the request (shutdown): stop its solves too
+            budget.cancel("request cancelled")
+            waiting.add_done_callback(_consume)
+            raise
         finally:
             watcher.cancel()
 
@@ -205,8 +209,8 @@ def _consume(future: asyncio.Future) -> None:
 
 def timeout_problem(budget: Budget) -> ProblemError:
     """503 ``inference-timeout`` naming ``ODEFORGE_INFERENCE_TIMEOUT_S`` (also sent, to no one, after a disconnect)."""
-    if budget.reason == "client disconnected":
-        detail = "the client disconnected; the request's solves were stopped"
+    if budget.reason not in (None, "deadline"):  # the client left, the server is shutting down
+        detail = f"stopped: {budget.reason}; the request's solves were stopped"
     else:
         detail = f"the request ran past its budget of {budget.timeout_s:g} s (ODEFORGE_INFERENCE_TIMEOUT_S)"
     return ProblemError(503, "inference-timeout", detail,
