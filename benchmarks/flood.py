@@ -13,8 +13,9 @@ one point costs 758 field evaluations.
     python benchmarks/flood.py [--seconds 30] [--clients 45] [--code /path/to/checkout]
 
 ``--code`` runs the API from another checkout (e.g. the code before this change) for comparison.
-Prints one table row per probed endpoint (n, p50, p99, max in ms; failures = no answer within 10 s)
-and the inference answers by status.
+Prints one table row per probed endpoint (n, p50, p99, max in ms; failures = no answer within 10 s),
+the inference answers by status, and how long the API took to exit after a SIGTERM sent while the
+flood still ran. 
 """
 
 from __future__ import annotations
@@ -90,21 +91,16 @@ def main() -> None:
         LocalArtifactStore(data / "artifacts").put(f"{checkpoint_prefix(job)}/final.safetensors", _checkpoint())
         warm = httpx.post(f"{url}/v1/jobs/{job}/log-density", json={"points": [[0.3, 0.2]]}, timeout=300)
         print(f"warm-up (model load + one point): {warm.status_code}, nfe {warm.json().get('nfe')}")
-        _flood(url, job, args.seconds, args.clients)
+        _flood(url, job, args.seconds, args.clients, server)
     finally:
-        server.terminate()
-        try:
-            server.wait(30)
-            print(f"API exited {server.returncode} after SIGTERM")
-        except subprocess.TimeoutExpired:
-            print("API still alive 30 s after SIGTERM; killed")
+        if server.poll() is None:
             server.kill()
         import redis
 
         redis.Redis.from_url("redis://127.0.0.1:6379/0").delete(queue, f"_kombu.binding.{queue}")
 
 
-def _flood(url: str, job: str, seconds: float, clients: int) -> None:
+def _flood(url: str, job: str, seconds: float, clients: int, server: subprocess.Popen) -> None:
     stop = threading.Event()
     answers: Counter = Counter()
     lock = threading.Lock()
@@ -126,9 +122,11 @@ def _flood(url: str, job: str, seconds: float, clients: int) -> None:
     latencies: dict[str, list[float]] = {}
     failures: Counter = Counter()
 
+    probes_done = threading.Event()
+
     def probe(name: str, every: float, call) -> None:
         with httpx.Client(timeout=PROBE_TIMEOUT_S) as c:
-            while not stop.is_set():
+            while not probes_done.is_set():
                 start = time.perf_counter()
                 try:
                     r = call(c)
@@ -156,8 +154,18 @@ def _flood(url: str, job: str, seconds: float, clients: int) -> None:
     for t in probe_threads:
         t.start()
     time.sleep(seconds)
+    probes_done.set()
+    for t in probe_threads:
+        t.join(600)
+    stop_probes_at = time.monotonic()
+    server.terminate()
+    try:
+        server.wait(120)
+        shutdown = f"API exited {time.monotonic() - stop_probes_at:.1f} s after SIGTERM, during the flood"
+    except subprocess.TimeoutExpired:
+        shutdown = "API still alive 120 s after SIGTERM, during the flood"
     stop.set()
-    for t in probe_threads + threads:
+    for t in threads:
         t.join(600)
     print(f"\n{clients} clients flooding one-point log-density for {seconds:g} s")
     print("| endpoint | n | p50 ms | p99 ms | max ms | no answer in 10 s |")
@@ -167,6 +175,7 @@ def _flood(url: str, job: str, seconds: float, clients: int) -> None:
         print(f"| `{name}` | {len(latencies.get(name, []))} | {np.nanpercentile(x, 50):.0f} | "
               f"{np.nanpercentile(x, 99):.0f} | {np.nanmax(x):.0f} | {failures[name]} |")
     print("inference answers:", dict(sorted(answers.items())))
+    print(shutdown)
 
 
 if __name__ == "__main__":

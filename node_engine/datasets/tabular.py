@@ -35,7 +35,7 @@ def load_array(path: str | os.PathLike) -> np.ndarray:
     suffix = path.suffix.lower()
     try:
         if suffix == ".npy":
-            data = read_npy(path)  # header checked against the file's size; never unpickles
+            data = read_npy(path, f"uploaded data set: {path.name}")  # header checked against the size; no pickles
         elif suffix in (".csv", ".txt"):
             data = _read_csv(path)
         else:
