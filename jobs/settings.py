@@ -102,6 +102,20 @@ class Settings(BaseSettings):
     events_poll_s: float = Field(1.0, gt=0, le=60)
     events_heartbeat_s: float = Field(15.0, gt=0, le=300)
 
+    # ---- Inference and request bounds (issue 14; service/inference_pool.py, service/limits.py) ----
+    # Threads that run inference (model loads, solves), apart from the threadpool other routes use.
+    inference_workers: int = Field(2, ge=1, le=64)
+    # Inference requests admitted beyond the running ones; the next is a 503 `inference-busy` with Retry-After.
+    inference_queue: int = Field(16, ge=0, le=10_000)
+    # Wall-clock budget of one inference request (s): its solves stop, 503 `inference-timeout`.
+    inference_timeout_s: float = Field(30.0, gt=0, le=3600)
+    # Field evaluations allowed per ODE solve of an inference request (each CNF block is one solve);
+    # a point needing more gets null with reason `nfe_budget` (log-density) or a 422 `inference-budget-exceeded`.
+    inference_max_nfe: int = Field(100_000, ge=1, le=100_000_000)
+    # Request bodies other than multipart uploads (JSON) are refused beyond this (413); uploads keep
+    # max_body_bytes. Large JSON bodies are parsed off the event loop, one at a time.
+    max_json_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+
     # Worker lease: a claim is valid this long and renewed by a heartbeat every third of it (seconds).
     lease_s: float = Field(600.0, ge=5.0, le=86_400.0)
     # Worker: how often (seconds) the training loop re-reads the job row for a cancel request.

@@ -78,13 +78,19 @@ class DensityModel:
             (log-densities (N,) float64 nats, NaN where the solve failed; statuses (N,) int64
             :class:`~node_engine.errors.SolveStatus` codes, 0 = success; total NFE).
         Raises:
-            ValueError: wrong shape or non-finite points.
+            ValueError: wrong shape, non-finite points, or coordinates that overflow the model's dtype
+                (:meth:`out_of_range`).
         """
         x = np.asarray(points, dtype=np.float64)
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise ValueError(f"points must have shape (N, {self.dim}), got {x.shape}")
         if not np.all(np.isfinite(x)):
             raise ValueError("points must be finite (no NaN/inf)")
+        bad = self.out_of_range(x)
+        if len(bad):
+            i, j = (int(v) for v in bad[0])
+            raise ValueError(f"point {i}, coordinate {j}: {x[i, j]:g} overflows the model's {self._dtype} "
+                             f"once standardized (|x| at most {self.max_abs_input()[j]:g})")
         z = torch.as_tensor(self.standardization.forward(x), dtype=self._dtype, device=self.device)
         stats = self.model.stats
         stats.reset()
@@ -98,6 +104,20 @@ class DensityModel:
         log_p = log_pz + self.standardization.log_abs_det_jacobian(self.dim)
         log_p[status != 0] = np.nan
         return log_p, status, int(stats.nfe_forward)
+
+    def max_abs_input(self) -> np.ndarray:
+        """(D,) the largest |x| per coordinate whose standardized value (x − mean)/std the model's dtype
+        still represents (finite), with a margin of 2 for the subtraction of the mean."""
+        big = float(torch.finfo(self._dtype).max)
+        std = np.broadcast_to(np.asarray(self.standardization.std, dtype=np.float64).reshape(-1), (self.dim,))
+        return np.minimum(big * np.minimum(std, 1.0) / 2.0, np.finfo(np.float64).max)
+
+    def out_of_range(self, points: np.ndarray) -> np.ndarray:
+        """(K, 2) indices (point, coordinate) of the finite coordinates of ``points`` (N, D) that overflow
+        the model's dtype once standardized (see :meth:`max_abs_input`); empty when all fit. Such a point
+        cannot be evaluated at all, unlike one whose log-density merely underflows (−inf, :func:`row_reasons`)."""
+        x = np.asarray(points, dtype=np.float64)
+        return np.argwhere(np.abs(x) > self.max_abs_input()[None, :])
 
     def sample(self, n: int, seed: int) -> np.ndarray:
         """``n`` samples in original coordinates. Returns (n, D) float64.
@@ -171,6 +191,37 @@ class ClassifierModel:
         with torch.no_grad():
             logits = self.model(torch.as_tensor(x, dtype=self._dtype, device=self.device))
         return torch.softmax(logits.double(), dim=1).cpu().numpy()
+
+
+#: reasons of :func:`row_reasons`, by what happened to the row
+UNDERFLOW_REASON = ("underflow: log p is below the smallest float64 (the density is 0 to machine precision; "
+                    "the point is far outside the data)")
+NON_FINITE_REASON = "non-finite: the model's log-density is NaN or +inf at this point"
+
+
+def row_reasons(log_p: np.ndarray, status: np.ndarray) -> list[str | None]:
+    """Why each row of :meth:`DensityModel.log_density_rows` has no finite answer (None: it has one).
+
+    Args:
+        log_p: (N,) log-densities (nats), NaN where the solve failed.
+        status: (N,) :class:`~node_engine.errors.SolveStatus` codes.
+    Returns:
+        (N,) list: None for a finite answer; else ``"<status>: ..."`` for a failed solve (e.g.
+        ``"max_num_steps: ..."``), :data:`UNDERFLOW_REASON` for −inf (underflow, not an error of the
+        solve), :data:`NON_FINITE_REASON` for NaN/+inf from a successful solve.
+    """
+    reasons: list[str | None] = []
+    for value, code in zip(np.asarray(log_p, dtype=np.float64).tolist(), np.asarray(status).tolist()):
+        if code != SolveStatus.SUCCESS:
+            code = SolveStatus(int(code))
+            reasons.append(f"{code.name.lower()}: the ODE solve of this point failed ({code.error.__name__})")
+        elif math.isfinite(value):
+            reasons.append(None)
+        elif value == -math.inf:
+            reasons.append(UNDERFLOW_REASON)
+        else:
+            reasons.append(NON_FINITE_REASON)
+    return reasons
 
 
 def raise_for_rows(status: np.ndarray, what: str) -> None:

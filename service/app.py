@@ -17,7 +17,7 @@ from jobs.settings import Settings, get_settings
 from service.auth import ApiKeyMiddleware
 from service.container import Services
 from service.errors import install_handlers
-from service.limits import BodySizeLimitMiddleware
+from service.limits import BodySizeLimitMiddleware, document_json_bodies
 from service.observability import ApiMetrics
 from service.openapi_docs import document_common_responses, install_offline_docs
 from service.outages import install_outage_handlers
@@ -56,12 +56,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_offline_docs(app)
     install_handlers(app)
     install_outage_handlers(app)
+    document_json_bodies(app)  # before the common responses: they see these routes' request bodies
     document_common_responses(app)
     app.include_router(api_router())
     # Innermost middleware (added first): it refuses a declared Content-Length over the limit before
     # the body is read and counts bodies streamed without one; its streamed 413 reaches the
-    # problem+json handler directly, not wrapped by the middlewares around it.
-    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
+    # problem+json handler directly, not wrapped by the middlewares around it. JSON bodies have the
+    # tighter limit ODEFORGE_MAX_JSON_BYTES, uploads ODEFORGE_MAX_BODY_BYTES.
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes,
+                       max_json_bytes=settings.max_json_bytes)
     # API keys are checked before any body is read.
     app.add_middleware(ApiKeyMiddleware, keys=settings.api_key_owners)
     app.middleware("http")(metrics.middleware)

@@ -9,7 +9,9 @@ from jobs.leases import Reconciler
 from jobs.queue import Broker
 from jobs.settings import Settings
 from jobs.store import JobStore
+from service.batching import LogDensityBatcher
 from service.inference import ModelCache
+from service.inference_pool import InferencePool
 from service.job_service import JobService
 from service.observability import ApiMetrics
 from service.storage import StorageGuard
@@ -24,6 +26,8 @@ class Services:
     jobs: JobService
     models: ModelCache
     metrics: ApiMetrics
+    inference: InferencePool  # bounded threads + admission + per-request budgets (issue 14)
+    batcher: LogDensityBatcher  # micro-batches log-density requests; drains run on ``inference``
 
     @classmethod
     def build(cls, settings: Settings, metrics: ApiMetrics) -> "Services":
@@ -31,6 +35,8 @@ class Services:
         store = JobStore.from_settings(settings)
         artifacts = LocalArtifactStore(settings.artifact_dir)
         broker = Broker(settings)
+        pool = InferencePool(settings.inference_workers, settings.inference_queue,
+                             timeout_s=settings.inference_timeout_s, max_nfe=settings.inference_max_nfe)
         return cls(
             settings=settings,
             store=store,
@@ -43,6 +49,8 @@ class Services:
             # The API answers queries on CPU; GPUs belong to the workers.
             models=ModelCache(artifacts, settings.inference_cache_size, device="cpu"),
             metrics=metrics,
+            inference=pool,
+            batcher=LogDensityBatcher(executor=pool.executor),
         )
 
     def reconciler(self) -> Reconciler:
@@ -52,5 +60,6 @@ class Services:
                           requeue_queued_after_s=s.requeue_queued_after_s)
 
     def close(self) -> None:
+        self.inference.close()  # running solves stop at their next step (no minutes-long shutdown)
         self.broker.close()
         self.store.close()

@@ -13,7 +13,9 @@ from jobs.store import JobStore
 from jobs.tables import Job
 from service.auth import Caller
 from service.container import Services
+from service.batching import LogDensityBatcher
 from service.inference import ModelCache
+from service.inference_pool import InferencePool
 from service.job_service import JobService
 from service.observability import ApiMetrics
 
@@ -41,6 +43,8 @@ ArtifactsDep = Annotated[ArtifactStore, Depends(_service("artifacts"))]
 BrokerDep = Annotated[Broker, Depends(_service("broker"))]
 ModelsDep = Annotated[ModelCache, Depends(_service("models"))]
 MetricsDep = Annotated[ApiMetrics, Depends(_service("metrics"))]
+InferenceDep = Annotated[InferencePool, Depends(_service("inference"))]
+BatcherDep = Annotated[LogDensityBatcher, Depends(_service("batcher"))]
 JobServiceDep = Annotated[JobService, Depends(_service("jobs"))]
 CallerDep = Annotated[Caller, Depends(Caller.of)]
 

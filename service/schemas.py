@@ -365,8 +365,20 @@ class LogDensityRequest(Strict):
     points: list[list[Finite]] = Field(min_length=1, max_length=100_000, description="(N, D) in data coordinates")
 
 
+class PointFailure(BaseModel):
+    """A point of a log-density request without a finite answer (its value is null)."""
+
+    index: int = Field(description="the point's index in `points`")
+    reason: str = Field(description="'underflow: ...' (log p below float64: p is 0 to machine precision), "
+                                    "'max_num_steps: ...', 'step_underflow: ...', 'non_finite: ...' "
+                                    "(the point's ODE solve failed), or 'non-finite: ...' (NaN/+inf)")
+
+
 class LogDensityResponse(BaseModel):
-    log_density: list[float] = Field(description="(N,) log p(x) in nats")
+    log_density: list[float | None] = Field(description="(N,) log p(x) in nats; null where there is no finite "
+                                                        "value (the point is listed in `failed`)")
+    failed: list[PointFailure] = Field(default_factory=list,
+                                       description="the points whose value is null, and why (empty: all answered)")
     nfe: int = Field(description="vector-field evaluations used")
     checkpoint: str
 

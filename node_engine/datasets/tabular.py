@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from node_engine.datasets.npyfile import read_npy
 from node_engine.errors import DatasetError
 
 MAX_FILE_BYTES = 256 * 2**20  #: larger files are refused before being read
@@ -35,7 +36,7 @@ def load_array(path: str | os.PathLike, dtype: np.dtype | type | None = np.float
     suffix = path.suffix.lower()
     try:
         if suffix == ".npy":
-            data = np.load(path, allow_pickle=False)  # never unpickle user files
+            data = read_npy(path, f"uploaded data set: {path.name}")  # header checked against the size; no pickles
         elif suffix in (".csv", ".txt"):
             data = _read_csv(path)
         else:

@@ -251,11 +251,9 @@ def load_series(path: str | os.PathLike) -> SeriesSet:
 
 
 def _read_npz(path: Path) -> SeriesSet:
-    try:
-        with np.load(path, allow_pickle=False) as archive:  # never unpickle user files
-            arrays = {k: archive[k] for k in archive.files}
-    except (ValueError, OSError, EOFError) as exc:
-        raise DatasetError(f"uploaded series: cannot read {path.name} as .npz: {exc}") from None
+    from node_engine.datasets.npyfile import read_npz
+
+    arrays = read_npz(path)  # headers checked against member sizes; never unpickles
     for key in ("t", "y"):
         if key not in arrays:
             raise DatasetError(f"uploaded series: .npz needs arrays 't' (N, T) and 'y' (N, T, D); '{key}' is missing")

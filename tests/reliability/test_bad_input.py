@@ -365,3 +365,121 @@ def test_predict_refuses_pixels_that_overflow_the_model(client, settings):
     assert ok.status_code == 200 and abs(sum(ok.json()["probabilities"][0]) - 1.0) < 1e-5
     image[3][4] = 1e300  # finite in JSON, inf once the model casts to float32
     assert_problem(client.post(f"/v1/jobs/{job_id}/predict", json={"inputs": [image]}), 422, "inputs")
+
+
+# ---- issue 14: hostile numbers ------------------------------------------------------------------
+def test_a_point_whose_log_density_underflows_is_null_with_a_reason_and_the_rest_is_answered(client, trained,
+                                                                                                checkpoint):
+    from node_engine.inference import load_model
+
+    points = [[0.0, 0.0], [1e200, 0.0], [1.0, -0.5]]
+    resp = client.post(f"/v1/jobs/{trained}/log-density", json={"points": points})
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    # The reference: the same model in-process, each point alone (1e200 standardized squares past float64).
+    model = load_model(checkpoint)
+    alone = [model.log_density_rows(np.array([p]))[0][0] for p in points]
+    assert alone[1] == -math.inf and math.isfinite(alone[0]) and math.isfinite(alone[2])
+    assert body["log_density"][1] is None
+    np.testing.assert_allclose([body["log_density"][0], body["log_density"][2]], [alone[0], alone[2]], rtol=1e-9)
+    assert [f["index"] for f in body["failed"]] == [1] and body["failed"][0]["reason"].startswith("underflow")
+    clean = client.post(f"/v1/jobs/{trained}/log-density", json={"points": [[0.0, 0.0]]}).json()
+    assert clean["failed"] == []
+
+
+def test_coordinates_that_overflow_the_model_are_422_naming_point_and_coordinate(client, trained):
+    resp = client.post(f"/v1/jobs/{trained}/log-density", json={"points": [[0.0, 0.0], [0.0, 1.7e308]]})
+    body = assert_problem(resp, 422, "points[1][1]")
+    assert "overflows" in body["detail"]
+
+
+@pytest.mark.parametrize("digits", [400, 4000])
+def test_a_400_digit_integer_is_422_not_500(client, trained, digits):
+    huge = "9" * digits
+    resp = client.post(f"/v1/jobs/{trained}/log-density", content='{"points": [[0.0, %s]]}' % huge,
+                       headers={"content-type": "application/json"})
+    assert resp.status_code in (400, 422) and resp.status_code < 500
+    assert_problem(resp, resp.status_code)
+
+
+def test_predict_with_a_400_digit_integer_is_422_naming_the_index(client, settings):
+    from node_engine.training import build_trainer
+    from service.schemas import JobCreate
+
+    spec = {"model": {"type": "mlp", "hidden": 8}, "dataset": {"name": "digits", "n_samples": 100},
+            "training": {"iterations": 1, "batch_size": 16}}
+    trainer = build_trainer(JobCreate.model_validate(spec).model_dump(mode="json"))
+    trainer.run()
+    job_id = client.post("/v1/jobs", json=spec).json()["id"]
+    LocalArtifactStore(settings.artifact_dir).put(f"{checkpoint_prefix(job_id)}/step-000001.safetensors",
+                                                  trainer.checkpoint())
+    rows = ",".join("[" + ",".join("0" for _ in range(8)) + "]" for _ in range(8))
+    raw = '{"inputs": [[%s]]}' % rows.replace("[0,0,0", "[0,0," + "9" * 400, 1)
+    assert_problem(client.post(f"/v1/jobs/{job_id}/predict", content=raw, headers={"content-type": "application/json"}),
+                   422, "inputs[0][0][2]")
+
+
+def _npy_with_header(header: str, data: bytes) -> bytes:
+    header = header + " " * (-(len(header) + 11) % 64) + "\n"
+    return b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header.encode() + data
+
+
+@pytest.mark.parametrize("content, says", [
+    # 10^12 rows over 160 bytes: refused from the header, nothing allocated
+    (_npy_with_header("{'descr': '<f8', 'fortran_order': False, 'shape': (1000000000000, 2), }", b"\0" * 160),
+     "declares shape (1000000000000, 2)"),
+    (_npy_with_header("{'descr': '<f8', 'fortran_order': False, 'shape': (10, 2), }", b"\0" * 161), "161 bytes"),
+    (b"\x93NUMPY\x01\x00\x14\x00{garbage           \n", "malformed .npy header"),
+    (_npy_with_header("{'descr': '<f8', 'fortran_order': False, 'shape': (-5, 2), }", b""), ".npy"),
+    (_npy_with_header("{'descr': 'O', 'fortran_order': False, 'shape': (10, 2), }", b"\0" * 160), "object"),
+    (_npy_with_header("{'descr': '<f8', 'fortran_order': False, 'shape': (10, 2), 'extra': 1}", b"\0" * 160),
+     "malformed"),
+    (b"\x93NUMPY\x03\x00\x14\x00", "malformed .npy header"),  # unknown version, truncated
+])
+def test_npy_headers_are_checked_against_the_file_before_anything_is_allocated(client, settings, content, says):
+    body = assert_problem(client.post("/v1/datasets", files={"file": ("hostile.npy", content)}), 422, "file")
+    assert says in body["detail"], body["detail"]
+    stored = settings.artifact_dir / "datasets"
+    assert not stored.exists() or not any(stored.iterdir())
+
+
+def test_npz_members_are_checked_like_npy_files(client, settings):
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as archive:
+        archive.writestr("t.npy", _npy_with_header("{'descr': '<f8', 'fortran_order': False, 'shape': "
+                                                   "(1000000, 1000000), }", b"\0" * 160))
+        archive.writestr("y.npy", _npy(np.zeros((2, 3, 1))))
+    body = assert_problem(client.post("/v1/datasets", params={"kind": "series"},
+                                      files={"file": ("hostile.npz", buf.getvalue())}), 422, "file")
+    assert "member 't'" in body["detail"] and "declares shape" in body["detail"], body["detail"]
+
+
+def test_json_bodies_have_a_tighter_limit_than_uploads(make_settings, redis_client, queue_name):
+    settings = make_settings(max_json_bytes=64 * 1024, max_upload_bytes=200 * 1024, max_body_bytes=256 * 1024)
+    with TestClient(create_app(settings)) as c:
+        body = json.dumps({**TINY, "training": {"iterations": 1, "note": "x" * 70_000}}).encode()
+        refused = assert_problem(c.post("/v1/jobs", content=body, headers={"content-type": "application/json"}),
+                                 413, "body")
+        assert "ODEFORGE_MAX_JSON_BYTES" in refused["detail"] and str(64 * 1024) in refused["detail"]
+        streamed = c.post("/v1/jobs", content=iter([body[:30_000], body[30_000:]]),
+                          headers={"content-type": "application/json"})
+        assert assert_problem(streamed, 413, "body")["errors"] == refused["errors"]
+        rows = np.random.default_rng(0).normal(size=(4000, 2))  # ~100 KB of CSV: over the JSON limit, an upload
+        csv = "\n".join(f"{a:.15f},{b:.15f}" for a, b in rows).encode()
+        assert len(csv) > 64 * 1024
+        assert c.post("/v1/datasets", files={"file": ("big.csv", csv)}).status_code == 201
+    assert messages(redis_client, queue_name) == []  # the refused submissions published nothing
+
+
+def test_a_large_json_body_is_parsed_and_validated_like_a_small_one(client, trained):
+    # over JSON_OFF_LOOP_BYTES: parsed on a worker thread, same answers and same field-level errors
+    from service.limits import JSON_OFF_LOOP_BYTES
+
+    pad = [[0.0, 0.0]] * 12_000
+    raw = json.dumps({"points": pad + [[0.0, "NaN"]]})
+    assert JSON_OFF_LOOP_BYTES < len(raw) < 256 * 1024
+    assert_problem(client.post(f"/v1/jobs/{trained}/log-density", content=raw,
+                               headers={"content-type": "application/json"}), 422, "points[12000][1]")
+    assert_problem(client.post(f"/v1/jobs/{trained}/log-density", json={"points": pad}), 422, "points")  # > 50

@@ -4,6 +4,7 @@ batches under concurrency, and one request's bad input does not fail the others 
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -175,3 +176,63 @@ def test_a_point_whose_solve_fails_fails_only_its_request_without_re_solving():
     assert isinstance(answers[4], MaxNumStepsError) and "point 2" in str(answers[4])
     assert counting.calls["log_density"] == 0  # no request was solved again on its own
     assert counting.calls["log_density_rows"] == batcher.batches < len(requests)
+
+
+def test_a_budget_that_trips_stops_only_requests_that_gave_up(entry):
+    """Budgets keep answers batch independent: a request whose budget has tripped is dropped before its
+    solve, and one whose deadline passes mid-solve does not cut the solve short for the others."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from node_engine.errors import SolveCancelled
+    from service.inference_pool import Budget
+
+    class TripsMidSolve(Budget):
+        """A deadline that passes at the solver's 2nd poll (deterministic, unlike a clock)."""
+
+        polls = 0
+
+        def expired(self) -> bool:
+            self.polls += 1  # 1: the batcher's queue check; then one per solver step
+            if self.polls > 2:
+                self.cancel("deadline")
+            return super().expired()
+
+    rng = np.random.default_rng(7)
+    gone, short, alive = rng.normal(size=(3, 2)), rng.normal(size=(40, 2)), rng.normal(size=(5, 2))
+    want_short, want_alive = entry.model.log_density(short)[0], entry.model.log_density(alive)[0]
+    gate = threading.Event()
+    executor = ThreadPoolExecutor(1)
+    executor.submit(gate.wait)  # the drain queues behind this: all three requests share one batch
+    batcher = LogDensityBatcher(executor=executor)
+    left = Budget(60.0, None)
+    left.cancel("client disconnected")
+    short_budget = TripsMidSolve(600.0, None)
+    f_gone = batcher.submit(entry, gone, left)
+    f_short = batcher.submit(entry, short, short_budget)
+    f_alive = batcher.submit(entry, alive, Budget(600.0, None))
+    gate.set()
+    with pytest.raises(SolveCancelled):
+        f_gone.result(120)
+    log_p, status, _ = f_alive.result(120)
+    np.testing.assert_allclose(log_p, want_alive, rtol=1e-9)
+    assert not status.any()
+    # `short` gave up during the solve (its route answered a timeout); the solve went on for `alive`
+    assert short_budget.reason == "deadline" and short_budget.polls >= 4  # the solve stepped on after it
+    np.testing.assert_allclose(f_short.result(120)[0], want_short, rtol=1e-9)
+    assert batcher.batches == 1
+    executor.shutdown()
+
+
+def test_a_batch_is_stopped_when_every_request_in_it_gave_up(entry):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from node_engine.errors import SolveCancelled
+    from service.inference_pool import Budget
+
+    points = np.random.default_rng(8).normal(size=(2000, 2))
+    budget = Budget(600.0, None)
+    batcher = LogDensityBatcher(executor=ThreadPoolExecutor(1))
+    future = batcher.submit(entry, points, budget)
+    threading.Timer(0.05, budget.cancel, args=("client disconnected",)).start()
+    with pytest.raises(SolveCancelled):
+        future.result(120)

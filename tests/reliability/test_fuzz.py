@@ -79,7 +79,7 @@ def fuzz_target(tmp_path_factory, redis_url, redis_client):
             artifacts.put(f"{checkpoint_prefix(ids[kind])}/final.safetensors", _checkpoint(spec))
         ids["queued"] = client.post("/v1/jobs", json=specs["cnf"]).json()["id"]
     app = create_app(settings)
-    yield schemathesis.openapi.from_asgi("/openapi.json", app), ids
+    yield schemathesis.openapi.from_asgi("/openapi.json", app), ids, settings
     from schemathesis.python import asgi
 
     asgi.shutdown_lifespans()  # the app's lifespan (stores, reconciler) was started by schemathesis
@@ -87,7 +87,7 @@ def fuzz_target(tmp_path_factory, redis_url, redis_client):
 
 
 def test_schema_fuzzing_finds_no_server_error_and_no_undocumented_response(fuzz_target):
-    schema, ids = fuzz_target
+    schema, ids, _ = fuzz_target
     failures: dict[str, str] = {}
     statuses: dict[str, set[int]] = {}
     operations = [result.ok() for result in schema.get_all_operations()]
@@ -136,3 +136,74 @@ def test_schema_fuzzing_finds_no_server_error_and_no_undocumented_response(fuzz_
     for route in ("POST /v1/jobs/{job_id}/log-density", "POST /v1/jobs/{job_id}/samples",
                   "GET /v1/jobs/{job_id}", "GET /v1/jobs/{job_id}/metrics"):
         assert 200 in statuses[route], (route, statuses[route])
+
+
+# ---- numeric extremes (issue 14) -----------------------------------------------------------------
+# JSON text, not Python values: 400-digit integers, 1e400 (inf once parsed), bare NaN/Infinity tokens,
+# numbers as strings, deep nesting. Each is put in every numeric slot of a valid request.
+EXTREMES = ["1e308", "-1.7976931348623157e308", "1.7976931348623157e308", "5e-324", "-5e-324", "-0.0", "1e400",
+            "-1e400", "NaN", "Infinity", "-Infinity", '"NaN"', '"1e999"', '"-Infinity"', "9" * 400, "-" + "9" * 400,
+            "9" * 5000, "2147483648", "-9223372036854775809", "18446744073709551617", "1e-400", "0", "-1", "true",
+            "null", '""', "[]", "{}", "[" * 200 + "1" + "]" * 200, "[" * 5000 + "]" * 5000, "0.1e-99999"]
+_IMAGE = "[" + ",".join(["[" + ",".join(["0"] * 8) + "]"] * 7 + ["[X,0,0,0,0,0,0,0]"]) + "]"
+TEMPLATES = [  # (method, path, JSON body with X where the extreme goes, or None for a query)
+    ("POST", "/v1/jobs/{cnf}/log-density", '{"points": [[X, 0.0]]}'),
+    ("POST", "/v1/jobs/{cnf}/log-density", '{"points": [[0.5, 0.5], [X, X], [1.0, -0.5]]}'),
+    ("POST", "/v1/jobs/{cnf}/log-density", '{"points": [X]}'),
+    ("POST", "/v1/jobs/{cnf}/log-density", '{"points": X}'),
+    ("POST", "/v1/jobs/{cnf}/samples", '{"n": X}'),
+    ("POST", "/v1/jobs/{cnf}/samples", '{"n": 2, "seed": X}'),
+    ("POST", "/v1/jobs/{mlp}/predict", '{"inputs": [' + _IMAGE + ']}'),
+    ("POST", "/v1/jobs/{mlp}/predict", '{"inputs": [X]}'),
+    ("POST", "/v1/jobs/{cnf}/forecast", '{"series": [{"t": [0.0, X], "y": [[1.0], [X]]}], "t": [X]}'),
+    ("POST", "/v1/jobs", '{"model": {"type": "cnf", "hidden_dims": [X]}, "dataset": {"name": "moons"}}'),
+    ("POST", "/v1/jobs", '{"model": {"type": "cnf", "end_time": X}, "dataset": {"name": "moons"}}'),
+    ("POST", "/v1/jobs", '{"model": {"type": "cnf"}, "dataset": {"name": "moons", "n_samples": X, "seed": X}}'),
+    ("POST", "/v1/jobs", '{"model": {"type": "cnf"}, "dataset": {"name": "moons"}, '
+                         '"solver": {"rtol": X, "atol": X, "max_num_steps": X, "step_size": X}}'),
+    ("POST", "/v1/jobs", '{"model": {"type": "mlp", "hidden": X}, "dataset": {"name": "digits"}, '
+                         '"training": {"iterations": X, "lr": X, "batch_size": X, "epochs": X}}'),
+    ("GET", "/v1/jobs?limit=X&page_token=X", None),
+    ("GET", "/v1/jobs/{cnf}/metrics?since_step=X&limit=X", None),
+    ("UPLOAD", "/v1/datasets", "X,0\n" + "1,2\n3,4\n5,7\n" * 5),
+]
+
+
+def test_numeric_extremes_in_every_slot_of_every_endpoint_give_no_server_error(fuzz_target):
+    """Every extreme in every template (plus long lists): no 5xx except a documented 503 budget
+    refusal, and every error is problem+json. Exhaustive over EXTREMES x TEMPLATES, hypothesis on top
+    for long lists of extremes."""
+    from urllib.parse import quote
+
+    from fastapi.testclient import TestClient
+
+    _, ids, settings = fuzz_target
+    failures: list[str] = []
+
+    def check(client, method: str, path: str, body: str | None, value: str) -> None:
+        path = path.format(**ids)
+        if method == "GET":
+            resp = client.get(path.replace("X", quote(value, safe="")))
+        elif method == "UPLOAD":
+            resp = client.post(path, files={"file": ("x.csv", body.replace("X", value))})
+        else:
+            resp = client.post(path, content=body.replace("X", value), headers={"content-type": "application/json"})
+        if resp.status_code >= 500 or (resp.status_code >= 400 and
+                                       not resp.headers["content-type"].startswith("application/problem+json")):
+            failures.append(f"{method} {path} X={value[:40]!r}: {resp.status_code} {resp.text[:200]}")
+
+    with TestClient(create_app(settings)) as client:
+        for method, path, body in TEMPLATES:
+            for value in EXTREMES:
+                check(client, method, path, body, value)
+
+        @hypothesis.settings(max_examples=40, deadline=None, derandomize=True, database=None,
+                             suppress_health_check=list(HealthCheck), phases=[hypothesis.Phase.generate])
+        @hypothesis.given(values=st.lists(st.sampled_from(EXTREMES[:12]) | st.floats(allow_nan=False).map(repr),
+                                          min_size=1, max_size=600))
+        def long_lists(values) -> None:
+            points = "[" + ",".join(f"[{v}, 0.0]" for v in values) + "]"
+            check(client, "POST", "/v1/jobs/{cnf}/log-density", '{"points": X}', points)
+
+        long_lists()
+    assert not failures, "\n".join(failures[:30])
