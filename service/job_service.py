@@ -73,9 +73,9 @@ class JobService:
                                    f"{dataset.get('id')!r}",
                                    errors=[{"field": "dataset.id", "reason": f"unknown uploaded data set for "
                                                                               f"{dataset['name']!r}"}])
-        self._check_bounds(spec, upload.shape if upload is not None else None)
         if spec.get("init_from"):
-            self._resolve_init_from(spec, caller)
+            self._resolve_init_from(spec, caller)  # names the checkpoint: the spec is then complete
+        self._check_bounds(spec, upload.shape if upload is not None else None)
         if self.storage is not None:
             self.storage.admit(caller.owner)  # 507: artifact disk below its reserve, or owner over quota
         try:
@@ -110,8 +110,8 @@ class JobService:
         if errors:
             raise ProblemError(422, "invalid-request", "; ".join(f"{e['field']}: {e['reason']}" for e in errors),
                                errors=errors)
-        normalized = normalize_spec(spec)
         try:
+            normalized = normalize_spec(spec)
             cost = estimate_cost(normalized, input_info(normalized["dataset"], upload_shape))
         except (ValueError, TypeError, RuntimeError) as exc:  # the trainer could not build it either
             raise ProblemError(422, "invalid-request", f"model: {exc}",
