@@ -30,7 +30,7 @@ class TimeSeriesFamily(Family):
     model_input: ClassVar[str] = "series"
     default_batch_size: ClassVar[int] = 16
     serves: ClassVar[tuple[str, ...]] = ("forecast",)
-    plots: ClassVar[tuple[str, ...]] = ("trajectories",)
+    plots: ClassVar[tuple[str, ...]] = ("trajectories", "vector_field")
     train_metrics: ClassVar[tuple[str, ...]] = ()
     eval_metrics: ClassVar[tuple[str, ...]] = ("test_interp_mse", "test_extrap_mse")
 
