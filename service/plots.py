@@ -174,7 +174,9 @@ def vector_field_png(model: Any, data: Any, title: str, resolution: int = 40, n_
     for ax, (label, f), speed in zip(axes, fields, speeds):
         shape = (resolution, resolution)
         stream = ax.streamplot(xs, ys, f[:, 0].reshape(shape), f[:, 1].reshape(shape), color=speed.reshape(shape),
-                               cmap="viridis", norm=norm, density=1.2, linewidth=0.9, arrowsize=0.9)
+                               cmap="viridis", norm=norm, density=1.0, linewidth=0.9, arrowsize=0.9)
+        for arrow in ax.patches:  # clipped to the axes: measuring each for the layout took seconds
+            arrow.set_in_layout(False)
         for i in range(min(n_series, test.n)):
             length = int(test.lengths[i])
             observed = test.mask[i, :length].all(axis=1)
