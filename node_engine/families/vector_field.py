@@ -93,15 +93,18 @@ def grid_2d(lo: np.ndarray, hi: np.ndarray, n: int) -> tuple[np.ndarray, np.ndar
 
 
 def rel_rmse(learned: Callable[[float, np.ndarray], np.ndarray], true: Callable[[float, np.ndarray], np.ndarray],
-             lo: np.ndarray, hi: np.ndarray, times: np.ndarray, n: int = GRID) -> float:
+             lo: np.ndarray, hi: np.ndarray, times: np.ndarray, n: int = GRID, keep: np.ndarray | None = None) -> float:
     """sqrt(mean |f − f*|²) / sqrt(mean |f*|²) over an n × n grid on [lo, hi] and the given ``times``.
 
     Args:
         learned: f(t, y (N, 2)) -> (N, 2).
         true: f*(t, y (2, ...)) -> (2, ...) (the signature of ``timeseries.TRUE_FIELDS``).
         lo, hi: (2,) box corners; times: (K,).
+        keep: optional (n·n,) bool, the grid points (:func:`grid_2d` order) the means run over.
     """
     _, _, points = grid_2d(lo, hi, n)
+    if keep is not None:
+        points = points[np.asarray(keep, dtype=bool)]
     sq_err, sq_true = 0.0, 0.0
     for t in np.asarray(times, dtype=np.float64):
         f_true = np.asarray(true(float(t), points.T), dtype=np.float64).T
@@ -110,13 +113,27 @@ def rel_rmse(learned: Callable[[float, np.ndarray], np.ndarray], true: Callable[
     return float(np.sqrt(sq_err / sq_true))
 
 
-def field_rel_rmse(model: Any, data: Any, n: int = GRID, n_times: int = TIMES) -> float | None:
+def near_observations(part: Any, standardization: Any, lo: np.ndarray, hi: np.ndarray, n: int,
+                      radius: float) -> np.ndarray:
+    """(n·n,) bool: the :func:`grid_2d` points on [lo, hi] within ``radius`` of an observed point of a
+    ``SeriesSet``, distances measured with each axis scaled to the box's side (radius 0.05 = 5% of it)."""
+    _, _, points = grid_2d(lo, hi, n)
+    y = standardization.inverse(part.y)[part.mask.all(axis=2)]  # fully observed points, user's units
+    scale = np.where(hi > lo, hi - lo, 1.0)
+    d2 = ((((points[:, None, :] - y[None, :, :]) / scale) ** 2).sum(axis=2)).min(axis=1)
+    return d2 <= radius ** 2
+
+
+def field_rel_rmse(model: Any, data: Any, n: int = GRID, n_times: int = TIMES,
+                   near: float | None = None) -> float | None:
     """Relative RMS error of a ``node`` model's learned field against the true one of ``data``'s
     generator (the module's definition), or None when it has none: not a built-in generator with
     known dynamics, not 2-D, or a model without a field in the data's space (augmented).
 
     Args:
         model: ``NeuralODE`` trained on ``data`` (a ``TimeSeriesData``).
+        near: if given, only grid points within this distance (a fraction of the box's sides) of an
+            observed training point count (:func:`near_observations`): the error where data was seen.
     """
     from node_engine.datasets.timeseries import TRUE_FIELDS
 
@@ -126,4 +143,5 @@ def field_rel_rmse(model: Any, data: Any, n: int = GRID, n_times: int = TIMES) -
     lo, hi = observed_box(data.train, data.standardization)
     start, end = time_span(data.train)
     times = np.linspace(start, end, n_times)
-    return rel_rmse(lambda t, y: learned_field(model, data.standardization, y, t), true, lo, hi, times, n)
+    keep = None if near is None else near_observations(data.train, data.standardization, lo, hi, n, near)
+    return rel_rmse(lambda t, y: learned_field(model, data.standardization, y, t), true, lo, hi, times, n, keep)

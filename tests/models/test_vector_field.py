@@ -98,3 +98,19 @@ def test_field_error_of_a_job_uses_the_observed_training_box_and_the_true_field(
     assert vf.field_rel_rmse(model, data) == pytest.approx(1.0, rel=1e-12)
     assert vf.field_rel_rmse(_node(augment_dim=1), data) is None
     assert vf.field_rel_rmse(model, load_dataset({**spec, "name": "spirals"})) is None  # no known field
+
+
+def test_error_near_the_observations_counts_only_grid_points_close_to_data():
+    part = timeseries.SeriesSet(t=np.array([[0.0, 1.0]]), y=np.array([[[0.0, 0.0], [2.0, 4.0]]]),
+                                mask=np.ones((1, 2, 2), dtype=bool), lengths=np.array([2]))
+    st = Standardization(np.zeros(2), np.ones(2))
+    lo, hi = vf.observed_box(part, st)
+    keep = vf.near_observations(part, st, lo, hi, 3, radius=0.1)  # grid {0, 1, 2} x {0, 2, 4}
+    assert keep.tolist() == [True, False, False, False, False, False, False, False, True]
+    assert vf.near_observations(part, st, lo, hi, 3, radius=0.5).sum() == 6  # plus the 4 at distance 0.5
+    true = timeseries.TRUE_FIELDS["lotka_volterra"]
+    _, _, points = vf.grid_2d(lo, hi, 3)
+    kept = {tuple(p) for p in points[keep]}
+    wrong_elsewhere = lambda t, y: np.array([true(t, p) if tuple(p) in kept else 0 * p for p in y])  # noqa: E731
+    assert vf.rel_rmse(wrong_elsewhere, true, lo, hi, np.zeros(1), n=3, keep=keep) == 0.0
+    assert vf.rel_rmse(wrong_elsewhere, true, lo, hi, np.zeros(1), n=3) > 0.5
