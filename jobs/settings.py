@@ -84,6 +84,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(80 * 1024 * 1024, ge=1024)  # above max_upload_bytes (multipart overhead)
     max_points: int = Field(10_000, ge=1)
     max_samples: int = Field(10_000, ge=1)
+    # Posterior draws per series a forecast may ask for (latent models; each draw is one more solve
+    # per series; draws x series x times also count towards max_points).
+    max_forecast_samples: int = Field(100, ge=1, le=1000)
     max_predict_inputs: int = Field(256, ge=1)
     max_upload_bytes: int = Field(64 * 1024 * 1024, ge=1024)
     page_limit_default: int = Field(50, ge=1)

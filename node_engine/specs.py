@@ -3,7 +3,8 @@
 Sections (docs/architecture.md, "Job spec"): ``solver`` (:class:`SolverSection`), ``training``
 (:class:`TrainingSection`), ``dataset`` (:class:`DatasetSection`) and one section per model type
 (:class:`CNFSection`, :class:`PlanarSection`, :class:`ODENetSection`, :class:`ResNetSection`,
-:class:`MLPSection`, :class:`NODESection`). A field's bounds live in its ``metadata`` (``ge``/``gt``/``le``/``lt``,
+:class:`MLPSection`, :class:`NODESection`, :class:`LatentODESection`, :class:`RNNSection`). A field's
+bounds live in its ``metadata`` (``ge``/``gt``/``le``/``lt``,
 ``choices``, ``items`` for list elements, ``min_items``/``max_items``); ``__post_init__`` checks them
 (ValueError naming ``section.field``), and the service's pydantic schemas are built from the same
 metadata (``service/schemas.py``; ``tests/models/test_specs.py`` checks they agree).
@@ -28,7 +29,8 @@ import torch
 from node_engine.solvers import ADAPTIVE, FIXED, METHODS
 
 __all__ = ["SolverSection", "TrainingSection", "DatasetSection", "CNFSection", "PlanarSection", "ODENetSection",
-           "ResNetSection", "MLPSection", "NODESection", "MODEL_SECTIONS", "bounded", "check_bounds", "normalize_spec"]
+           "ResNetSection", "MLPSection", "NODESection", "LatentODESection", "RNNSection", "MODEL_SECTIONS", "bounded",
+           "check_bounds", "normalize_spec"]
 
 
 def bounded(default: Any, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
@@ -222,6 +224,8 @@ class DatasetSection(_Section):
     n_samples: int = bounded(20_000, ge=10, le=1_000_000, doc="points generated / images kept")
     test_fraction: float = bounded(0.2, ge=0.01, le=0.9, doc="share held out for evaluation")
     seed: int = bounded(0, ge=0, le=2**32 - 1, doc="generation and split seed")
+    n_points: int = bounded(30, ge=2, le=200, doc="observations per generated time series (spirals: at most 100; "
+                                                   "Chen et al. 2018 Table 2 uses 30, 50, 100)")
     path: str | None = bounded(None, internal=True)
 
 
@@ -302,9 +306,37 @@ class NODESection(_ModelSection):
     augment_dim: int = bounded(0, ge=0, le=64, doc="extra state dimensions starting at 0 (augmented ODE)")
 
 
+@dataclass(frozen=True)
+class LatentODESection(_ModelSection):
+    """Latent ODE with an ODE-RNN encoder (Rubanova et al. 2019; Chen et al. 2018 §5): q(z0 | observations)
+    from an ODE-RNN run backwards in time, dz/dt = f(z) from a reparameterized z0, a decoder to the
+    observations; trained on the negative ELBO with a fixed observation noise and KL annealing."""
+
+    TYPES: ClassVar[tuple[str, ...]] = ("latent_ode",)
+
+    latent_dim: int = bounded(4, ge=1, le=256, doc="dimension of z (Chen et al. 2018 use 4 on spirals)")
+    hidden: int = bounded(20, ge=1, le=1024, doc="hidden width of the latent field, the encoder's field and the decoder")
+    rec_hidden: int = bounded(25, ge=1, le=1024, doc="GRU units of the ODE-RNN encoder")
+    obs_std: float = bounded(0.1, gt=0.0, le=10.0, doc="fixed observation noise std of the likelihood, in "
+                                                         "standardized units (the data's std is 1)")
+    kl_anneal_steps: int = bounded(100, ge=0, le=1_000_000, doc="training steps over which the KL weight ramps "
+                                                                 "linearly from 0 to 1 (0: weight 1 from the start)")
+    elbo_samples: int = bounded(1, ge=1, le=64, doc="posterior draws of z0 per series in the ELBO's Monte Carlo estimate")
+
+
+@dataclass(frozen=True)
+class RNNSection(_ModelSection):
+    """GRU baseline with the time gap as an input (Chen et al. 2018 §5.1, "RNN"); no ODE."""
+
+    TYPES: ClassVar[tuple[str, ...]] = ("rnn",)
+
+    hidden: int = bounded(32, ge=1, le=1024, doc="GRU units (and the decoder's hidden width)")
+
+
 #: model type -> its section class
 MODEL_SECTIONS: dict[str, type[_ModelSection]] = {
-    t: cls for cls in (CNFSection, PlanarSection, ODENetSection, ResNetSection, MLPSection, NODESection)
+    t: cls for cls in (CNFSection, PlanarSection, ODENetSection, ResNetSection, MLPSection, NODESection,
+                       LatentODESection, RNNSection)
     for t in cls.TYPES
 }
 

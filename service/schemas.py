@@ -19,11 +19,13 @@ from node_engine.solvers import ADAPTIVE, FIXED
 from node_engine.specs import (
     CNFSection,
     DatasetSection,
+    LatentODESection,
     MLPSection,
     NODESection,
     ODENetSection,
     PlanarSection,
     ResNetSection,
+    RNNSection,
     SolverSection,
     TrainingSection,
 )
@@ -138,8 +140,30 @@ class NODEModel(_SectionChecked):
     augment_dim: int = spec_field(NODESection, "augment_dim")
 
 
+class LatentODEModel(_SectionChecked):
+    """Latent ODE with an ODE-RNN encoder (Rubanova et al. 2019), trained on the ELBO with KL annealing."""
+
+    SECTION: ClassVar[type] = LatentODESection
+    type: Literal["latent_ode"]
+    latent_dim: int = spec_field(LatentODESection, "latent_dim")
+    hidden: int = spec_field(LatentODESection, "hidden")
+    rec_hidden: int = spec_field(LatentODESection, "rec_hidden")
+    obs_std: float = spec_field(LatentODESection, "obs_std")
+    kl_anneal_steps: int = spec_field(LatentODESection, "kl_anneal_steps")
+    elbo_samples: int = spec_field(LatentODESection, "elbo_samples")
+
+
+class RNNModel(_SectionChecked):
+    """GRU baseline with the time gap as an input (Chen et al. 2018 §5.1); no ODE."""
+
+    SECTION: ClassVar[type] = RNNSection
+    type: Literal["rnn"]
+    hidden: int = spec_field(RNNSection, "hidden")
+
+
 ModelSpec = Annotated[
-    Union[CNFModel, PlanarModel, ODENetModel, ResNetModel, MLPModel, NODEModel], Field(discriminator="type")
+    Union[CNFModel, PlanarModel, ODENetModel, ResNetModel, MLPModel, NODEModel, LatentODEModel, RNNModel],
+    Field(discriminator="type"),
 ]
 
 
@@ -165,6 +189,7 @@ class DatasetSpec(Strict):
     n_samples: int = spec_field(DatasetSection, "n_samples")
     test_fraction: float = spec_field(DatasetSection, "test_fraction")
     seed: Seed = spec_field(DatasetSection, "seed")
+    n_points: int = spec_field(DatasetSection, "n_points")
     id: str | None = Field(None, pattern=r"^[0-9a-f]{32}$", description="uploaded data set id (name 'upload' only)")
 
     @field_validator("name")
@@ -246,6 +271,7 @@ class JobCreate(Strict):
     @model_validator(mode="after")
     def _model_fits_data(self) -> "JobCreate":
         from node_engine.families import family_for_dataset_name
+        from node_engine.models import MODEL_TYPES
 
         family = family_for_dataset_name(self.dataset.name)
         if self.model.type not in family.model_types:
@@ -255,9 +281,9 @@ class JobCreate(Strict):
             self.training.batch_size = family.default_batch_size
         # Caught here, not in the worker: a CNF on a fixed grid has no step size to fall back on
         # (the classifiers default to RK-Net's step 0.1; planar flows use no solver).
-        if self.model.type == "node" and self.solver.method in FIXED:
-            raise ValueError(f"solver.method: model 'node' integrates each series on its own times and needs an "
-                             f"adaptive method ({', '.join(sorted(ADAPTIVE))}), got {self.solver.method!r}")
+        if MODEL_TYPES[self.model.type].per_row_grids and self.solver.method in FIXED:
+            raise ValueError(f"solver.method: model {self.model.type!r} integrates each series on its own times and "
+                             f"needs an adaptive method ({', '.join(sorted(ADAPTIVE))}), got {self.solver.method!r}")
         if self.model.type == "cnf" and self.solver.method in FIXED and self.solver.step_size is None:
             raise ValueError(f"solver.step_size: method {self.solver.method!r} is fixed-step and needs a step size "
                              f"(adaptive methods need none: {', '.join(sorted(ADAPTIVE))})")
@@ -345,13 +371,17 @@ class ForecastRequest(Strict):
     series: list[SeriesObservations] = Field(min_length=1, max_length=10_000)
     t: list[Finite] = Field(min_length=1, max_length=100_000,
                             description="strictly increasing times wanted for every series (not before its first observation)")
-    samples: int | None = Field(None, ge=1, le=1000, description="posterior draws per series (latent models only)")
+    samples: int | None = Field(None, ge=1, le=1000, description="posterior draws per series (latent_ode only; "
+                                "at most ODEFORGE_MAX_FORECAST_SAMPLES)")
+    seed: Seed = Field(0, description="draw j of a series is keyed by (seed, j, the series' own observations)")
 
 
 class SeriesForecast(BaseModel):
     t: list[float]
-    mean: list[list[float]] = Field(description="(T, D) in the data's units")
-    samples: list[list[list[float]]] | None = None
+    mean: list[list[float]] = Field(description="(T, D) in the data's units (latent_ode: the decoded "
+                                    "trajectory of the posterior mean z0)")
+    samples: list[list[list[float]]] | None = Field(None, description="(k, T, D) posterior draws in the data's "
+                                                    "units, when 'samples' was asked")
 
 
 class ForecastResponse(BaseModel):

@@ -217,8 +217,7 @@ def timeseries_from_set(name: str, data: timeseries.SeriesSet, spec: Mapping[str
     stats = Standardization(mean, std)
     for part in (train, test):
         part.y = np.where(part.mask, stats.forward(part.y), 0.0)
-    context = np.maximum(2, np.ceil(timeseries.CONTEXT_FRACTION * test.lengths)).astype(np.int64)
-    return TimeSeriesData(name, train, test, stats, np.minimum(context, test.lengths))
+    return TimeSeriesData(name, train, test, stats, timeseries.context_lengths(test.lengths))
 
 
 def _series_loader(name: str) -> Callable[[Mapping[str, Any]], TimeSeriesData]:
@@ -227,10 +226,14 @@ def _series_loader(name: str) -> Callable[[Mapping[str, Any]], TimeSeriesData]:
         if not timeseries.MIN_SERIES <= n <= timeseries.MAX_SERIES:
             raise DatasetError(f"dataset {name!r}: n_samples (the number of series) must lie in "
                                f"[{timeseries.MIN_SERIES}, {timeseries.MAX_SERIES}], got {n}")
+        try:
+            n_points = int(spec.get("n_points") or timeseries.N_POINTS)
+        except (TypeError, ValueError) as exc:
+            raise DatasetError(f"dataset spec: n_points must be a whole number ({exc})") from exc
         if name == "spirals":
-            t, y, _ = timeseries.generate_spirals(n, seed)
+            t, y, _ = timeseries.generate_spirals(n, seed, n_points=n_points)
         else:
-            t, y = timeseries.generate_ode(name, n, seed)
+            t, y = timeseries.generate_ode(name, n, seed, n_points=n_points)
         lengths = np.full(n, t.shape[1], dtype=np.int64)
         return timeseries_from_set(name, timeseries.SeriesSet(t, y, np.ones(y.shape, dtype=bool), lengths), spec)
 

@@ -124,7 +124,7 @@ def generate_ode(name: str, n_series: int, seed: int, *, n_points: int = N_POINT
     if name not in _ODES:
         raise DatasetError(f"unknown time-series generator {name!r}")
     if not 2 <= n_points <= DENSE_POINTS:
-        raise DatasetError(f"n_points must lie in [2, {DENSE_POINTS}], got {n_points}")
+        raise DatasetError(f"dataset.n_points must lie in [2, {DENSE_POINTS}] for {name!r}, got {n_points}")
     field, span, initial = _ODES[name]
     rng = np.random.default_rng([int(seed), 0x75E])
     y0 = initial(rng, n_series)
@@ -169,7 +169,8 @@ def generate_spirals(n_series: int, seed: int, *, n_points: int = N_POINTS, wind
         t (N, n_points), y (N, n_points, 2), clockwise (N,) bool.
     """
     if not 2 <= n_points <= window:
-        raise DatasetError(f"n_points must lie in [2, {window}], got {n_points}")
+        raise DatasetError(f"dataset.n_points must lie in [2, {window}] for spirals (points of a {window}-point "
+                           f"window), got {n_points}")
     ts, cc, cw = spiral_curves()
     rng = np.random.default_rng([int(seed), 0x5B12])
     clockwise = rng.random(n_series) > 0.5
@@ -348,6 +349,13 @@ def save_npz(data: SeriesSet) -> bytes:
     buf = io.BytesIO()
     np.savez(buf, t=t, y=data.y, mask=data.mask)
     return buf.getvalue()
+
+
+def context_lengths(lengths: np.ndarray) -> np.ndarray:
+    """Points of each series used for fitting (the rest are extrapolated): ceil(``CONTEXT_FRACTION`` ·
+    length), at least 2 and at most the length. ``lengths`` (N,) int -> (N,) int64."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    return np.minimum(np.maximum(2, np.ceil(CONTEXT_FRACTION * lengths)).astype(np.int64), lengths)
 
 
 def strict_grid(t: np.ndarray, lengths: np.ndarray) -> np.ndarray:

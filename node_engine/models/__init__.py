@@ -42,6 +42,18 @@ def _build_node(model_spec, solver_spec, info):
     return NeuralODE.from_spec(model_spec, solver_spec, int(info["dim"]))
 
 
+def _build_latent_ode(model_spec, solver_spec, info):
+    from node_engine.models.latent_ode import LatentODE
+
+    return LatentODE.from_spec(model_spec, solver_spec, int(info["dim"]))
+
+
+def _build_rnn(model_spec, solver_spec, info):
+    from node_engine.models.rnn import GRUBaseline
+
+    return GRUBaseline.from_spec(model_spec, solver_spec, int(info["dim"]))
+
+
 @dataclass(frozen=True)
 class ModelType:
     """One model type.
@@ -51,12 +63,15 @@ class ModelType:
         input: "points" or "series" (need ``dim``) or "images" (needs ``input_shape`` (C, H, W)).
         solves_ode: whether training integrates an ODE (decides the hint of a diverging run).
         build: ``(model_spec, solver_spec, info) -> nn.Module`` with ``info["dim"]`` or ``info["input_shape"]``.
+        per_row_grids: solves every series on its own time grid (per-sample stepping), so it needs an
+            adaptive method (a fixed-grid method is refused at submission).
     """
 
     name: str
     input: str
     solves_ode: bool
     build: Callable[[Mapping[str, Any], Mapping[str, Any] | None, Mapping[str, Any]], nn.Module]
+    per_row_grids: bool = False
 
     @property
     def section(self):
@@ -72,7 +87,9 @@ MODEL_TYPES: dict[str, ModelType] = {m.name: m for m in (
     ModelType("rknet", "images", True, _build_classifier),
     ModelType("resnet", "images", False, _build_classifier),
     ModelType("mlp", "images", False, _build_classifier),
-    ModelType("node", "series", True, _build_node),
+    ModelType("node", "series", True, _build_node, per_row_grids=True),
+    ModelType("latent_ode", "series", True, _build_latent_ode, per_row_grids=True),
+    ModelType("rnn", "series", False, _build_rnn),
 )}
 
 _INFO_KEY = {"points": "dim", "images": "input_shape", "series": "dim"}

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from node_engine.models.series import masked_mse, start_grid, take
 from node_engine.odeint import odeint
 from node_engine.solvers import FIXED
 from node_engine.specs import NODESection, SolverSection
@@ -43,6 +44,8 @@ class MLPField(nn.Module):
 
 class NeuralODE(nn.Module):
     """y(t) = y(t0) + ∫ f_θ dt per series. Attributes: ``dim`` D, ``augment_dim`` A, ``stats``, ``solver``."""
+
+    needs_observed_start = True  #: every series starts from its first observation, which must be fully observed
 
     def __init__(self, dim: int, field: MLPField, augment_dim: int, solver: SolverSection):
         super().__init__()
@@ -79,3 +82,16 @@ class NeuralODE(nn.Module):
         out = odeint(self.field, z0, t.to(y0.dtype), rtol=self.solver.rtol, atol=self.solver.atol,
                      method=self.solver.method, options=options, stats=self.stats)
         return out.permute(1, 0, 2)[..., :self.dim]
+
+    def predict(self, t: Tensor, y: Tensor, mask: Tensor, lengths: Tensor, t_out: Tensor) -> Tensor:
+        """Trajectories at ``t_out`` (B, M) >= t[:, 0] from each row's first observation y[:, 0] (fully
+        observed; the later observations are not read): (B, M, D) standardized
+        (``node_engine.models.series`` layout)."""
+        grid, index = start_grid(t[:, 0], t_out)
+        return take(self(grid, y[:, 0]), index)
+
+    def loss(self, t: Tensor, y: Tensor, mask: Tensor, lengths: Tensor,
+             generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
+        """MSE over the observed entries after the start (integrated from y[:, 0] on the row's own times)."""
+        pred = self(t, y[:, 0])
+        return masked_mse(pred[:, 1:], y[:, 1:], mask[:, 1:]), {}

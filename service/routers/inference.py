@@ -172,22 +172,29 @@ def _increasing(values: list[float], field: str) -> None:
 @router.post("/{job_id}/forecast", response_model=ForecastResponse, responses=RESPONSES)
 def forecast(job: JobDep, body: ForecastRequest, models: ModelsDep, settings: SettingsDep,
              metrics: MetricsDep) -> ForecastResponse:
-    """Each series' trajectory at times ``t`` in the data's units, from its observations (a ``node``
-    model starts from the series' first observation, which must be fully observed). A series' answer
-    does not depend on the other series of the request. 409: not a time-series job or no checkpoint;
-    422: times out of order or before a series' start, wrong dimension, NaN, ``samples`` for a model
-    without posterior draws, more than ``ODEFORGE_MAX_POINTS`` points (observations plus answers)."""
-    points = sum(len(s.t) for s in body.series) + len(body.series) * len(body.t)
+    """Each series' trajectory at times ``t`` in the data's units, from its observations: a ``node``
+    model integrates from the series' first observation (which must be fully observed), ``latent_ode``
+    encodes all of them (``mean``: the decoded trajectory of the posterior mean z0; ``samples: k``
+    adds k posterior draws per series, reproducible for a ``seed``), ``rnn`` reads all of them and
+    predicts autoregressively past the last. A series' answer does not depend on the other series of
+    the request. 409: not a time-series job or no checkpoint; 422: times out of order or before a
+    series' start, wrong dimension, NaN, ``samples`` for a deterministic model (node, rnn) or above
+    ``ODEFORGE_MAX_FORECAST_SAMPLES``, more than ``ODEFORGE_MAX_POINTS`` points (observations plus
+    answers, draws included)."""
+    draws = body.samples or 0
+    points = sum(len(s.t) for s in body.series) + len(body.series) * len(body.t) * (1 + draws)
     if points > settings.max_points:
-        raise _invalid("series", f"{points} points (observations + forecasts); at most {settings.max_points}")
+        raise _invalid("series", f"{points} points (observations + forecasts and draws); at most {settings.max_points}")
+    if draws > settings.max_forecast_samples:
+        raise _invalid("samples", f"at most {settings.max_forecast_samples} posterior draws per series")
     _increasing(body.t, "t")
     entry = load_job_model(job, models, "forecast", "forecast")
     model = entry.model
     if body.samples is not None and not model.samples:
         raise _invalid("samples", f"a {job.model_type!r} model is deterministic and has no posterior draws; "
-                                  f"omit 'samples' (only latent models sample)")
+                                  f"omit 'samples' (only latent_ode samples)")
     dim = int(model.dim)
-    starts = []
+    series = []
     for i, s in enumerate(body.series):
         name = f"series[{i}]"
         if len(s.y) != len(s.t):
@@ -198,19 +205,25 @@ def forecast(job: JobDep, body: ForecastRequest, models: ModelsDep, settings: Se
         if s.mask is not None and [len(m) for m in s.mask] != [dim] * len(s.t):
             raise _invalid(f"{name}.mask", f"expected {len(s.t)} x {dim} booleans like y")
         _increasing(s.t, f"{name}.t")
-        first = [v if (s.mask is None or s.mask[0][d]) else None for d, v in enumerate(s.y[0])]
-        if any(v is None for v in first):
+        y = np.array([[np.nan if v is None else v for v in row] for row in s.y], dtype=np.float64)
+        mask = ~np.isnan(y) if s.mask is None else np.asarray(s.mask, dtype=bool) & ~np.isnan(y)
+        if model.needs_observed_start and not mask[0].all():
             raise _invalid(f"{name}.y[0]", "the first observation must be fully observed (the model starts there)")
+        if not mask.any():
+            raise _invalid(f"{name}.y", "no observed value")
         if body.t[0] < s.t[0]:
             raise _invalid("t", f"t={body.t[0]:g} is before series {i}'s first observation t={s.t[0]:g}")
-        starts.append((float(s.t[0]), np.asarray(first, dtype=np.float64)))
+        series.append((np.asarray(s.t, dtype=np.float64), y, mask))
     start = time.perf_counter()
     with _solver_errors("series"), entry.lock:
-        means, nfe = model.forecast(starts, np.asarray(body.t, dtype=np.float64))
-    if not all(np.isfinite(m).all() for m in means):
+        means, drawn, nfe = model.forecast_series(series, np.asarray(body.t, dtype=np.float64), samples=draws,
+                                                  seed=body.seed)
+    answers = means + (drawn or [])
+    if not all(np.isfinite(m).all() for m in answers):
         raise ProblemError(422, "evaluation-failed", "the model produced non-finite trajectories",
                            errors=[{"field": "t", "reason": "non-finite forecast"}])
     metrics.inference_seconds.labels("forecast").observe(time.perf_counter() - start)
-    metrics.inference_points.labels("forecast").inc(len(body.series) * len(body.t))
-    return ForecastResponse(forecasts=[SeriesForecast(t=list(body.t), mean=m.tolist()) for m in means], nfe=int(nfe),
-                            checkpoint=entry.checkpoint)
+    metrics.inference_points.labels("forecast").inc(len(body.series) * len(body.t) * (1 + draws))
+    forecasts = [SeriesForecast(t=list(body.t), mean=m.tolist(), samples=None if drawn is None else drawn[i].tolist())
+                 for i, m in enumerate(means)]
+    return ForecastResponse(forecasts=forecasts, nfe=int(nfe), checkpoint=entry.checkpoint)

@@ -48,7 +48,8 @@ def test_symlink_out_of_the_root_is_refused(tmp_path):
 def test_job_spec_defaults_match_the_architecture_contract():
     spec = JobCreate.model_validate({"model": {"type": "planar"}, "dataset": {"name": "u1"}}).model_dump()
     assert spec["model"] == {"type": "planar", "num_layers": 8}
-    assert spec["dataset"] == {"name": "u1", "n_samples": 20000, "test_fraction": 0.2, "seed": 0, "id": None}
+    assert spec["dataset"] == {"name": "u1", "n_samples": 20000, "test_fraction": 0.2, "seed": 0, "n_points": 30,
+                               "id": None}
     assert spec["training"] == {"iterations": 1000, "epochs": None, "batch_size": 512, "lr": 1e-3,
                                 "weight_decay": 0.0, "seed": 0, "eval_every": 100, "checkpoint_every": 100,
                                 "log_every": 1}
