@@ -114,3 +114,19 @@ def test_error_near_the_observations_counts_only_grid_points_close_to_data():
     wrong_elsewhere = lambda t, y: np.array([true(t, p) if tuple(p) in kept else 0 * p for p in y])  # noqa: E731
     assert vf.rel_rmse(wrong_elsewhere, true, lo, hi, np.zeros(1), n=3, keep=keep) == 0.0
     assert vf.rel_rmse(wrong_elsewhere, true, lo, hi, np.zeros(1), n=3) > 0.5
+
+
+@pytest.mark.parametrize("name, known", [("lotka_volterra", True), ("spirals", False)])
+def test_evaluation_reports_the_field_error_for_generators_with_known_dynamics(name, known):
+    from node_engine.training import build_trainer
+
+    trainer = build_trainer({"model": {"type": "node", "hidden_dims": [4]},
+                             "dataset": {"name": name, "n_samples": 10, "n_points": 6},
+                             "solver": {"rtol": 1e-2, "atol": 1e-3, "adjoint": False},
+                             "training": {"iterations": 1, "batch_size": 8}})
+    result = trainer.run()
+    if known:
+        assert result["vector_field_rel_rmse"] == pytest.approx(vf.field_rel_rmse(trainer.model, trainer.data))
+        assert 0.0 < result["vector_field_rel_rmse"] < 10.0
+    else:
+        assert result["vector_field_rel_rmse"] is None
