@@ -233,8 +233,8 @@ def markdown(out: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--series", type=int, default=300, help="spiral series (Chen et al.: 1000)")
-    parser.add_argument("--iterations", type=int, default=500, help="training iterations per Table 2 run")
+    parser.add_argument("--series", type=int, default=200, help="spiral series (Chen et al.: 1000)")
+    parser.add_argument("--iterations", type=int, default=200, help="training iterations per Table 2 run")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--latent-hidden", type=int, default=20)
@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip-table2", action="store_true")
     parser.add_argument("--skip-lv", action="store_true")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads per run")
-    parser.add_argument("--jobs", type=int, default=4, help="runs in parallel (processes)")
+    parser.add_argument("--jobs", type=int, default=7, help="runs in parallel (processes)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of the whole script")
     parser.add_argument("--out", default=str(ROOT / "docs"), help="directory of results.md and figures/")
     parser.add_argument("--render-only", action="store_true",
