@@ -27,6 +27,8 @@ PAIRS = [
     (schemas.ResNetModel, specs.ResNetSection),
     (schemas.MLPModel, specs.MLPSection),
     (schemas.NODEModel, specs.NODESection),
+    (schemas.LatentODEModel, specs.LatentODESection),
+    (schemas.RNNModel, specs.RNNSection),
 ]
 
 

@@ -77,6 +77,19 @@ def test_each_series_has_its_own_irregular_times_and_the_split_is_by_series():
         load_dataset({"name": "spirals", "n_samples": 10**6})
 
 
+@pytest.mark.parametrize("name, n_points", [("spirals", 50), ("spirals", 100), ("van_der_pol", 12)])
+def test_n_points_sets_the_observations_per_generated_series(name, n_points):
+    data = load_dataset({"name": name, "n_samples": 10, "n_points": n_points, "seed": 1})
+    assert data.train.t.shape[1] == data.test.t.shape[1] == n_points
+    assert np.all(data.test.lengths == n_points)
+    np.testing.assert_array_equal(data.context, np.ceil(0.75 * n_points).astype(int))
+
+
+def test_n_points_beyond_the_spiral_window_is_refused():
+    with pytest.raises(DatasetError, match="dataset.n_points"):
+        load_dataset({"name": "spirals", "n_samples": 10, "n_points": 101})
+
+
 def _npz(**arrays) -> bytes:
     buf = io.BytesIO()
     np.savez(buf, **arrays)

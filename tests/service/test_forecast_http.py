@@ -1,6 +1,7 @@
 """Time series over HTTP with the real app: uploads of series (long CSV), a ``node`` job on them, and
 ``POST /v1/jobs/{id}/forecast``: answers in the data's units that do not depend on the other series
-of the request; bad input is a 422/409 problem naming the field, and nothing is stored."""
+of the request; a ``latent_ode`` job's posterior draws (``samples``, reproducible per ``seed``); an
+``rnn`` job's deterministic answers; bad input is a 422/409 problem naming the field, and nothing is stored."""
 
 from __future__ import annotations
 
@@ -18,9 +19,15 @@ SPEC = {"model": {"type": "node", "hidden_dims": [8]}, "dataset": {"name": "lotk
         "training": {"iterations": 3, "batch_size": 4, "lr": 1e-2}}
 
 
+LATENT = {"model": {"type": "latent_ode", "latent_dim": 2, "hidden": 6, "rec_hidden": 4},
+          "dataset": {"name": "spirals", "n_samples": 10, "n_points": 6},
+          "solver": {"rtol": 1e-3, "atol": 1e-4, "eval_rtol": 1e-7, "eval_atol": 1e-8, "adjoint": False},
+          "training": {"iterations": 2, "batch_size": 4, "lr": 1e-2}}
+
+
 @pytest.fixture
 def settings(make_settings):
-    return make_settings(max_points=200)
+    return make_settings(max_points=200, max_forecast_samples=5)
 
 
 @pytest.fixture
@@ -29,18 +36,23 @@ def client(settings):
         yield c
 
 
-@pytest.fixture
-def job_id(client, settings):
+def _trained_job(client, settings, spec) -> str:
+    """A job submitted over HTTP whose checkpoint is trained here (no worker needed)."""
     from node_engine.training import build_trainer
     from service.schemas import JobCreate
 
-    resp = client.post("/v1/jobs", json=SPEC)
+    resp = client.post("/v1/jobs", json=spec)
     assert resp.status_code == 202, resp.text
-    trainer = build_trainer(JobCreate.model_validate(SPEC).model_dump(mode="json"))
+    trainer = build_trainer(JobCreate.model_validate(spec).model_dump(mode="json"))
     trainer.run()
     LocalArtifactStore(settings.artifact_dir).put(f"{checkpoint_prefix(resp.json()['id'])}/final.safetensors",
                                                   trainer.checkpoint())
     return resp.json()["id"]
+
+
+@pytest.fixture
+def job_id(client, settings):
+    return _trained_job(client, settings, SPEC)
 
 
 def _problem(resp, status: int, field: str) -> dict:
@@ -119,3 +131,39 @@ def test_trajectories_plot_of_a_node_job(client, job_id):
     assert resp.status_code == 200, resp.text
     assert resp.headers["content-type"] == "image/png" and resp.content[:8] == b"\x89PNG\r\n\x1a\n"
     assert client.get(f"/v1/jobs/{job_id}/plots/density.png").status_code == 409  # a flow's plot
+
+
+def test_latent_ode_forecast_draws_are_reproducible_and_do_not_depend_on_the_other_series(client, settings):
+    url = f"/v1/jobs/{_trained_job(client, settings, LATENT)}/forecast"
+    probe = {"t": [0.0, 0.3, 0.5], "y": [[None, 0.6], [1.0, 0.5], [0.9, None]]}  # no fully observed start needed
+    times = [0.1, 0.5, 1.5]
+    alone = client.post(url, json={"series": [probe], "t": times, "samples": 3, "seed": 11})
+    assert alone.status_code == 200, alone.text
+    (answer,) = alone.json()["forecasts"]
+    assert np.asarray(answer["mean"]).shape == (3, 2) and np.asarray(answer["samples"]).shape == (3, 3, 2)
+    others = [{"t": [s, s + 0.2], "y": [[1.5 - s, 0.4 + s], [1.0, 1.0]]} for s in (-1.0, 0.0)]
+    batch = client.post(url, json={"series": [others[0], probe, others[1]], "t": times, "samples": 3, "seed": 11})
+    assert batch.status_code == 200, batch.text
+    inside = batch.json()["forecasts"][1]
+    np.testing.assert_allclose(inside["mean"], answer["mean"], rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(inside["samples"], answer["samples"], rtol=1e-10, atol=1e-12)
+    reseeded = client.post(url, json={"series": [probe], "t": times, "samples": 3, "seed": 12}).json()["forecasts"][0]
+    assert not np.allclose(reseeded["samples"], answer["samples"])
+    plain = client.post(url, json={"series": [probe], "t": times}).json()["forecasts"][0]
+    assert plain["samples"] is None
+    _problem(client.post(url, json={"series": [probe], "t": times, "samples": 6}), 422, "samples")  # limit 5
+    _problem(client.post(url, json={"series": [probe], "t": [float(i) for i in range(1, 40)], "samples": 5}),
+             422, "series")  # draws count towards max_points
+
+
+def test_rnn_forecast_is_deterministic_and_refuses_samples(client, settings):
+    spec = {"model": {"type": "rnn", "hidden": 4}, "dataset": {"name": "spirals", "n_samples": 10, "n_points": 6},
+            "training": {"iterations": 2, "batch_size": 4}}
+    url = f"/v1/jobs/{_trained_job(client, settings, spec)}/forecast"
+    probe = {"t": [0.0, 0.3], "y": [[None, 0.6], [1.0, 0.5]]}
+    resp = client.post(url, json={"series": [probe], "t": [0.2, 0.6, 1.0]})
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["nfe"] == 0 and resp.json()["forecasts"][0]["samples"] is None
+    _problem(client.post(url, json={"series": [probe], "t": [1.0], "samples": 2}), 422, "samples")
+    fixed = client.post("/v1/jobs", json={**LATENT, "solver": {"method": "rk4", "step_size": 0.1}})
+    assert fixed.status_code == 422 and "adaptive" in fixed.text
