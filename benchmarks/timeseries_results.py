@@ -23,6 +23,7 @@ import json
 import math
 import multiprocessing
 import platform
+import subprocess
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -169,7 +170,8 @@ def markdown(out: dict) -> str:
         f"Machine: {out['machine']}, CPU only: the 2-core development box shared with other jobs, so wall times "
         f"are indicative; CPU times are per run (process time). {a['jobs']} runs in parallel processes of "
         f"{a['threads']} torch thread(s), torch {out['torch']}. Total wall time {out['total_minutes']:.1f} min, "
-        f"total CPU time of the runs {out.get('cpu_minutes', 0):.1f} min. Every number below is one seed.",
+        f"total CPU time of the runs {out.get('cpu_minutes', 0):.1f} min. Every number below is one seed"
+        + (f"; code at commit `{out['commit']}`." if out.get("commit") else "."),
         "",
     ]
     t2 = out.get("table2")
@@ -274,7 +276,9 @@ def main(argv: list[str] | None = None) -> None:
     fig_dir.mkdir(parents=True, exist_ok=True)
     command = "python benchmarks/timeseries_results.py " + " ".join(argv if argv is not None else sys.argv[1:])
     started = time.perf_counter()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     out: dict = {"command": command.strip(), "machine": platform.processor() or platform.machine(),
+                 "commit": commit.stdout.strip() or None,
                  "torch": torch.__version__,
                  "args": {k: v for k, v in vars(args).items() if k not in ("render_only", "out")}}
     # the longest runs first, so the parallel workers finish together
