@@ -6,6 +6,9 @@
 - ``samples``: samples of the model next to training points (2-D).
 - ``trajectories``: a few test series, observed points vs the model's fit from each series' first
   observation over its context (solid) and its extrapolation beyond (dashed), one panel per series.
+- ``vector_field``: for 2-D ``node`` models, the learned field dy/dt in the data's units as
+  streamlines coloured by speed, the test series on top, and beside it the true field of a
+  built-in generator with known dynamics (``node_engine.families.vector_field``).
 
 Which model plots a job offers is its family's ``plots`` (``node_engine.families``); this module
 only draws them (``MODEL_PLOTS``) from what the served model offers (``log_density``, ``sample``).
@@ -162,25 +165,85 @@ def trajectories_png(model: Any, data: Any, title: str, n_series: int = 3, resol
     return _png(fig)
 
 
+def vector_field_png(model: Any, data: Any, title: str, resolution: int = 40, n_series: int = 8) -> bytes:
+    """Streamlines of a 2-D ``node`` model's learned field f(t, y) = std ⊙ g_θ(t, (y − mean)/std) in the
+    data's units (``vector_field.learned_field``) at the middle of the training time span, the first
+    ``n_series`` test series on top; beside it, for a built-in generator with known dynamics
+    (``timeseries.TRUE_FIELDS``), the true field. Colour: speed |f| (one scale for both panels).
+
+    ``model``: a served forecaster holding a plain ``NeuralODE`` (``.model``, ``.standardization``);
+    ``data``: the job's ``TimeSeriesData``. Raises ValueError for other models (see :func:`unavailable`).
+    """
+    from matplotlib.colors import Normalize
+
+    from node_engine.datasets.timeseries import TRUE_FIELDS
+    from node_engine.families import vector_field as vf
+
+    st = model.standardization
+    lo, hi = vf.observed_box(data.train, data.standardization)
+    pad = 0.1 * (hi - lo) + 1e-3
+    xs, ys, points = vf.grid_2d(lo - pad, hi + pad, resolution)
+    start, end = vf.time_span(data.train)
+    t_mid = 0.5 * (start + end)
+    fields = [(f"learned field $f_\\theta$ at t = {t_mid:.3g}", vf.learned_field(model.model, st, points, t_mid))]
+    true = TRUE_FIELDS.get(data.name)
+    if true is not None:
+        name = data.name.replace("_", " ").title().replace("Lotka Volterra", "Lotka–Volterra")
+        fields.append((f"true field ({name})", np.asarray(true(t_mid, points.T), dtype=np.float64).T))
+    speeds = [np.linalg.norm(f, axis=1) for _, f in fields]
+    # one colour scale for both panels; the 95th percentile keeps a fast corner from darkening the rest
+    norm = Normalize(vmin=0.0, vmax=max(float(np.percentile(s, 95)) for s in speeds) or 1.0)
+    fig = Figure(figsize=(5.2 * len(fields) + 1.0, 4.8), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(fields), sharex=True, sharey=True))
+    test = data.test
+    for ax, (label, f), speed in zip(axes, fields, speeds):
+        shape = (resolution, resolution)
+        stream = ax.streamplot(xs, ys, f[:, 0].reshape(shape), f[:, 1].reshape(shape), color=speed.reshape(shape),
+                               cmap="viridis", norm=norm, density=1.0, linewidth=0.9, arrowsize=0.9)
+        for arrow in ax.patches:  # clipped to the axes: measuring each for the layout took seconds
+            arrow.set_in_layout(False)
+        for i in range(min(n_series, test.n)):
+            length = int(test.lengths[i])
+            observed = test.mask[i, :length].all(axis=1)
+            y = data.standardization.inverse(test.y[i, :length])[observed]
+            # points only: sparse irregular samples joined by lines would cut across the orbits
+            ax.scatter(y[:, 0], y[:, 1], s=6, c="tab:red", alpha=0.75, zorder=3,
+                       label=f"observed test series ({min(n_series, test.n)})" if i == 0 else None)
+        ax.set(xlim=(xs[0], xs[-1]), ylim=(ys[0], ys[-1]), title=label, xlabel="$y_1$ (data's units)")
+    axes[0].set_ylabel("$y_2$ (data's units)")
+    axes[0].legend(loc="upper right", fontsize=8, framealpha=0.9)
+    fig.colorbar(stream.lines, ax=list(axes), extend="max", label="speed |dy/dt| (data's units per time unit)")
+    fig.suptitle(title)
+    return _png(fig)
+
+
 #: plot name -> drawer ``(served model, plot data (:func:`plot_data`), title) -> PNG bytes``
-MODEL_PLOTS = {"density": density_png, "samples": samples_png, "trajectories": trajectories_png}
+MODEL_PLOTS = {"density": density_png, "samples": samples_png, "trajectories": trajectories_png,
+               "vector_field": vector_field_png}
 #: plots drawn for models of any dimension
 ANY_DIM = ("trajectories",)
+#: plots drawn against the job's time series (``TimeSeriesData``) rather than its training points
+SERIES_PLOTS = ("trajectories", "vector_field")
 PLOTS = ("training", *MODEL_PLOTS)
 
 
 def unavailable(name: str, model: Any) -> str | None:
-    """Why plot ``name`` cannot be drawn for ``model`` (they need a 2-D model), or None."""
+    """Why plot ``name`` cannot be drawn for ``model`` (most need a 2-D model; ``vector_field`` a
+    plain ``node`` model, ``node_engine.families.vector_field.field_unavailable``), or None."""
     dim = getattr(model, "dim", None)
     if dim != 2 and name not in ANY_DIM:
         return f"plot {name!r} needs a 2-D model; this one is {dim}-D"
+    if name == "vector_field":
+        from node_engine.families.vector_field import field_unavailable
+
+        return field_unavailable(model)
     return None
 
 
 def plot_data(name: str, spec: dict, upload_path: str | None = None) -> Any:
     """What plot ``name`` draws the model against: the job's ``TimeSeriesData`` (same split as
-    training) for ``trajectories``, else :func:`training_points`."""
-    if name in ANY_DIM:
+    training) for ``SERIES_PLOTS``, else :func:`training_points`."""
+    if name in SERIES_PLOTS:
         from node_engine.datasets import load_dataset
 
         return load_dataset({**spec["dataset"], "path": upload_path})

@@ -21,6 +21,7 @@ import torch
 
 from node_engine.datasets.timeseries import strict_grid
 from node_engine.families.base import Family
+from node_engine.families.vector_field import field_rel_rmse
 
 
 def _series_tensors(part, dtype=torch.float32) -> tuple[torch.Tensor, ...]:
@@ -35,9 +36,9 @@ class TimeSeriesFamily(Family):
     model_input: ClassVar[str] = "series"
     default_batch_size: ClassVar[int] = 16
     serves: ClassVar[tuple[str, ...]] = ("forecast",)
-    plots: ClassVar[tuple[str, ...]] = ("trajectories",)
+    plots: ClassVar[tuple[str, ...]] = ("trajectories", "vector_field")
     train_metrics: ClassVar[tuple[str, ...]] = ()
-    eval_metrics: ClassVar[tuple[str, ...]] = ("test_interp_mse", "test_extrap_mse")
+    eval_metrics: ClassVar[tuple[str, ...]] = ("test_interp_mse", "test_extrap_mse", "vector_field_rel_rmse")
 
     def data_info(self, data) -> dict[str, Any]:
         unobserved_start = None  # the first series whose first point is not fully observed (node needs one)
@@ -83,6 +84,7 @@ class TimeSeriesFamily(Family):
                                  (err * extrap[rows]).sum(), extrap[rows].sum()]).double().cpu()
         return {"test_interp_mse": float(sums[0] / sums[1].clamp_min(1.0)),
                 "test_extrap_mse": float(sums[2] / sums[3]) if sums[3] > 0 else None,
+                "vector_field_rel_rmse": field_rel_rmse(model, data),  # null without a known field (vector_field.py)
                 "nfe_forward": nfe / solves}
 
     def served(self, model, info, *, spec, step, metrics, device):

@@ -29,7 +29,9 @@ def _plot_data(name: str, job: Job, artifacts: ArtifactStore):
 def plot(job: JobDep, name: str, store: StoreDep, models: ModelsDep, artifacts: ArtifactsDep) -> Response:
     """PNG figure ``training`` (loss, test metric, NFE forward/backward against step), or a plot of the
     job's model family: for 2-D density/energy jobs ``density`` (exp log p heat map with training
-    points) and ``samples``; for time-series jobs ``trajectories``.
+    points) and ``samples``; for time-series jobs ``trajectories`` and, for 2-D ``node`` models,
+    ``vector_field`` (the learned field's streamlines beside the true one of a built-in generator).
+    409 ``not-2d`` when the model cannot have the plot (another dimension, an augmented ``node``).
 
     A figure of the model is drawn once per checkpoint and kept (the job's newest checkpoint names
     it); a finished job's training figure is kept too. A job with no metric row yet gets a figure
