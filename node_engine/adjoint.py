@@ -30,7 +30,8 @@ import math
 import torch
 from torch import nn
 
-from .odeint import SolverConfig, add_info, check_t, is_per_sample, make_config, odeint
+from .odeint import SolverConfig, add_info, check_t, is_per_sample, make_config, odeint, time_dtype
+from .solvers.hooks import find_callbacks
 from .solvers.adaptive import SolveInfo, StepRecord
 from .solvers.rk import RKStepper
 from .solvers import ADAPTIVE, METHODS
@@ -319,7 +320,8 @@ def odeint_adjoint(
     layout = StateLayout(y0)
     times, t_dtype = check_t(t)
     method = method or "dopri5"
-    cfg = make_config(method, rtol, atol, options, layout)
+    cfg = make_config(method, rtol, atol, options, layout, func=func)
+    t_dtype = time_dtype(cfg.options, t_dtype)
     if adjoint_params is None:
         adjoint_params = tuple(func.parameters()) if isinstance(func, nn.Module) else ()
     params = tuple(p for p in adjoint_params if isinstance(p, torch.Tensor) and p.requires_grad)
@@ -327,16 +329,19 @@ def odeint_adjoint(
         raise TypeError("adjoint_params must be a sequence of tensors")
     adj_opts = dict(adjoint_options or {})
     norm = adj_opts.pop("norm", "default")
-    if norm not in NORMS:
-        raise ValueError(f"unknown adjoint norm {norm!r}; valid: {', '.join(NORMS)}")
+    if not callable(norm) and norm not in NORMS:
+        raise ValueError(f"unknown adjoint norm {norm!r}; valid: {', '.join(NORMS)} or a callable")
     adj_cfg, warm_start = None, False
     if adjoint_mode == "backsolve":
         adj_method = adjoint_method or method
         if adjoint_options is None and adj_method == method:
-            adj_opts = {k: v for k, v in cfg.options.items() if k != "first_step"}
+            adj_opts = {k: v for k, v in cfg.options.items() if k not in ("first_step", "norm")}
         adj_rtol = rtol if adjoint_rtol is None else adjoint_rtol
         adj_atol = atol if adjoint_atol is None else adjoint_atol
-        adj_cfg = _augmented_config(adj_method, adj_rtol, adj_atol, adj_opts, layout, params, norm)
+        adj_cfg = _augmented_config(adj_method, adj_rtol, adj_atol, adj_opts, layout, params, norm,
+                                    forward_norm=cfg.options.get("norm"))
+        adj_cfg.callbacks = find_callbacks(func, lambda z: z, adaptive=adj_method in ADAPTIVE, suffix="_adjoint",
+                                           method=adj_method)
         # warm start only where the forward's step sizes mean something for the backward solve
         warm_start = (adj_method == method and method in ADAPTIVE and "first_step" not in adj_opts
                       and adjoint_rtol is None and adjoint_atol is None)
@@ -358,8 +363,14 @@ def odeint_adjoint(
     return layout.unflatten(out)
 
 
-def _augmented_config(method, rtol, atol, options, layout: StateLayout, params, norm) -> SolverConfig:
-    """Solver settings of the backsolve augmented system [y, a, a_θ] (flat, 2N + P)."""
+def _augmented_config(method, rtol, atol, options, layout: StateLayout, params, norm,
+                      forward_norm=None) -> SolverConfig:
+    """Solver settings of the backsolve augmented system [y, a, a_θ] (flat, 2N + P).
+
+    ``norm``: "default", "seminorm", or a callable given torchdiffeq's tuple (t, *y, *a, *a_θ) (t:
+    a 0-d zero; node_engine's augmented state has no time adjoint) in the user's shapes. A callable
+    forward ``norm`` without an adjoint one: max(norm(y), norm(a), RMS of each a_θ) (a_θ left out
+    for "seminorm"), as torchdiffeq."""
     # a failed backward solve has no gradient to offer: it always raises its named error
     options = {k: v for k, v in options.items() if k != "raise_on_failure"}
     P = sum(p.numel() for p in params)
@@ -374,4 +385,27 @@ def _augmented_config(method, rtol, atol, options, layout: StateLayout, params, 
     member = layout.member_segments() or [layout.numel]
     segments = member + member + ([P] if P else [])
     used = [True] * (2 * len(member)) + ([norm != "seminorm"] if P else [])
-    return SolverConfig(method, aug_tol(one.rtol), aug_tol(one.atol), one.options, segments, used)
+    norm_fn = None
+    if callable(norm) or forward_norm is not None:
+        N = layout.numel
+
+        def pieces(v):
+            ps, off = [], 2 * N
+            for p in params:
+                ps.append(v[off: off + p.numel()].view_as(p))
+                off += p.numel()
+            return layout.unflatten(v[:N]), layout.unflatten(v[N: 2 * N]), ps
+
+        if callable(norm):
+            def norm_fn(v):
+                y, a, ps = pieces(v)
+                ys, as_ = (y, a) if layout.is_tuple else ((y,), (a,))
+                return norm((v.new_zeros(()), *ys, *as_, *ps))
+        else:
+            def norm_fn(v):
+                y, a, ps = pieces(v)
+                sizes = [forward_norm(y), forward_norm(a)]
+                if norm != "seminorm":
+                    sizes += [p.pow(2).mean().sqrt() for p in ps]
+                return max(torch.as_tensor(x) for x in sizes)
+    return SolverConfig(method, aug_tol(one.rtol), aug_tol(one.atol), one.options, segments, used, norm_fn=norm_fn)

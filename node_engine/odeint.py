@@ -7,6 +7,7 @@ one import; differences are documented in :func:`odeint`.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,17 +17,19 @@ from .solvers import ADAPTIVE, FIXED, METHODS
 from .solvers.adaptive import DEFAULT_MAX_NUM_STEPS, AdaptiveOptions, SolveInfo, StepRecord, integrate_adaptive
 from .solvers.controller import PIController
 from .solvers.fixed_grid import integrate_fixed, make_grid
+from .solvers.hooks import CallableNorm, StepCallbacks, find_callbacks
 from .solvers.norms import ErrorNorm
 from .solvers.rk import RKStepper, acquire_stepper, release_stepper
 from .solvers.state import RowField, StateLayout, VectorField
 from .stats import SolverStats
+from .time_grad import output_time_gradient, start_time_gradient
 
 __all__ = ["odeint", "ADAPTIVE_OPTIONS", "FIXED_OPTIONS", "DEFAULT_MAX_NUM_STEPS"]
 
 ADAPTIVE_OPTIONS = ("first_step", "max_num_steps", "step_t", "jump_t", "safety", "ifactor", "dfactor", "beta",
-                    "step_control", "raise_on_failure")
+                    "step_control", "raise_on_failure", "norm", "min_step", "max_step", "dtype")
 STEP_CONTROLS = ("joint", "per_sample")
-FIXED_OPTIONS = ("step_size", "grid")
+FIXED_OPTIONS = ("step_size", "grid", "grid_constructor", "perturb", "dtype")
 
 
 def check_method(method: str) -> None:
@@ -49,8 +52,22 @@ def check_options(method: str, options, allowed_extra: tuple[str, ...] = ()) -> 
         raise ValueError(
             f"unknown option(s) {bad} for method {method!r}; valid options: {', '.join(valid)}"
         )
-    if method in FIXED and options.get("step_size") is not None and options.get("grid") is not None:
-        raise ValueError("give either options['step_size'] or options['grid'], not both")
+    if method in FIXED and sum(options.get(k) is not None for k in ("step_size", "grid", "grid_constructor")) > 1:
+        raise ValueError("give at most one of options['step_size'], options['grid'], options['grid_constructor']")
+    if options.get("norm") is not None and not callable(options["norm"]):
+        raise ValueError(f"options['norm'] must be a callable norm(v) -> 0-d tensor, got {options['norm']!r}")
+    if options.get("norm") is not None and is_per_sample(options):
+        raise ValueError("options['norm'] is not supported with step_control='per_sample'")
+    if options.get("grid_constructor") is not None and not callable(options["grid_constructor"]):
+        raise ValueError("options['grid_constructor'] must be a callable (func, y0, t) -> grid tensor")
+    for k in ("min_step", "max_step"):
+        if k in options and not (float(options[k]) >= 0):
+            raise ValueError(f"options[{k!r}] must be a number >= 0, got {options[k]!r}")
+    if float(options.get("min_step", 0.0)) > float(options.get("max_step", math.inf)):
+        raise ValueError("options['min_step'] must not exceed options['max_step']")
+    if options.get("dtype") is not None and not (isinstance(options["dtype"], torch.dtype)
+                                                 and options["dtype"].is_floating_point):
+        raise ValueError(f"options['dtype'] must be a floating torch.dtype, got {options['dtype']!r}")
     if options.get("step_control", "joint") not in STEP_CONTROLS:
         raise ValueError(f"options['step_control'] must be one of {', '.join(STEP_CONTROLS)}; "
                          f"got {options['step_control']!r}")
@@ -145,6 +162,8 @@ class SolverConfig:
     options: dict
     segments: list[int] | None = None
     used: list[bool] | None = None
+    norm_fn: object = None  # flat weighted error (N,) -> its size; None: the mixed RMS
+    callbacks: StepCallbacks | None = None
 
     def solve(self, vf, z0: torch.Tensor, times, info: SolveInfo,
               record: StepRecord | None = None, grad: bool | None = None) -> torch.Tensor:
@@ -169,14 +188,22 @@ class SolverConfig:
     def _solve(self, vf, z0, times, info, record, tab, stepper) -> torch.Tensor:
         o = self.options
         if not tab.adaptive:
-            grid = make_grid(times, o.get("step_size"), _floats(o.get("grid"), "grid"))
-            if o.get("step_size") is None and o.get("grid") is None:
-                raise ValueError(
-                    f"method {self.method!r} is fixed-step: pass options=dict(step_size=...) or dict(grid=...)"
-                )
+            user_grid = o.get("grid")
+            if o.get("grid_constructor") is not None:
+                user_grid = o["grid_constructor"](getattr(vf, "func", vf), z0,
+                                                  torch.tensor(times, dtype=torch.float64))
+            if o.get("step_size") is None and user_grid is None and len(times) == 2:
+                # torchdiffeq #137: one step over the whole span is rarely what was meant
+                warnings.warn(f"method {self.method!r} without step_size or grid takes one step from t[0] to t[1] "
+                              "(it steps on the output times): pass options=dict(step_size=...)", stacklevel=4)
+            grid = make_grid(times, o.get("step_size"), _floats(user_grid, "grid"))
             info.status = np.zeros(1, dtype=np.int64)
-            return integrate_fixed(vf, z0, times, stepper, grid, info, record)
-        norm = ErrorNorm(self.rtol, self.atol, self.segments, self.used)
+            return integrate_fixed(vf, z0, times, stepper, grid, info, record,
+                                   perturb=bool(o.get("perturb", False)), callbacks=self.callbacks)
+        if self.norm_fn is not None:
+            norm = CallableNorm(self.rtol, self.atol, self.norm_fn)
+        else:
+            norm = ErrorNorm(self.rtol, self.atol, self.segments, self.used)
         ctrl = PIController(
             tab.control_order,
             safety=float(o.get("safety", 0.9)),
@@ -195,6 +222,8 @@ class SolverConfig:
             step_t=tuple(_floats(o.get("step_t"), "step_t") or ()),
             jump_t=tuple(_floats(o.get("jump_t"), "jump_t") or ()),
             raise_on_failure=o.get("raise_on_failure", True),
+            min_step=float(o.get("min_step", 0.0)), max_step=float(o.get("max_step", math.inf)),
+            callbacks=self.callbacks,
         )
         return integrate_adaptive(vf, z0, times, stepper, norm, ctrl, aopts, info, record)
 
@@ -210,14 +239,28 @@ def _floats(x, name) -> list[float] | None:
         raise ValueError(f"options[{name!r}] must be a 1-D sequence or tensor of times") from None
 
 
-def make_config(method, rtol, atol, options, layout: StateLayout, allowed_extra=()) -> SolverConfig:
+def make_config(method, rtol, atol, options, layout: StateLayout, allowed_extra=(), func=None) -> SolverConfig:
+    """Validated :class:`SolverConfig`; with ``func``, its forward step callbacks are attached."""
     check_method(method)
     opts = check_options(method, options, allowed_extra)
     r = flat_tolerance(rtol, layout, "rtol")
     a = flat_tolerance(atol, layout, "atol")
     if method in ADAPTIVE and isinstance(r, float) and isinstance(a, float) and r == 0 and a == 0:
         raise ValueError("rtol and atol cannot both be 0 for an adaptive method")
-    return SolverConfig(method, r, a, opts, segments=layout.member_segments())
+    norm_fn = None
+    if opts.get("norm") is not None:
+        user_norm = opts["norm"]
+        norm_fn = lambda v: user_norm(layout.unflatten(v))  # noqa: E731
+    cbs = None
+    if func is not None and not is_per_sample(opts):
+        cbs = find_callbacks(func, layout.unflatten, adaptive=method in ADAPTIVE, method=method)
+    return SolverConfig(method, r, a, opts, segments=layout.member_segments(), norm_fn=norm_fn, callbacks=cbs)
+
+
+def time_dtype(options, t_dtype: torch.dtype) -> torch.dtype:
+    """The dtype ``func`` receives t in: ``options["dtype"]`` when given, else t's own."""
+    d = options.get("dtype") if isinstance(options, dict) else None
+    return d if d is not None else t_dtype
 
 
 def add_info(stats: SolverStats | None, info: SolveInfo, vf, *, backward: bool = False) -> None:
@@ -302,7 +345,8 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method="dopri5", options=None,
     per_sample = is_per_sample(options)
     layout = StateLayout(y0, batched=per_sample)
     times, t_dtype = check_t(t, layout.batch)
-    cfg = make_config(method or "dopri5", rtol, atol, options, layout)
+    cfg = make_config(method or "dopri5", rtol, atol, options, layout, func=func)
+    t_dtype = time_dtype(cfg.options, t_dtype)
     vf = (RowField if per_sample else VectorField)(func, layout, t_dtype)
     info = SolveInfo()
     z0 = layout.flatten(y0)
@@ -310,8 +354,12 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method="dopri5", options=None,
         z0 = z0.contiguous()
         if isinstance(times, list):
             times = np.broadcast_to(np.asarray(times), (layout.batch, len(times)))
+    t_grad = torch.is_grad_enabled() and t.requires_grad and not per_sample
+    z_start = start_time_gradient(t, z0, VectorField(func, layout, t_dtype), times[0]) if t_grad else z0
     try:
-        out = cfg.solve(vf, z0, times, info)
+        out = cfg.solve(vf, z_start, times, info)
     finally:
         add_info(stats, info, vf)
+    if t_grad:
+        out = output_time_gradient(t, out, z0, VectorField(func, layout, t_dtype), times)
     return layout.unflatten(out)

@@ -10,10 +10,11 @@ from .bosh3 import BOSH3
 from .dopri5 import DOPRI5
 from .dopri8 import DOPRI8
 from .fixed import EULER, MIDPOINT, RK4
+from .low_order import ADAPTIVE_HEUN, FEHLBERG2, HEUN2, HEUN3
 from .tableau import ButcherTableau
 from .tsit5 import TSIT5
 
-_TABLEAUS = (EULER, MIDPOINT, RK4, BOSH3, DOPRI5, TSIT5, DOPRI8)
+_TABLEAUS = (EULER, MIDPOINT, HEUN2, HEUN3, RK4, ADAPTIVE_HEUN, FEHLBERG2, BOSH3, DOPRI5, TSIT5, DOPRI8)
 METHODS: dict[str, ButcherTableau] = {tab.name: tab for tab in _TABLEAUS}
 ADAPTIVE = {name: tab for name, tab in METHODS.items() if tab.adaptive}
 FIXED = {name: tab for name, tab in METHODS.items() if not tab.adaptive}

@@ -21,7 +21,7 @@ import torch
 from ..errors import SolveStatus
 from .controller import PIController, initial_step_size
 from .rk import RKStepper
-from .rows import any_, count, isfinite, maximum, minimum, nextafter, not_, to_device, where
+from .rows import any_, clip, count, isfinite, maximum, minimum, nextafter, not_, to_device, where
 
 __all__ = ["AdaptiveOptions", "SolveInfo", "StepRecord", "integrate_adaptive", "DEFAULT_MAX_NUM_STEPS"]
 
@@ -37,6 +37,9 @@ class AdaptiveOptions:
     step_t: tuple[float, ...] = ()
     jump_t: tuple[float, ...] = ()
     raise_on_failure: bool = True
+    min_step: float = 0.0  # torchdiffeq's bounds on |h|; a step of |h| <= min_step is always accepted
+    max_step: float = math.inf
+    callbacks: object = None  # hooks.StepCallbacks (joint solves)
 
 
 @dataclass
@@ -194,6 +197,10 @@ def _loop(vf, z, grid, stepper, norm, ctrl, opts, info, record, pieces) -> None:
         record.k1_time.append(t)
     n_trials = 0
     mns = opts.max_num_steps
+    cbs = opts.callbacks
+    bounded = opts.min_step > 0 or opts.max_step < math.inf
+    if bounded:
+        h = clip(h, opts.min_step, opts.max_step)
     with np.errstate(all="ignore"):
         while True:
             remaining = d * (target - t)
@@ -232,11 +239,18 @@ def _loop(vf, z, grid, stepper, norm, ctrl, opts, info, record, pieces) -> None:
                     return
                 continue
             t_eval_end = where(landing, nextafter(t_new, t), t_new) if is_jump else t_new
+            if cbs is not None:
+                cbs.step(t, z, hs)
             z_new = stepper.step(vf, t, t_new, t_eval_end, z, k1)
             with torch.no_grad():
                 err, err3, scale = stepper.error()
                 ratio = scale * norm.ratio(z, z_new, err, err3)  # the one host sync of the step
             accept, h_next, prev = ctrl.adapt(ahs, ratio, prev)
+            if bounded:
+                accept = accept | (ahs <= opts.min_step)
+                h_next = clip(h_next, opts.min_step, opts.max_step)
+            if cbs is not None:
+                cbs.decided(t, z, hs, accept)
             finite = isfinite(ratio)
             n_bad = where(finite, 0, n_bad + 1)
             h = h_next
