@@ -19,6 +19,7 @@ from .solvers.controller import PIController
 from .solvers.fixed_grid import integrate_fixed, make_grid
 from .solvers.hooks import CallableNorm, StepCallbacks, find_callbacks
 from .solvers.norms import ErrorNorm
+from .solvers.scipy_solver import SCIPY_METHOD, SCIPY_OPTIONS, solve_scipy
 from .solvers.rk import RKStepper, acquire_stepper, release_stepper
 from .solvers.state import RowField, StateLayout, VectorField
 from .stats import SolverStats
@@ -33,8 +34,8 @@ FIXED_OPTIONS = ("step_size", "grid", "grid_constructor", "perturb", "dtype")
 
 
 def check_method(method: str) -> None:
-    if not isinstance(method, str) or method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(sorted(METHODS))}")
+    if not isinstance(method, str) or (method not in METHODS and method != SCIPY_METHOD):
+        raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(sorted(METHODS))}, {SCIPY_METHOD}")
 
 
 def check_options(method: str, options, allowed_extra: tuple[str, ...] = ()) -> dict:
@@ -46,7 +47,10 @@ def check_options(method: str, options, allowed_extra: tuple[str, ...] = ()) -> 
     if is_per_sample(options) and method not in ADAPTIVE:
         raise ValueError(f"step_control='per_sample' needs an adaptive method ({', '.join(ADAPTIVE)}), "
                          f"got {method!r}")
-    valid = (ADAPTIVE_OPTIONS if method in ADAPTIVE else FIXED_OPTIONS) + allowed_extra
+    if method == SCIPY_METHOD and is_per_sample(options):
+        raise ValueError("step_control='per_sample' is not supported by scipy_solver")
+    valid = (SCIPY_OPTIONS if method == SCIPY_METHOD else ADAPTIVE_OPTIONS if method in ADAPTIVE
+             else FIXED_OPTIONS) + allowed_extra
     bad = sorted(set(options) - set(valid))
     if bad:
         raise ValueError(
@@ -170,6 +174,8 @@ class SolverConfig:
         """(T, *z0.shape) states at ``times`` of z' = vf(t, z), z(times[0]) = z0: z0 (N,) with a
         :class:`VectorField` (joint), (B, D) with a :class:`RowField` (per sample; ``times`` a
         list or a (B, T) array)."""
+        if self.method == SCIPY_METHOD:
+            return solve_scipy(vf, z0, times, info, self.options, self.rtol, self.atol)
         tab = METHODS[self.method]
         if grad is None:
             grad = torch.is_grad_enabled()
@@ -254,6 +260,8 @@ def make_config(method, rtol, atol, options, layout: StateLayout, allowed_extra=
     cbs = None
     if func is not None and not is_per_sample(opts):
         cbs = find_callbacks(func, layout.unflatten, adaptive=method in ADAPTIVE, method=method)
+        if method == SCIPY_METHOD and cbs is not None:
+            warnings.warn("scipy_solver calls no step callbacks", stacklevel=3)
     return SolverConfig(method, r, a, opts, segments=layout.member_segments(), norm_fn=norm_fn, callbacks=cbs)
 
 
