@@ -34,7 +34,7 @@ from .odeint import SolverConfig, add_info, check_t, is_per_sample, make_config,
 from .solvers.hooks import find_callbacks
 from .solvers.adaptive import SolveInfo, StepRecord
 from .solvers.rk import RKStepper
-from .solvers import ADAPTIVE, METHODS
+from .solvers import ADAPTIVE, IMPLICIT, METHODS
 from .solvers.state import StateLayout, VectorField
 from .stats import SolverStats
 
@@ -345,9 +345,9 @@ def odeint_adjoint(
         # warm start only where the forward's step sizes mean something for the backward solve
         warm_start = (adj_method == method and method in ADAPTIVE and "first_step" not in adj_opts
                       and adjoint_rtol is None and adjoint_atol is None)
-    elif method == "scipy_solver":
+    elif method == "scipy_solver" or method in IMPLICIT:
         raise ValueError("adjoint_mode='checkpoint' needs a Runge-Kutta method (it replays the steps); "
-                         "scipy_solver works with 'backsolve'")
+                         f"{method} works with 'backsolve'")
     elif adjoint_method is not None and adjoint_method != method:
         raise ValueError("adjoint_method is not used in checkpoint mode (the backward replays the forward steps)")
     run = _Run(func, layout, times, t_dtype, cfg, adj_cfg, adjoint_mode, params, stats)

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .solvers import ADAPTIVE, FIXED, METHODS
+from .solvers import ADAPTIVE, FIXED, IMPLICIT, METHODS
+from .solvers.implicit import NEWTON_MAX_ITERS, ImplicitStepper
 from .solvers.adaptive import DEFAULT_MAX_NUM_STEPS, AdaptiveOptions, SolveInfo, StepRecord, integrate_adaptive
 from .solvers.controller import PIController
 from .solvers.fixed_grid import integrate_fixed, make_grid
@@ -31,11 +32,13 @@ ADAPTIVE_OPTIONS = ("first_step", "max_num_steps", "step_t", "jump_t", "safety",
                     "step_control", "raise_on_failure", "norm", "min_step", "max_step", "dtype")
 STEP_CONTROLS = ("joint", "per_sample")
 FIXED_OPTIONS = ("step_size", "grid", "grid_constructor", "perturb", "dtype")
+IMPLICIT_OPTIONS = ("newton_tol", "newton_max_iters")
 
 
 def check_method(method: str) -> None:
-    if not isinstance(method, str) or (method not in METHODS and method != SCIPY_METHOD):
-        raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(sorted(METHODS))}, {SCIPY_METHOD}")
+    if not isinstance(method, str) or (method not in METHODS and method not in IMPLICIT and method != SCIPY_METHOD):
+        raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(sorted(METHODS))}, "
+                         f"{', '.join(IMPLICIT)}, {SCIPY_METHOD}")
 
 
 def check_options(method: str, options, allowed_extra: tuple[str, ...] = ()) -> dict:
@@ -50,13 +53,13 @@ def check_options(method: str, options, allowed_extra: tuple[str, ...] = ()) -> 
     if method == SCIPY_METHOD and is_per_sample(options):
         raise ValueError("step_control='per_sample' is not supported by scipy_solver")
     valid = (SCIPY_OPTIONS if method == SCIPY_METHOD else ADAPTIVE_OPTIONS if method in ADAPTIVE
-             else FIXED_OPTIONS) + allowed_extra
+             else FIXED_OPTIONS + IMPLICIT_OPTIONS if method in IMPLICIT else FIXED_OPTIONS) + allowed_extra
     bad = sorted(set(options) - set(valid))
     if bad:
         raise ValueError(
             f"unknown option(s) {bad} for method {method!r}; valid options: {', '.join(valid)}"
         )
-    if method in FIXED and sum(options.get(k) is not None for k in ("step_size", "grid", "grid_constructor")) > 1:
+    if (method in FIXED or method in IMPLICIT) and sum(options.get(k) is not None for k in ("step_size", "grid", "grid_constructor")) > 1:
         raise ValueError("give at most one of options['step_size'], options['grid'], options['grid_constructor']")
     if options.get("norm") is not None and not callable(options["norm"]):
         raise ValueError(f"options['norm'] must be a callable norm(v) -> 0-d tensor, got {options['norm']!r}")
@@ -176,9 +179,14 @@ class SolverConfig:
         list or a (B, T) array)."""
         if self.method == SCIPY_METHOD:
             return solve_scipy(vf, z0, times, info, self.options, self.rtol, self.atol)
-        tab = METHODS[self.method]
         if grad is None:
             grad = torch.is_grad_enabled()
+        if self.method in IMPLICIT:
+            stepper = ImplicitStepper(IMPLICIT[self.method], vf.work_shape, z0.device, z0.dtype,
+                                      tol=self.options.get("newton_tol"),
+                                      max_iters=self.options.get("newton_max_iters", NEWTON_MAX_ITERS))
+            return self._solve(vf, z0, times, info, record, IMPLICIT[self.method], stepper)
+        tab = METHODS[self.method]
         if isinstance(vf, RowField):
             stepper = RKStepper(tab, z0.shape, z0.device, z0.dtype, reuse_buffer=not grad, per_row=True)
             return self._solve(vf, z0, times, info, record, tab, stepper)
@@ -310,8 +318,10 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method="dopri5", options=None,
             err / (atol + rtol·max(|y_n|, |y_n+1|)) is <= 1 (a tuple state takes the max over
             members of each member's RMS, so a member with zero derivative never changes the steps).
         method: ``dopri5`` (default; None means it too, as in torchdiffeq), ``tsit5``, ``bosh3``,
-            ``dopri8`` (adaptive) or ``euler``, ``midpoint``, ``rk4`` (fixed grid; need
-            ``step_size`` or ``grid``).
+            ``dopri8``, ``adaptive_heun``, ``fehlberg2`` (adaptive), ``euler``, ``midpoint``,
+            ``heun2``, ``heun3``, ``rk4`` (fixed grid: on ``step_size``'s lattice, a ``grid``, a
+            ``grid_constructor``'s grid, or else on the output times as torchdiffeq), or
+            ``scipy_solver`` (``scipy.integrate.solve_ivp``, option ``solver``; no autograd graph).
         options: adaptive: ``first_step`` (default: Hairer's estimate), ``max_num_steps`` (trial
             steps, per row; default 100000), ``step_t`` (times to step on exactly), ``jump_t``
             (discontinuities of func: stepped on, the field restarted on the far side), ``safety``
@@ -319,8 +329,14 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method="dopri5", options=None,
             = I controller; 0.04 = Hairer's dopri5.f PI controller), ``raise_on_failure``
             (default True: a failure raises its named error; False: the failed row stops, its
             outputs at times it never reached are NaN, the solve returns and ``stats.status``
-            says which rows failed and why). Fixed: ``step_size`` or ``grid`` (tensor of times
-            covering t); the grid always includes the times in ``t``.
+            says which rows failed and why), ``min_step`` / ``max_step`` (bounds on |h|; a step at
+            min_step is always accepted), ``norm`` (callable ``norm(v) -> 0-d tensor`` replacing the
+            RMS of the weighted error v, given in y0's layout). Fixed: ``step_size``, ``grid``
+            (tensor of times covering t) or ``grid_constructor(func, y0, t) -> grid``; the grid
+            always includes the times in ``t``; ``perturb`` (evaluate just inside each step).
+            Any method: ``dtype`` (the dtype func receives t in; default t's). torchdiffeq's step
+            callbacks on ``func`` (``callback_step``, ``callback_accept_step``,
+            ``callback_reject_step``; see :mod:`node_engine.solvers.hooks`) are called.
             ``step_control``: ``"joint"`` (default; one step size for the whole state: one row)
             or ``"per_sample"``: dim 0 of y0 (of every tuple member) is a batch of B rows, and
             every row gets its own time, step size, accept/reject decision and status, in the
@@ -347,8 +363,9 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method="dopri5", options=None,
             ``raise_on_failure=False``; per sample the message names the sample).
 
     Backpropagating through the result gives the exact gradient of the discrete solve (step
-    sizes are not differentiated); no gradient flows to ``t``. For O(1) memory use
-    :func:`node_engine.odeint_adjoint`.
+    sizes are not differentiated); a ``t`` that requires grad gets dL/dt of the exact solution
+    (:mod:`node_engine.time_grad`; joint step control). A derivative returned in another floating
+    dtype is cast to y0's. For O(1) memory use :func:`node_engine.odeint_adjoint`.
     """
     per_sample = is_per_sample(options)
     layout = StateLayout(y0, batched=per_sample)
