@@ -266,6 +266,7 @@ def odeint_adjoint(
     adjoint_options=None,
     adjoint_params=None,
     adjoint_mode: str = "backsolve",
+    event_fn=None,
     stats: SolverStats | None = None,
 ):
     """Like :func:`node_engine.odeint`, with gradients by the adjoint method.
@@ -304,6 +305,12 @@ def odeint_adjoint(
     Raises:
         ValueError: as ``odeint``, plus unknown ``adjoint_mode`` / ``norm`` / adjoint options.
     """
+    if event_fn is not None:  # terminal event mode, as odeint(event_fn=...), y(τ) by this adjoint
+        from .events import solve_until_event
+        return solve_until_event(odeint_adjoint, func, y0, t, event_fn, rtol=rtol, atol=atol, method=method,
+                                 options=options, adjoint_rtol=adjoint_rtol, adjoint_atol=adjoint_atol,
+                                 adjoint_method=adjoint_method, adjoint_options=adjoint_options,
+                                 adjoint_params=adjoint_params, adjoint_mode=adjoint_mode, stats=stats)
     if adjoint_mode not in ADJOINT_MODES:
         raise ValueError(f"unknown adjoint_mode {adjoint_mode!r}; valid: {', '.join(ADJOINT_MODES)}")
     if is_per_sample(options):

@@ -31,7 +31,7 @@ __all__ = ["odeint", "ADAPTIVE_OPTIONS", "FIXED_OPTIONS", "DEFAULT_MAX_NUM_STEPS
 ADAPTIVE_OPTIONS = ("first_step", "max_num_steps", "step_t", "jump_t", "safety", "ifactor", "dfactor", "beta",
                     "step_control", "raise_on_failure", "norm", "min_step", "max_step", "dtype")
 STEP_CONTROLS = ("joint", "per_sample")
-FIXED_OPTIONS = ("step_size", "grid", "grid_constructor", "perturb", "dtype")
+FIXED_OPTIONS = ("step_size", "grid", "grid_constructor", "perturb", "dtype", "interp")  # interp: ignored
 IMPLICIT_OPTIONS = ("newton_tol", "newton_max_iters")
 
 
@@ -297,7 +297,7 @@ def add_info(stats: SolverStats | None, info: SolveInfo, vf, *, backward: bool =
         stats.last_step_size = info.last_step
 
 
-def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method="dopri5", options=None,
+def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method="dopri5", options=None, event_fn=None,
            stats: SolverStats | None = None):
     """Solve dy/dt = func(t, y), y(t[0]) = y0, and return y at every time in ``t``.
 
@@ -346,6 +346,9 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method="dopri5", options=None,
             then within the tolerance). Every adaptive method; any trailing shape; no
             step_t/jump_t. Backprop through the solve works; ``stats.sample_evaluations``
             counts rows evaluated (the work).
+        event_fn: ``(t, y) -> 0-d tensor``: terminal event mode (torchdiffeq): ``t`` has two times
+            (start and direction) and the result is ``(event_t, (2, *S) states at t[0] and event_t)``;
+            see :mod:`node_engine.events`.
         stats: a :class:`SolverStats`; nfe_forward, steps and last step size are added to it
             (per sample: steps summed over rows); ``stats.status`` is set to this solve's
             per-row :class:`~node_engine.errors.SolveStatus` ((B,) per sample, (1,) joint).
@@ -367,6 +370,10 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method="dopri5", options=None,
     (:mod:`node_engine.time_grad`; joint step control). A derivative returned in another floating
     dtype is cast to y0's. For O(1) memory use :func:`node_engine.odeint_adjoint`.
     """
+    if event_fn is not None:  # torchdiffeq's terminal event mode: returns (event_t, states at t0 and event)
+        from .events import solve_until_event
+        return solve_until_event(odeint, func, y0, t, event_fn, rtol=rtol, atol=atol, method=method,
+                                 options=options, stats=stats)
     per_sample = is_per_sample(options)
     layout = StateLayout(y0, batched=per_sample)
     times, t_dtype = check_t(t, layout.batch)

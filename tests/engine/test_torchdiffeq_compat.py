@@ -282,3 +282,30 @@ def test_implicit_tableau_typo_is_caught():
     tab = IMPLICIT["gl4"]
     with pytest.raises(ValueError, match="order"):
         dataclasses.replace(tab, b=(0.5 + 1e-4, 0.5 - 1e-4))
+
+
+@pytest.mark.parametrize("method, options", [("dopri5", None), ("rk4", dict(step_size=0.01))])
+@pytest.mark.parametrize("adjoint", [False, True])
+def test_event_time_state_and_gradient(method, options, adjoint):
+    # y' = -k y, y(0) = y0; event y = 0.5: τ = ln(2 y0) / k, dτ/dy0 = 1/(k y0), dτ/dk = -τ/k
+    k = torch.tensor(0.8, dtype=f64, requires_grad=True)
+    y0 = torch.tensor([1.5], dtype=f64, requires_grad=True)
+    solve = odeint_adjoint if adjoint else odeint
+    kw = dict(adjoint_params=(k,)) if adjoint else {}
+    te, sol = solve(lambda t, y: -k * y, y0, torch.tensor([0.0, 1.0], dtype=f64), method=method, options=options,
+                    event_fn=lambda t, y: y.sum() - 0.5, **kw)
+    tau = math.log(3.0) / 0.8
+    assert float(te.detach()) == pytest.approx(tau, rel=1e-6) and sol.shape == (2, 1)
+    assert float(sol[-1, 0].detach()) == pytest.approx(0.5, rel=1e-6)
+    te.backward()
+    assert float(y0.grad) == pytest.approx(1 / (0.8 * 1.5), rel=1e-5)
+    assert float(k.grad) == pytest.approx(-tau / 0.8, rel=1e-5)
+
+
+def test_odeint_event_reverse_time_searches_backwards():
+    from node_engine import odeint_event
+
+    # y' = 1, y(2) = 2: y = t; event y = 0.5 backwards from t0 = 2 (beyond one window of length 1)
+    te, sol = odeint_event(lambda t, y: torch.ones_like(y), torch.tensor([2.0], dtype=f64),
+                           torch.tensor(2.0, dtype=f64), event_fn=lambda t, y: y.sum() - 0.5, reverse_time=True)
+    assert float(te) == pytest.approx(0.5, abs=1e-9) and float(sol[-1, 0]) == pytest.approx(0.5, abs=1e-9)
