@@ -35,6 +35,7 @@ from .solvers.hooks import find_callbacks
 from .solvers.adaptive import SolveInfo, StepRecord
 from .solvers.rk import RKStepper
 from .solvers import ADAPTIVE, IMPLICIT, METHODS
+from .solvers.adams import ADAMS_METHODS
 from .solvers.state import StateLayout, VectorField
 from .stats import SolverStats
 
@@ -352,7 +353,7 @@ def odeint_adjoint(
         # warm start only where the forward's step sizes mean something for the backward solve
         warm_start = (adj_method == method and method in ADAPTIVE and "first_step" not in adj_opts
                       and adjoint_rtol is None and adjoint_atol is None)
-    elif method == "scipy_solver" or method in IMPLICIT:
+    elif method == "scipy_solver" or method in IMPLICIT or method in ADAMS_METHODS:
         raise ValueError("adjoint_mode='checkpoint' needs a Runge-Kutta method (it replays the steps); "
                          f"{method} works with 'backsolve'")
     elif adjoint_method is not None and adjoint_method != method:

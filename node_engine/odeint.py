@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from .solvers import ADAPTIVE, FIXED, IMPLICIT, METHODS
+from .solvers.adams import ADAMS_METHODS, AdamsStepper
 from .solvers.implicit import NEWTON_MAX_ITERS, ImplicitStepper
 from .solvers.adaptive import DEFAULT_MAX_NUM_STEPS, AdaptiveOptions, SolveInfo, StepRecord, integrate_adaptive
 from .solvers.controller import PIController
@@ -36,9 +37,10 @@ IMPLICIT_OPTIONS = ("newton_tol", "newton_max_iters")
 
 
 def check_method(method: str) -> None:
-    if not isinstance(method, str) or (method not in METHODS and method not in IMPLICIT and method != SCIPY_METHOD):
+    if not isinstance(method, str) or (method not in METHODS and method not in IMPLICIT and method != SCIPY_METHOD
+                                       and method not in ADAMS_METHODS):
         raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(sorted(METHODS))}, "
-                         f"{', '.join(IMPLICIT)}, {SCIPY_METHOD}")
+                         f"{', '.join(IMPLICIT)}, {', '.join(ADAMS_METHODS)}, {SCIPY_METHOD}")
 
 
 def check_options(method: str, options, allowed_extra: tuple[str, ...] = ()) -> dict:
@@ -59,7 +61,7 @@ def check_options(method: str, options, allowed_extra: tuple[str, ...] = ()) -> 
         raise ValueError(
             f"unknown option(s) {bad} for method {method!r}; valid options: {', '.join(valid)}"
         )
-    if (method in FIXED or method in IMPLICIT) and sum(options.get(k) is not None for k in ("step_size", "grid", "grid_constructor")) > 1:
+    if (method in FIXED or method in IMPLICIT or method in ADAMS_METHODS) and sum(options.get(k) is not None for k in ("step_size", "grid", "grid_constructor")) > 1:
         raise ValueError("give at most one of options['step_size'], options['grid'], options['grid_constructor']")
     if options.get("norm") is not None and not callable(options["norm"]):
         raise ValueError(f"options['norm'] must be a callable norm(v) -> 0-d tensor, got {options['norm']!r}")
@@ -181,6 +183,9 @@ class SolverConfig:
             return solve_scipy(vf, z0, times, info, self.options, self.rtol, self.atol)
         if grad is None:
             grad = torch.is_grad_enabled()
+        if self.method in ADAMS_METHODS:  # multistep: a fresh history per solve
+            stepper = AdamsStepper(self.method, vf.work_shape, z0.device, z0.dtype)
+            return self._solve(vf, z0, times, info, record, FIXED["rk4"], stepper)  # tab: read as "fixed grid"
         if self.method in IMPLICIT:
             stepper = ImplicitStepper(IMPLICIT[self.method], vf.work_shape, z0.device, z0.dtype,
                                       tol=self.options.get("newton_tol"),

@@ -309,3 +309,23 @@ def test_odeint_event_reverse_time_searches_backwards():
     te, sol = odeint_event(lambda t, y: torch.ones_like(y), torch.tensor([2.0], dtype=f64),
                            torch.tensor(2.0, dtype=f64), event_fn=lambda t, y: y.sum() - 0.5, reverse_time=True)
     assert float(te) == pytest.approx(0.5, abs=1e-9) and float(sol[-1, 0]) == pytest.approx(0.5, abs=1e-9)
+
+
+@pytest.mark.parametrize("method", ["explicit_adams", "implicit_adams", "fixed_adams"])
+def test_adams_methods_are_fourth_order_on_nonuniform_grids_and_differentiate(method):
+    # y' = cos(3t) y, y(0) = 1: y(2) = exp(sin(6)/3); the output time 1.234 makes the grid non-uniform
+    exact = math.exp(math.sin(6.0) / 3)
+    errs = []
+    for h in (2 / 16, 2 / 32):
+        y = odeint(lambda t, y: torch.cos(3 * t) * y, torch.ones(1, dtype=f64),
+                   torch.tensor([0.0, 1.234, 2.0], dtype=f64), method=method, options=dict(step_size=h))
+        errs.append(abs(float(y[-1, 0]) - exact))
+    assert math.log2(errs[0] / errs[1]) >= 4 - 0.35, errs
+    a = torch.tensor(-0.7, dtype=f64, requires_grad=True)
+    t = torch.linspace(0, 1, 21, dtype=f64)
+    y = odeint(lambda t, y: a * y, torch.ones(1, dtype=f64), t, method=method)
+    y[-1].sum().backward()
+    eps = 1e-6
+    fd = [float(odeint(lambda t, y: (a.detach() + s) * y, torch.ones(1, dtype=f64), t, method=method)[-1])
+          for s in (eps, -eps)]
+    assert float(a.grad) == pytest.approx((fd[0] - fd[1]) / (2 * eps), rel=1e-6)
