@@ -97,11 +97,11 @@ CHILD = textwrap.dedent('''\
 ''')
 
 
-def run_file(td_tests: Path, fname: str, restrict: str, shim_dir: str, timeout: float) -> dict:
+def run_file(td_tests: Path, fname: str, restrict: str, shim_dir: str, timeout: float, root: Path = ROOT) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         out_path = f.name
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([shim_dir, str(ROOT), env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join([shim_dir, str(root), env.get("PYTHONPATH", "")])
     env.setdefault("OMP_NUM_THREADS", "1")
     t0 = time.perf_counter()
     try:
@@ -128,6 +128,8 @@ def main(argv=None) -> int:
     ap.add_argument("--causes", type=int, default=8, help="causes listed per file")
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per file")
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--root", type=Path, default=ROOT,
+                    help="checkout whose node_engine is tested (default: this one; e.g. an older commit's worktree)")
     args = ap.parse_args(argv)
     td_tests = args.torchdiffeq / "tests"
     if not (td_tests / "problems.py").exists():
@@ -137,7 +139,7 @@ def main(argv=None) -> int:
         os.mkdir(os.path.join(shim_dir, "torchdiffeq"))
         Path(shim_dir, "torchdiffeq", "__init__.py").write_text(SHIM)
         for fname in args.files:
-            res = run_file(td_tests, fname, args.methods, shim_dir, args.timeout)
+            res = run_file(td_tests, fname, args.methods, shim_dir, args.timeout, args.root.resolve())
             results[fname] = res
             c = res["counts"]
             n = sum(c.values())
