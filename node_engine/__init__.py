@@ -18,6 +18,7 @@ from .errors import (
     StepSizeUnderflowError,
     TrainingError,
 )
+from .events import odeint_event
 from .odeint import odeint
 from .solvers.compile import compile_field
 from .stats import SolverStats
@@ -25,6 +26,7 @@ from .stats import SolverStats
 __all__ = [
     "odeint",
     "odeint_adjoint",
+    "odeint_event",
     "compile_field",
     "SolverStats",
     "ODEForgeError",

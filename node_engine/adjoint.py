@@ -31,10 +31,12 @@ import torch
 from torch import nn
 
 from .errors import NFEBudgetExceeded
-from .odeint import SolverConfig, add_info, check_t, is_per_sample, make_config, odeint
+from .odeint import SolverConfig, add_info, check_t, is_per_sample, make_config, odeint, time_dtype
+from .solvers.hooks import find_callbacks
 from .solvers.adaptive import SolveInfo, StepRecord, budget_message, check_stop, over_budget
 from .solvers.rk import RKStepper
-from .solvers import ADAPTIVE, METHODS
+from .solvers import ADAPTIVE, IMPLICIT, METHODS
+from .solvers.adams import ADAMS_METHODS
 from .solvers.state import StateLayout, VectorField
 from .stats import SolverStats
 
@@ -276,6 +278,7 @@ def odeint_adjoint(
     adjoint_options=None,
     adjoint_params=None,
     adjoint_mode: str = "backsolve",
+    event_fn=None,
     stats: SolverStats | None = None,
 ):
     """Like :func:`node_engine.odeint`, with gradients by the adjoint method.
@@ -314,6 +317,12 @@ def odeint_adjoint(
     Raises:
         ValueError: as ``odeint``, plus unknown ``adjoint_mode`` / ``norm`` / adjoint options.
     """
+    if event_fn is not None:  # terminal event mode, as odeint(event_fn=...), y(τ) by this adjoint
+        from .events import solve_until_event
+        return solve_until_event(odeint_adjoint, func, y0, t, event_fn, rtol=rtol, atol=atol, method=method,
+                                 options=options, adjoint_rtol=adjoint_rtol, adjoint_atol=adjoint_atol,
+                                 adjoint_method=adjoint_method, adjoint_options=adjoint_options,
+                                 adjoint_params=adjoint_params, adjoint_mode=adjoint_mode, stats=stats)
     if adjoint_mode not in ADJOINT_MODES:
         raise ValueError(f"unknown adjoint_mode {adjoint_mode!r}; valid: {', '.join(ADJOINT_MODES)}")
     if is_per_sample(options):
@@ -330,7 +339,8 @@ def odeint_adjoint(
     layout = StateLayout(y0)
     times, t_dtype = check_t(t)
     method = method or "dopri5"
-    cfg = make_config(method, rtol, atol, options, layout)
+    cfg = make_config(method, rtol, atol, options, layout, func=func)
+    t_dtype = time_dtype(cfg.options, t_dtype)
     if adjoint_params is None:
         adjoint_params = tuple(func.parameters()) if isinstance(func, nn.Module) else ()
     params = tuple(p for p in adjoint_params if isinstance(p, torch.Tensor) and p.requires_grad)
@@ -341,19 +351,25 @@ def odeint_adjoint(
     for k in ("max_nfe", "stop"):  # the caller's compute bound and stop signal hold for the backward pass too
         if cfg.options.get(k) is not None and k not in adj_opts:
             adj_opts[k] = cfg.options[k]
-    if norm not in NORMS:
-        raise ValueError(f"unknown adjoint norm {norm!r}; valid: {', '.join(NORMS)}")
+    if not callable(norm) and norm not in NORMS:
+        raise ValueError(f"unknown adjoint norm {norm!r}; valid: {', '.join(NORMS)} or a callable")
     adj_cfg, warm_start = None, False
     if adjoint_mode == "backsolve":
         adj_method = adjoint_method or method
         if adjoint_options is None and adj_method == method:
-            adj_opts = {k: v for k, v in cfg.options.items() if k != "first_step"}
+            adj_opts = {k: v for k, v in cfg.options.items() if k not in ("first_step", "norm")}
         adj_rtol = rtol if adjoint_rtol is None else adjoint_rtol
         adj_atol = atol if adjoint_atol is None else adjoint_atol
-        adj_cfg = _augmented_config(adj_method, adj_rtol, adj_atol, adj_opts, layout, params, norm)
+        adj_cfg = _augmented_config(adj_method, adj_rtol, adj_atol, adj_opts, layout, params, norm,
+                                    forward_norm=cfg.options.get("norm"))
+        adj_cfg.callbacks = find_callbacks(func, lambda z: z, adaptive=adj_method in ADAPTIVE, suffix="_adjoint",
+                                           method=adj_method)
         # warm start only where the forward's step sizes mean something for the backward solve
         warm_start = (adj_method == method and method in ADAPTIVE and "first_step" not in adj_opts
                       and adjoint_rtol is None and adjoint_atol is None)
+    elif method == "scipy_solver" or method in IMPLICIT or method in ADAMS_METHODS:
+        raise ValueError("adjoint_mode='checkpoint' needs a Runge-Kutta method (it replays the steps); "
+                         f"{method} works with 'backsolve'")
     elif adjoint_method is not None and adjoint_method != method:
         raise ValueError("adjoint_method is not used in checkpoint mode (the backward replays the forward steps)")
     run = _Run(func, layout, times, t_dtype, cfg, adj_cfg, adjoint_mode, params, stats)
@@ -372,8 +388,14 @@ def odeint_adjoint(
     return layout.unflatten(out)
 
 
-def _augmented_config(method, rtol, atol, options, layout: StateLayout, params, norm) -> SolverConfig:
-    """Solver settings of the backsolve augmented system [y, a, a_θ] (flat, 2N + P)."""
+def _augmented_config(method, rtol, atol, options, layout: StateLayout, params, norm,
+                      forward_norm=None) -> SolverConfig:
+    """Solver settings of the backsolve augmented system [y, a, a_θ] (flat, 2N + P).
+
+    ``norm``: "default", "seminorm", or a callable given torchdiffeq's tuple (t, *y, *a, *a_θ) (t:
+    a 0-d zero; node_engine's augmented state has no time adjoint) in the user's shapes. A callable
+    forward ``norm`` without an adjoint one: max(norm(y), norm(a), RMS of each a_θ) (a_θ left out
+    for "seminorm"), as torchdiffeq."""
     # a failed backward solve has no gradient to offer: it always raises its named error
     options = {k: v for k, v in options.items() if k != "raise_on_failure"}
     P = sum(p.numel() for p in params)
@@ -388,4 +410,27 @@ def _augmented_config(method, rtol, atol, options, layout: StateLayout, params, 
     member = layout.member_segments() or [layout.numel]
     segments = member + member + ([P] if P else [])
     used = [True] * (2 * len(member)) + ([norm != "seminorm"] if P else [])
-    return SolverConfig(method, aug_tol(one.rtol), aug_tol(one.atol), one.options, segments, used)
+    norm_fn = None
+    if callable(norm) or forward_norm is not None:
+        N = layout.numel
+
+        def pieces(v):
+            ps, off = [], 2 * N
+            for p in params:
+                ps.append(v[off: off + p.numel()].view_as(p))
+                off += p.numel()
+            return layout.unflatten(v[:N]), layout.unflatten(v[N: 2 * N]), ps
+
+        if callable(norm):
+            def norm_fn(v):
+                y, a, ps = pieces(v)
+                ys, as_ = (y, a) if layout.is_tuple else ((y,), (a,))
+                return norm((v.new_zeros(()), *ys, *as_, *ps))
+        else:
+            def norm_fn(v):
+                y, a, ps = pieces(v)
+                sizes = [forward_norm(y), forward_norm(a)]
+                if norm != "seminorm":
+                    sizes += [p.pow(2).mean().sqrt() for p in ps]
+                return max(torch.as_tensor(x) for x in sizes)
+    return SolverConfig(method, aug_tol(one.rtol), aug_tol(one.atol), one.options, segments, used, norm_fn=norm_fn)

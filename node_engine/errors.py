@@ -91,3 +91,7 @@ class DatasetError(ODEForgeError, ValueError):
 
 class CheckpointError(ODEForgeError, ValueError):
     """A checkpoint is corrupted, tampered with, or does not match the model it is loaded into."""
+
+
+class NewtonConvergenceError(SolverError):
+    """The Newton iteration of an implicit method's stage equations did not converge (issue 16)."""

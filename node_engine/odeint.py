@@ -7,31 +7,40 @@ one import; differences are documented in :func:`odeint`.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from .solvers import ADAPTIVE, FIXED, METHODS
+from .solvers import ADAPTIVE, FIXED, IMPLICIT, METHODS
+from .solvers.adams import ADAMS_METHODS, AdamsStepper
+from .solvers.implicit import NEWTON_MAX_ITERS, ImplicitStepper
 from .solvers.adaptive import DEFAULT_MAX_NUM_STEPS, AdaptiveOptions, SolveInfo, StepRecord, integrate_adaptive
 from .solvers.controller import PIController
 from .solvers.fixed_grid import integrate_fixed, make_grid
+from .solvers.hooks import CallableNorm, StepCallbacks, find_callbacks
 from .solvers.norms import ErrorNorm
+from .solvers.scipy_solver import SCIPY_METHOD, SCIPY_OPTIONS, solve_scipy
 from .solvers.rk import RKStepper, acquire_stepper, release_stepper
 from .solvers.state import RowField, StateLayout, VectorField
 from .stats import SolverStats
+from .time_grad import output_time_gradient, start_time_gradient
 
 __all__ = ["odeint", "ADAPTIVE_OPTIONS", "FIXED_OPTIONS", "DEFAULT_MAX_NUM_STEPS"]
 
 ADAPTIVE_OPTIONS = ("first_step", "max_num_steps", "step_t", "jump_t", "safety", "ifactor", "dfactor", "beta",
-                    "step_control", "raise_on_failure", "max_nfe", "stop")
+                    "step_control", "raise_on_failure", "max_nfe", "stop", "norm", "min_step", "max_step", "dtype")
 STEP_CONTROLS = ("joint", "per_sample")
-FIXED_OPTIONS = ("step_size", "grid", "max_nfe", "stop")
+FIXED_OPTIONS = ("step_size", "grid", "grid_constructor", "perturb", "dtype", "interp", "max_nfe", "stop")  # interp: ignored
+IMPLICIT_OPTIONS = ("newton_tol", "newton_max_iters")
 
 
 def check_method(method: str) -> None:
-    if not isinstance(method, str) or method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(sorted(METHODS))}")
+    if not isinstance(method, str) or (method not in METHODS and method not in IMPLICIT and method != SCIPY_METHOD
+                                       and method not in ADAMS_METHODS):
+        raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(sorted(METHODS))}, "
+                         f"{', '.join(IMPLICIT)}, {', '.join(ADAMS_METHODS)}, {SCIPY_METHOD}")
 
 
 def check_options(method: str, options, allowed_extra: tuple[str, ...] = ()) -> dict:
@@ -43,14 +52,31 @@ def check_options(method: str, options, allowed_extra: tuple[str, ...] = ()) -> 
     if is_per_sample(options) and method not in ADAPTIVE:
         raise ValueError(f"step_control='per_sample' needs an adaptive method ({', '.join(ADAPTIVE)}), "
                          f"got {method!r}")
-    valid = (ADAPTIVE_OPTIONS if method in ADAPTIVE else FIXED_OPTIONS) + allowed_extra
+    if method == SCIPY_METHOD and is_per_sample(options):
+        raise ValueError("step_control='per_sample' is not supported by scipy_solver")
+    valid = (SCIPY_OPTIONS if method == SCIPY_METHOD else ADAPTIVE_OPTIONS if method in ADAPTIVE
+             else FIXED_OPTIONS + IMPLICIT_OPTIONS if method in IMPLICIT else FIXED_OPTIONS) + allowed_extra
     bad = sorted(set(options) - set(valid))
     if bad:
         raise ValueError(
             f"unknown option(s) {bad} for method {method!r}; valid options: {', '.join(valid)}"
         )
-    if method in FIXED and options.get("step_size") is not None and options.get("grid") is not None:
-        raise ValueError("give either options['step_size'] or options['grid'], not both")
+    if (method in FIXED or method in IMPLICIT or method in ADAMS_METHODS) and sum(options.get(k) is not None for k in ("step_size", "grid", "grid_constructor")) > 1:
+        raise ValueError("give at most one of options['step_size'], options['grid'], options['grid_constructor']")
+    if options.get("norm") is not None and not callable(options["norm"]):
+        raise ValueError(f"options['norm'] must be a callable norm(v) -> 0-d tensor, got {options['norm']!r}")
+    if options.get("norm") is not None and is_per_sample(options):
+        raise ValueError("options['norm'] is not supported with step_control='per_sample'")
+    if options.get("grid_constructor") is not None and not callable(options["grid_constructor"]):
+        raise ValueError("options['grid_constructor'] must be a callable (func, y0, t) -> grid tensor")
+    for k in ("min_step", "max_step"):
+        if k in options and not (float(options[k]) >= 0):
+            raise ValueError(f"options[{k!r}] must be a number >= 0, got {options[k]!r}")
+    if float(options.get("min_step", 0.0)) > float(options.get("max_step", math.inf)):
+        raise ValueError("options['min_step'] must not exceed options['max_step']")
+    if options.get("dtype") is not None and not (isinstance(options["dtype"], torch.dtype)
+                                                 and options["dtype"].is_floating_point):
+        raise ValueError(f"options['dtype'] must be a floating torch.dtype, got {options['dtype']!r}")
     if options.get("step_control", "joint") not in STEP_CONTROLS:
         raise ValueError(f"options['step_control'] must be one of {', '.join(STEP_CONTROLS)}; "
                          f"got {options['step_control']!r}")
@@ -150,15 +176,27 @@ class SolverConfig:
     options: dict
     segments: list[int] | None = None
     used: list[bool] | None = None
+    norm_fn: object = None  # flat weighted error (N,) -> its size; None: the mixed RMS
+    callbacks: StepCallbacks | None = None
 
     def solve(self, vf, z0: torch.Tensor, times, info: SolveInfo,
               record: StepRecord | None = None, grad: bool | None = None) -> torch.Tensor:
         """(T, *z0.shape) states at ``times`` of z' = vf(t, z), z(times[0]) = z0: z0 (N,) with a
         :class:`VectorField` (joint), (B, D) with a :class:`RowField` (per sample; ``times`` a
         list or a (B, T) array)."""
-        tab = METHODS[self.method]
+        if self.method == SCIPY_METHOD:
+            return solve_scipy(vf, z0, times, info, self.options, self.rtol, self.atol)
         if grad is None:
             grad = torch.is_grad_enabled()
+        if self.method in ADAMS_METHODS:  # multistep: a fresh history per solve
+            stepper = AdamsStepper(self.method, vf.work_shape, z0.device, z0.dtype)
+            return self._solve(vf, z0, times, info, record, FIXED["rk4"], stepper)  # tab: read as "fixed grid"
+        if self.method in IMPLICIT:
+            stepper = ImplicitStepper(IMPLICIT[self.method], vf.work_shape, z0.device, z0.dtype,
+                                      tol=self.options.get("newton_tol"),
+                                      max_iters=self.options.get("newton_max_iters", NEWTON_MAX_ITERS))
+            return self._solve(vf, z0, times, info, record, IMPLICIT[self.method], stepper)
+        tab = METHODS[self.method]
         if isinstance(vf, RowField):
             stepper = RKStepper(tab, z0.shape, z0.device, z0.dtype, reuse_buffer=not grad, per_row=True)
             return self._solve(vf, z0, times, info, record, tab, stepper)
@@ -174,15 +212,23 @@ class SolverConfig:
     def _solve(self, vf, z0, times, info, record, tab, stepper) -> torch.Tensor:
         o = self.options
         if not tab.adaptive:
-            grid = make_grid(times, o.get("step_size"), _floats(o.get("grid"), "grid"))
-            if o.get("step_size") is None and o.get("grid") is None:
-                raise ValueError(
-                    f"method {self.method!r} is fixed-step: pass options=dict(step_size=...) or dict(grid=...)"
-                )
+            user_grid = o.get("grid")
+            if o.get("grid_constructor") is not None:
+                user_grid = o["grid_constructor"](getattr(vf, "func", vf), z0,
+                                                  torch.tensor(times, dtype=torch.float64))
+            if o.get("step_size") is None and user_grid is None and len(times) == 2:
+                # torchdiffeq #137: one step over the whole span is rarely what was meant
+                warnings.warn(f"method {self.method!r} without step_size or grid takes one step from t[0] to t[1] "
+                              "(it steps on the output times): pass options=dict(step_size=...)", stacklevel=4)
+            grid = make_grid(times, o.get("step_size"), _floats(user_grid, "grid"))
             info.status = np.zeros(1, dtype=np.int64)
             return integrate_fixed(vf, z0, times, stepper, grid, info, record,
-                                   max_nfe=o.get("max_nfe"), stop=o.get("stop"))
-        norm = ErrorNorm(self.rtol, self.atol, self.segments, self.used)
+                                   max_nfe=o.get("max_nfe"), stop=o.get("stop"),
+                                   perturb=bool(o.get("perturb", False)), callbacks=self.callbacks)
+        if self.norm_fn is not None:
+            norm = CallableNorm(self.rtol, self.atol, self.norm_fn)
+        else:
+            norm = ErrorNorm(self.rtol, self.atol, self.segments, self.used)
         ctrl = PIController(
             tab.control_order,
             safety=float(o.get("safety", 0.9)),
@@ -202,6 +248,8 @@ class SolverConfig:
             jump_t=tuple(_floats(o.get("jump_t"), "jump_t") or ()),
             raise_on_failure=o.get("raise_on_failure", True),
             max_nfe=o.get("max_nfe"), stop=o.get("stop"),
+            min_step=float(o.get("min_step", 0.0)), max_step=float(o.get("max_step", math.inf)),
+            callbacks=self.callbacks,
         )
         return integrate_adaptive(vf, z0, times, stepper, norm, ctrl, aopts, info, record)
 
@@ -217,14 +265,30 @@ def _floats(x, name) -> list[float] | None:
         raise ValueError(f"options[{name!r}] must be a 1-D sequence or tensor of times") from None
 
 
-def make_config(method, rtol, atol, options, layout: StateLayout, allowed_extra=()) -> SolverConfig:
+def make_config(method, rtol, atol, options, layout: StateLayout, allowed_extra=(), func=None) -> SolverConfig:
+    """Validated :class:`SolverConfig`; with ``func``, its forward step callbacks are attached."""
     check_method(method)
     opts = check_options(method, options, allowed_extra)
     r = flat_tolerance(rtol, layout, "rtol")
     a = flat_tolerance(atol, layout, "atol")
     if method in ADAPTIVE and isinstance(r, float) and isinstance(a, float) and r == 0 and a == 0:
         raise ValueError("rtol and atol cannot both be 0 for an adaptive method")
-    return SolverConfig(method, r, a, opts, segments=layout.member_segments())
+    norm_fn = None
+    if opts.get("norm") is not None:
+        user_norm = opts["norm"]
+        norm_fn = lambda v: user_norm(layout.unflatten(v))  # noqa: E731
+    cbs = None
+    if func is not None and not is_per_sample(opts):
+        cbs = find_callbacks(func, layout.unflatten, adaptive=method in ADAPTIVE, method=method)
+        if method == SCIPY_METHOD and cbs is not None:
+            warnings.warn("scipy_solver calls no step callbacks", stacklevel=3)
+    return SolverConfig(method, r, a, opts, segments=layout.member_segments(), norm_fn=norm_fn, callbacks=cbs)
+
+
+def time_dtype(options, t_dtype: torch.dtype) -> torch.dtype:
+    """The dtype ``func`` receives t in: ``options["dtype"]`` when given, else t's own."""
+    d = options.get("dtype") if isinstance(options, dict) else None
+    return d if d is not None else t_dtype
 
 
 def add_info(stats: SolverStats | None, info: SolveInfo, vf, *, backward: bool = False) -> None:
@@ -245,7 +309,7 @@ def add_info(stats: SolverStats | None, info: SolveInfo, vf, *, backward: bool =
         stats.last_step_size = info.last_step
 
 
-def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method="dopri5", options=None,
+def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method="dopri5", options=None, event_fn=None,
            stats: SolverStats | None = None):
     """Solve dy/dt = func(t, y), y(t[0]) = y0, and return y at every time in ``t``.
 
@@ -266,8 +330,10 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method="dopri5", options=None,
             err / (atol + rtol·max(|y_n|, |y_n+1|)) is <= 1 (a tuple state takes the max over
             members of each member's RMS, so a member with zero derivative never changes the steps).
         method: ``dopri5`` (default; None means it too, as in torchdiffeq), ``tsit5``, ``bosh3``,
-            ``dopri8`` (adaptive) or ``euler``, ``midpoint``, ``rk4`` (fixed grid; need
-            ``step_size`` or ``grid``).
+            ``dopri8``, ``adaptive_heun``, ``fehlberg2`` (adaptive), ``euler``, ``midpoint``,
+            ``heun2``, ``heun3``, ``rk4`` (fixed grid: on ``step_size``'s lattice, a ``grid``, a
+            ``grid_constructor``'s grid, or else on the output times as torchdiffeq), or
+            ``scipy_solver`` (``scipy.integrate.solve_ivp``, option ``solver``; no autograd graph).
         options: adaptive: ``first_step`` (default: Hairer's estimate), ``max_num_steps`` (trial
             steps, per row; default 100000), ``step_t`` (times to step on exactly), ``jump_t``
             (discontinuities of func: stepped on, the field restarted on the far side), ``safety``
@@ -287,7 +353,13 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method="dopri5", options=None,
             :class:`~node_engine.errors.SolveCancelled` (always). It runs once per step, so keep it
             cheap (e.g. re-read a flag at most every few seconds). The adjoint's backward pass takes
             both from the forward options unless ``adjoint_options`` sets them; its budget counts
-            the whole backward pass.
+            the whole backward pass. Also: ``min_step`` / ``max_step`` (bounds on |h|; a step at
+            min_step is always accepted), ``norm`` (callable ``norm(v) -> 0-d tensor`` replacing the
+            RMS of the weighted error v, given in y0's layout). Fixed: ``grid_constructor(func, y0,
+            t) -> grid``, ``perturb`` (evaluate just inside each step).
+            Any method: ``dtype`` (the dtype func receives t in; default t's). torchdiffeq's step
+            callbacks on ``func`` (``callback_step``, ``callback_accept_step``,
+            ``callback_reject_step``; see :mod:`node_engine.solvers.hooks`) are called.
             ``step_control``: ``"joint"`` (default; one step size for the whole state: one row)
             or ``"per_sample"``: dim 0 of y0 (of every tuple member) is a batch of B rows, and
             every row gets its own time, step size, accept/reject decision and status, in the
@@ -297,6 +369,9 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method="dopri5", options=None,
             then within the tolerance). Every adaptive method; any trailing shape; no
             step_t/jump_t. Backprop through the solve works; ``stats.sample_evaluations``
             counts rows evaluated (the work).
+        event_fn: ``(t, y) -> 0-d tensor``: terminal event mode (torchdiffeq): ``t`` has two times
+            (start and direction) and the result is ``(event_t, (2, *S) states at t[0] and event_t)``;
+            see :mod:`node_engine.events`.
         stats: a :class:`SolverStats`; nfe_forward, steps and last step size are added to it
             (per sample: steps summed over rows); ``stats.status`` is set to this solve's
             per-row :class:`~node_engine.errors.SolveStatus` ((B,) per sample, (1,) joint).
@@ -315,13 +390,19 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method="dopri5", options=None,
             sample); SolveCancelled (``stop`` returned True).
 
     Backpropagating through the result gives the exact gradient of the discrete solve (step
-    sizes are not differentiated); no gradient flows to ``t``. For O(1) memory use
-    :func:`node_engine.odeint_adjoint`.
+    sizes are not differentiated); a ``t`` that requires grad gets dL/dt of the exact solution
+    (:mod:`node_engine.time_grad`; joint step control). A derivative returned in another floating
+    dtype is cast to y0's. For O(1) memory use :func:`node_engine.odeint_adjoint`.
     """
+    if event_fn is not None:  # torchdiffeq's terminal event mode: returns (event_t, states at t0 and event)
+        from .events import solve_until_event
+        return solve_until_event(odeint, func, y0, t, event_fn, rtol=rtol, atol=atol, method=method,
+                                 options=options, stats=stats)
     per_sample = is_per_sample(options)
     layout = StateLayout(y0, batched=per_sample)
     times, t_dtype = check_t(t, layout.batch)
-    cfg = make_config(method or "dopri5", rtol, atol, options, layout)
+    cfg = make_config(method or "dopri5", rtol, atol, options, layout, func=func)
+    t_dtype = time_dtype(cfg.options, t_dtype)
     vf = (RowField if per_sample else VectorField)(func, layout, t_dtype)
     info = SolveInfo()
     z0 = layout.flatten(y0)
@@ -329,8 +410,12 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method="dopri5", options=None,
         z0 = z0.contiguous()
         if isinstance(times, list):
             times = np.broadcast_to(np.asarray(times), (layout.batch, len(times)))
+    t_grad = torch.is_grad_enabled() and t.requires_grad and not per_sample
+    z_start = start_time_gradient(t, z0, VectorField(func, layout, t_dtype), times[0]) if t_grad else z0
     try:
-        out = cfg.solve(vf, z0, times, info)
+        out = cfg.solve(vf, z_start, times, info)
     finally:
         add_info(stats, info, vf)
+    if t_grad:
+        out = output_time_gradient(t, out, z0, VectorField(func, layout, t_dtype), times)
     return layout.unflatten(out)

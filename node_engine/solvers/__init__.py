@@ -10,12 +10,17 @@ from .bosh3 import BOSH3
 from .dopri5 import DOPRI5
 from .dopri8 import DOPRI8
 from .fixed import EULER, MIDPOINT, RK4
+from .low_order import ADAPTIVE_HEUN, FEHLBERG2, HEUN2, HEUN3
+from .implicit import IMPLICIT_TABLEAUS, ImplicitTableau
 from .tableau import ButcherTableau
 from .tsit5 import TSIT5
 
-_TABLEAUS = (EULER, MIDPOINT, RK4, BOSH3, DOPRI5, TSIT5, DOPRI8)
+_TABLEAUS = (EULER, MIDPOINT, HEUN2, HEUN3, RK4, ADAPTIVE_HEUN, FEHLBERG2, BOSH3, DOPRI5, TSIT5, DOPRI8)
 METHODS: dict[str, ButcherTableau] = {tab.name: tab for tab in _TABLEAUS}
 ADAPTIVE = {name: tab for name, tab in METHODS.items() if tab.adaptive}
+# implicit fixed-grid methods (Newton on a dense Jacobian: small states): usable from odeint and
+# odeint_adjoint, not listed in METHODS (the job-spec choices), see docs/torchdiffeq.md
+IMPLICIT: dict[str, ImplicitTableau] = {tab.name: tab for tab in IMPLICIT_TABLEAUS}
 FIXED = {name: tab for name, tab in METHODS.items() if not tab.adaptive}
 
-__all__ = ["ADAPTIVE", "FIXED", "METHODS", "ButcherTableau"]
+__all__ = ["ADAPTIVE", "FIXED", "IMPLICIT", "METHODS", "ButcherTableau"]

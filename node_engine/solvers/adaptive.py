@@ -22,7 +22,7 @@ import torch
 from ..errors import SolveCancelled, SolveStatus
 from .controller import PIController, initial_step_size
 from .rk import RKStepper
-from .rows import any_, count, isfinite, maximum, minimum, nextafter, not_, to_device, where
+from .rows import any_, clip, count, isfinite, maximum, minimum, nextafter, not_, to_device, where
 
 __all__ = ["AdaptiveOptions", "SolveInfo", "StepRecord", "integrate_adaptive", "DEFAULT_MAX_NUM_STEPS",
            "check_stop", "over_budget"]
@@ -41,6 +41,9 @@ class AdaptiveOptions:
     raise_on_failure: bool = True
     max_nfe: int | None = None  # NFE budget of the solve (None: none)
     stop: Callable[[], bool] | None = None  # polled before every trial step; True ends the solve
+    min_step: float = 0.0  # torchdiffeq's bounds on |h|; a step of |h| <= min_step is always accepted
+    max_step: float = math.inf
+    callbacks: object = None  # hooks.StepCallbacks (joint solves)
 
 
 def check_stop(stop, t) -> None:
@@ -216,6 +219,10 @@ def _loop(vf, z, grid, stepper, norm, ctrl, opts, info, record, pieces) -> None:
     n_trials = 0
     mns = opts.max_num_steps
     stop, max_nfe = opts.stop, opts.max_nfe
+    cbs = opts.callbacks
+    bounded = opts.min_step > 0 or opts.max_step < math.inf
+    if bounded:
+        h = clip(h, opts.min_step, opts.max_step)
     with np.errstate(all="ignore"):
         while True:
             if stop is not None:
@@ -256,6 +263,8 @@ def _loop(vf, z, grid, stepper, norm, ctrl, opts, info, record, pieces) -> None:
                     return
                 continue
             t_eval_end = where(landing, nextafter(t_new, t), t_new) if is_jump else t_new
+            if cbs is not None:
+                cbs.step(t, z, hs)
             z_new = stepper.step(vf, t, t_new, t_eval_end, z, k1)
             if max_nfe is not None and vf.nfe > max_nfe:  # the budget is shared: every active row stops
                 fail(np.ones(gid.size, dtype=bool) if per_row else True, SolveStatus.NFE_BUDGET,
@@ -265,6 +274,11 @@ def _loop(vf, z, grid, stepper, norm, ctrl, opts, info, record, pieces) -> None:
                 err, err3, scale = stepper.error()
                 ratio = scale * norm.ratio(z, z_new, err, err3)  # the one host sync of the step
             accept, h_next, prev = ctrl.adapt(ahs, ratio, prev)
+            if bounded:
+                accept = accept | (ahs <= opts.min_step)
+                h_next = clip(h_next, opts.min_step, opts.max_step)
+            if cbs is not None:
+                cbs.decided(t, z, hs, accept)
             finite = isfinite(ratio)
             n_bad = where(finite, 0, n_bad + 1)
             h = h_next

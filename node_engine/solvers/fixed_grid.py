@@ -36,14 +36,28 @@ def make_grid(times: list[float], step_size: float | None, grid: list[float] | N
     return sorted(pts, key=lambda x: d * x)
 
 
+def _next_time(x: float, toward: float, dtype: torch.dtype) -> float:
+    """The time next to ``x`` towards ``toward`` in the dtype the field receives times in (a float64
+    neighbour would round back to x in float32)."""
+    if dtype == torch.float64:
+        return math.nextafter(x, toward)
+    return float(torch.nextafter(torch.tensor(x, dtype=dtype), torch.tensor(toward, dtype=dtype)))
+
+
 def integrate_fixed(
     vf, z0: torch.Tensor, times: list[float], stepper: RKStepper, grid: list[float], info: SolveInfo,
-    record: StepRecord | None = None, *, max_nfe: int | None = None, stop=None,
+    record: StepRecord | None = None, *, max_nfe: int | None = None, stop=None, perturb: bool = False,
+    callbacks=None,
 ) -> torch.Tensor:
     """States at ``times`` (all of them grid points): (T, N). Row 0 is z0 itself.
 
     ``stop`` is polled before every step (SolveCancelled); ``max_nfe`` is checked after every step
-    (NFEBudgetExceeded), as in the adaptive loop."""
+    (NFEBudgetExceeded), as in the adaptive loop.
+    ``perturb`` (torchdiffeq's option): every step evaluates the field just inside its interval
+    (first stage at nextafter(t_n) towards t_n+1, c = 1 stages at nextafter(t_n+1) towards t_n), so
+    a field with discontinuities on grid points is sampled on the right side of each.
+    ``callbacks``: a :class:`~.hooks.StepCallbacks`; ``callback_step`` is called before each step.
+    """
     outs = [z0]
     i_out = 1
     T = len(times)
@@ -54,14 +68,20 @@ def integrate_fixed(
     shape = stepper.shape
     for t, t_new in zip(grid[:-1], grid[1:]):
         check_stop(stop, t)
-        if k1 is None or not stepper.fsal:
-            k1 = vf(t, z.view(shape))
+        if perturb:
+            t_k1, t_end_eval = _next_time(t, t_new, vf.t_dtype), _next_time(t_new, t, vf.t_dtype)
+        else:
+            t_k1, t_end_eval = t, t_new
+        if callbacks is not None:
+            callbacks.step(t, z, t_new - t)
+        if k1 is None or not stepper.fsal or perturb:
+            k1 = vf(t_k1, z.view(shape))
         if record is not None:
             record.starts.append(z)
             record.bounds.append(t_new)
-            record.eval_end.append(t_new)
-            record.k1_time.append(t)
-        z = stepper.step(vf, t, t_new, t_new, z, k1)
+            record.eval_end.append(t_end_eval)
+            record.k1_time.append(t_k1)
+        z = stepper.step(vf, t, t_new, t_end_eval, z, k1)
         if over_budget(vf, max_nfe):
             info.status[:] = SolveStatus.NFE_BUDGET
             raise NFEBudgetExceeded(budget_message(vf, max_nfe, t), t=t)

@@ -81,7 +81,7 @@ class StateLayout:
         """(..., N or D) -> the user's layout with the same leading dims."""
         lead = tuple(z.shape[:-1])
         if not self.is_tuple:
-            return z.reshape(*lead, *self.shapes[0])
+            return z.reshape(lead + tuple(self.shapes[0]))
         parts = torch.split(z, self.sizes, dim=-1)
         return tuple(p.reshape(lead + tuple(s)) for p, s in zip(parts, self.shapes))
 
@@ -146,7 +146,7 @@ class VectorField:
         if self._single_shape is not None:
             out = self.func(tt, z)
             if not isinstance(out, torch.Tensor) or out.shape != self._single_shape or out.dtype != lay.dtype:
-                self._bad_output(out, None, self._single_shape)
+                out = self._bad_output(out, None, self._single_shape)
             return out
         out = self.func(tt, lay.unflatten(z))
         return self._pack(out, ())
@@ -158,15 +158,20 @@ class VectorField:
                 f"func must return a tuple of {len(lay.shapes)} tensors shaped like y (tuple state); "
                 f"got {type(out).__name__}"
             )
+        out = list(out)
         for i, (o, s) in enumerate(zip(out, lay.shapes)):
             if not isinstance(o, torch.Tensor) or tuple(o.shape) != lead + s or o.dtype != lay.dtype:
-                self._bad_output(o, i, lead + s)
+                out[i] = self._bad_output(o, i, lead + s)
         return torch.cat([o.reshape(*lead, -1) for o in out], dim=-1)
 
-    def _bad_output(self, out, member: int | None, expected):
+    def _bad_output(self, out, member: int | None, expected) -> torch.Tensor:
+        """``out`` cast to y's dtype when only its floating dtype differs (as torchdiffeq: a float32
+        state whose field mixes in float64 times); a wrong shape or type raises."""
         where = "" if member is None else f"[{member}]"
         if not isinstance(out, torch.Tensor):
             raise TypeError(f"func(t, y){where} must return a torch.Tensor, got {type(out).__name__}")
+        if tuple(out.shape) == tuple(expected) and out.is_floating_point():
+            return out.to(self.layout.dtype)
         raise ValueError(
             f"func(t, y){where} returned shape {tuple(out.shape)} and dtype {out.dtype}; "
             f"dy/dt must have the shape {tuple(expected)} and dtype {self.layout.dtype} of y"
@@ -193,5 +198,5 @@ class RowField(VectorField):
             return self._pack(out, (n,))
         expected = (n, *lay.shapes[0])
         if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected or out.dtype != lay.dtype:
-            self._bad_output(out, None, expected)
+            out = self._bad_output(out, None, expected)
         return out.reshape(n, -1)

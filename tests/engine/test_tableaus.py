@@ -14,13 +14,15 @@ from node_engine.solvers.fixed_grid import integrate_fixed
 from node_engine.solvers.rk import RKStepper
 from node_engine.solvers.state import StateLayout, VectorField
 
-from .problems import ALL_METHODS, ORDER, PROBLEMS, ADAPTIVE_METHODS
+from .problems import ALL_METHODS, ORDER, PROBLEMS, ADAPTIVE_METHODS, LOW_ORDER_ADAPTIVE
 
 RATIONAL = next(p for p in PROBLEMS if p.name == "rational")
 COS = next(p for p in PROBLEMS if p.name == "cos")
 # step counts (n, 2n) in the asymptotic range and above round-off, per method
-STEPS = {"euler": 128, "midpoint": 64, "rk4": 16, "bosh3": 32, "dopri5": 64, "tsit5": 64, "dopri8": 8}
-STEPS_COS = {"euler": 128, "midpoint": 64, "rk4": 32, "bosh3": 32, "dopri5": 32, "tsit5": 32, "dopri8": 8}
+STEPS = {"euler": 128, "midpoint": 64, "rk4": 16, "bosh3": 32, "dopri5": 64, "tsit5": 64, "dopri8": 8,
+         "heun2": 64, "heun3": 32, "adaptive_heun": 64, "fehlberg2": 64}
+STEPS_COS = {"euler": 128, "midpoint": 64, "rk4": 32, "bosh3": 32, "dopri5": 32, "tsit5": 32, "dopri8": 8,
+             "heun2": 64, "heun3": 32, "adaptive_heun": 64, "fehlberg2": 64}
 
 
 def _fixed(method, prob, n, theta=None):
@@ -56,7 +58,7 @@ def test_convergence_order(method, prob):
     assert p - 0.35 <= observed <= upper, (e1, e2, observed)
 
 
-@pytest.mark.parametrize("method", ADAPTIVE_METHODS)
+@pytest.mark.parametrize("method", ADAPTIVE_METHODS + LOW_ORDER_ADAPTIVE)
 def test_dense_output_order(method):
     # global error at interior points converges with the method's order (dense order + 1 >= order)
     n = STEPS[method]
@@ -91,7 +93,8 @@ def test_dense_typo_is_caught():
 
 
 def test_fsal_and_tensor_form():
-    assert all(ADAPTIVE[m].fsal for m in ADAPTIVE_METHODS)
+    assert all(ADAPTIVE[m].fsal for m in ("bosh3", "dopri5", "tsit5", "dopri8"))
+    assert not ADAPTIVE["adaptive_heun"].fsal and not ADAPTIVE["fehlberg2"].fsal  # extra stage for dense output
     assert not METHODS["rk4"].fsal
     tt = METHODS["dopri5"].to("cpu", torch.float32)
     assert tt.b.dtype == torch.float32 and tt.b.shape == (7,)
