@@ -82,7 +82,7 @@ def no_data_png(title: str, message: str) -> bytes:
 
 # ---- cache: a figure is drawn once per checkpoint --------------------------------------------------
 #: bumped when a figure's drawing changes, so figures cached by an older release are not served
-PLOT_VERSION = 1
+PLOT_VERSION = 2
 
 
 def cache_name(plot: str, checkpoint: str) -> str:
@@ -137,7 +137,7 @@ def samples_png(model: Any, train_points: np.ndarray | None, title: str, n: int 
 def trajectories_png(model: Any, data: Any, title: str, n_series: int = 3, resolution: int = 200) -> bytes:
     """Observed vs fitted vs extrapolated trajectories of the first ``n_series`` test series.
 
-    ``model``: a served forecaster (``forecast(starts, t)``); ``data``: the job's ``TimeSeriesData``
+    ``model``: a served forecaster (``forecast_series``); ``data``: the job's ``TimeSeriesData``
     (values standardized; shown in the data's units)."""
     test, st = data.test, data.standardization
     count = min(n_series, test.n)
@@ -149,7 +149,9 @@ def trajectories_png(model: Any, data: Any, title: str, n_series: int = 3, resol
         t, mask = test.t[i, :length], test.mask[i, :length]
         y = st.inverse(test.y[i, :length])
         grid = np.linspace(t[0], t[-1], resolution)
-        (mean,), _ = model.forecast([(float(t[0]), y[0])], grid)
+        # the model sees the fitted span's observations only (node: its first point; latent_ode and
+        # rnn: all of them), as in training and evaluation; the rest is extrapolated
+        (mean,), _, _ = model.forecast_series([(t[:context], y[:context], mask[:context])], grid)
         fitted = grid <= t[context - 1]
         for d in range(min(test.dim, len(colors))):
             c = colors[d]

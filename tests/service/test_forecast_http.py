@@ -134,7 +134,10 @@ def test_trajectories_plot_of_a_node_job(client, job_id):
 
 
 def test_latent_ode_forecast_draws_are_reproducible_and_do_not_depend_on_the_other_series(client, settings):
-    url = f"/v1/jobs/{_trained_job(client, settings, LATENT)}/forecast"
+    job = _trained_job(client, settings, LATENT)
+    url = f"/v1/jobs/{job}/forecast"
+    plot = client.get(f"/v1/jobs/{job}/plots/trajectories.png")  # encodes each test series' fitted span
+    assert plot.status_code == 200 and plot.content[:8] == b"\x89PNG\r\n\x1a\n", plot.text
     probe = {"t": [0.0, 0.3, 0.5], "y": [[None, 0.6], [1.0, 0.5], [0.9, None]]}  # no fully observed start needed
     times = [0.1, 0.5, 1.5]
     alone = client.post(url, json={"series": [probe], "t": times, "samples": 3, "seed": 11})

@@ -13,6 +13,7 @@ from fastapi.testclient import TestClient
 from jobs.artifacts import LocalArtifactStore, plots_prefix
 from jobs.settings import Settings
 from jobs.store import JobStore
+from service import plots
 from service.app import create_app
 from worker.runner import WorkerContext, run_job
 
@@ -60,15 +61,15 @@ def test_no_data_figure_then_curves_and_figures_cached_per_checkpoint(setup):
     first = client.get(f"/v1/jobs/{job_id}/plots/density.png")
     assert first.status_code == 200
     cached = sorted(p.name for p in cache.iterdir())
-    assert cached == ["density-final-v1.png", "training-final-v1.png"]
-    assert (cache / "density-final-v1.png").read_bytes() == first.content
+    assert cached == [f"density-final-v{plots.PLOT_VERSION}.png", f"training-final-v{plots.PLOT_VERSION}.png"]
+    assert (cache / f"density-final-v{plots.PLOT_VERSION}.png").read_bytes() == first.content
     # The second request is served from the cache, not redrawn: it returns what the cache holds.
-    (cache / "density-final-v1.png").write_bytes(b"\x89PNG cached")
-    (cache / "training-final-v1.png").write_bytes(b"\x89PNG cached curves")
+    (cache / f"density-final-v{plots.PLOT_VERSION}.png").write_bytes(b"\x89PNG cached")
+    (cache / f"training-final-v{plots.PLOT_VERSION}.png").write_bytes(b"\x89PNG cached curves")
     assert client.get(f"/v1/jobs/{job_id}/plots/density.png").content == b"\x89PNG cached"
     assert client.get(f"/v1/jobs/{job_id}/plots/training.png").content == b"\x89PNG cached curves"
     # samples is another figure: drawn on its first request
     assert client.get(f"/v1/jobs/{job_id}/plots/samples.png").content[:4] == b"\x89PNG"
-    assert (cache / "samples-final-v1.png").exists()
+    assert (cache / f"samples-final-v{plots.PLOT_VERSION}.png").exists()
     assert client.delete(f"/v1/jobs/{job_id}").status_code == 204
     assert not cache.exists() or list(cache.iterdir()) == []
