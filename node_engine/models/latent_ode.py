@@ -51,11 +51,9 @@ import torch
 from torch import Tensor, nn
 
 from node_engine.adjoint import odeint_adjoint
-from node_engine.models.series import context_lengths, start_grid, take
+from node_engine.models.series import SeriesModel, context_lengths, start_grid, take
 from node_engine.odeint import odeint
-from node_engine.solvers import FIXED
 from node_engine.specs import LatentODESection, SolverSection
-from node_engine.stats import SolverStats
 
 __all__ = ["AutonomousField", "ODERNNEncoder", "LatentODE", "gaussian_log_likelihood", "kl_to_standard_normal"]
 
@@ -132,25 +130,21 @@ class ODERNNEncoder(nn.Module):
         return mu, nn.functional.softplus(raw) + STD_FLOOR
 
 
-class LatentODE(nn.Module):
+class LatentODE(SeriesModel):
     """Latent ODE model (module doc). Attributes: ``dim`` D, ``latent_dim`` Z, ``encoder``, ``field``
     (f_θ), ``decoder`` (g_θ), ``obs_std`` σ, ``kl_anneal_steps``, ``elbo_samples``, ``solver``,
     ``stats`` (NFE of every solve, encoder and latent), ``train_steps`` (buffer: loss calls in training)."""
 
+    name = "latent_ode"
     needs_observed_start = False  #: the encoder reads any observed entries; no fully observed start needed
 
     def __init__(self, dim: int, spec: LatentODESection, solver: SolverSection):
-        super().__init__()
-        if solver.method in FIXED:
-            raise ValueError(f"solver.method: model 'latent_ode' integrates each series on its own times and needs "
-                             f"an adaptive method, got {solver.method!r}")
+        super().__init__(solver)
         self.dim, self.latent_dim = dim, spec.latent_dim
         self.obs_std, self.kl_anneal_steps, self.elbo_samples = spec.obs_std, spec.kl_anneal_steps, spec.elbo_samples
         self.encoder = ODERNNEncoder(dim, spec.rec_hidden, spec.hidden, spec.latent_dim)
         self.field = AutonomousField(spec.latent_dim, spec.hidden)
         self.decoder = nn.Sequential(nn.Linear(spec.latent_dim, spec.hidden), nn.ReLU(), nn.Linear(spec.hidden, dim))
-        self.solver = solver
-        self.stats = SolverStats()
         self.register_buffer("train_steps", torch.zeros((), dtype=torch.int64))
 
     @classmethod
@@ -158,15 +152,6 @@ class LatentODE(nn.Module):
         """Raises ValueError for bad options (``node_engine.specs.LatentODESection``) or a fixed-grid method."""
         return cls(dim, LatentODESection.from_spec(model_spec, strict=False),
                    SolverSection.from_spec(solver_spec, strict=False))
-
-    def set_tolerances(self, rtol: float, atol: float) -> None:
-        self.solver = self.solver.with_tolerances(rtol, atol)
-
-    def use_solver(self, solver: SolverSection) -> None:
-        self.solver = solver
-
-    def regularization(self) -> dict[str, Tensor]:
-        return {}
 
     # ---- solves -------------------------------------------------------------------------------
     def _per_sample(self, field: nn.Module, h0: Tensor, grid: Tensor) -> Tensor:

@@ -16,11 +16,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from node_engine.models.series import masked_mse, start_grid, take
+from node_engine.models.series import SeriesModel, masked_mse, start_grid, take
 from node_engine.odeint import odeint
-from node_engine.solvers import FIXED
 from node_engine.specs import NODESection, SolverSection
-from node_engine.stats import SolverStats
 
 _ACTIVATIONS = {"tanh": nn.Tanh, "softplus": nn.Softplus}
 
@@ -42,18 +40,16 @@ class MLPField(nn.Module):
         return self.net(torch.cat([z, tt], dim=1))
 
 
-class NeuralODE(nn.Module):
+class NeuralODE(SeriesModel):
     """y(t) = y(t0) + ∫ f_θ dt per series. Attributes: ``dim`` D, ``augment_dim`` A, ``stats``, ``solver``."""
+
+    name = "node"
 
     needs_observed_start = True  #: every series starts from its first observation, which must be fully observed
 
     def __init__(self, dim: int, field: MLPField, augment_dim: int, solver: SolverSection):
-        super().__init__()
-        if solver.method in FIXED:
-            raise ValueError(f"solver.method: model 'node' integrates each series on its own time grid and needs an "
-                             f"adaptive method, got {solver.method!r}")
-        self.dim, self.augment_dim, self.field, self.solver = dim, augment_dim, field, solver
-        self.stats = SolverStats()
+        super().__init__(solver)
+        self.dim, self.augment_dim, self.field = dim, augment_dim, field
 
     @classmethod
     def from_spec(cls, model_spec: Mapping[str, Any], solver_spec: Mapping[str, Any] | None, dim: int) -> "NeuralODE":
@@ -61,15 +57,6 @@ class NeuralODE(nn.Module):
         spec = NODESection.from_spec(model_spec, strict=False)
         field = MLPField(dim + spec.augment_dim, spec.hidden_dims, spec.nonlinearity)
         return cls(dim, field, spec.augment_dim, SolverSection.from_spec(solver_spec, strict=False))
-
-    def set_tolerances(self, rtol: float, atol: float) -> None:
-        self.solver = self.solver.with_tolerances(rtol, atol)
-
-    def use_solver(self, solver: SolverSection) -> None:
-        self.solver = solver
-
-    def regularization(self) -> dict[str, Tensor]:
-        return {}
 
     def forward(self, t: Tensor, y0: Tensor) -> Tensor:
         """Trajectories from ``y0`` (B, D) at ``t`` (B, T), each row strictly increasing, t[:, 0] the

@@ -25,26 +25,25 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from node_engine.models.series import masked_mse
+from node_engine.models.series import SeriesModel, masked_mse
 from node_engine.specs import RNNSection, SolverSection
-from node_engine.stats import SolverStats
 
 __all__ = ["GRUBaseline"]
 
 
-class GRUBaseline(nn.Module):
+class GRUBaseline(SeriesModel):
     """GRU with Δt input (module doc). Attributes: ``dim`` D, ``hidden`` H, ``gru`` (input 2D + 1),
     ``decoder`` ([h, Δt] -> D), ``stats`` (stays 0: no ODE), ``solver`` (unused; kept for the common API)."""
 
+    name = "rnn"
+    adaptive_only = False  # no ODE: any solver section is accepted and unused
     needs_observed_start = False
 
     def __init__(self, dim: int, hidden: int, solver: SolverSection | None = None):
-        super().__init__()
+        super().__init__(solver)
         self.dim, self.hidden = dim, hidden
         self.gru = nn.GRUCell(2 * dim + 1, hidden)
         self.decoder = nn.Sequential(nn.Linear(hidden + 1, hidden), nn.Tanh(), nn.Linear(hidden, dim))
-        self.solver = solver or SolverSection()
-        self.stats = SolverStats()
 
     @classmethod
     def from_spec(cls, model_spec: Mapping[str, Any], solver_spec: Mapping[str, Any] | None,
@@ -52,15 +51,6 @@ class GRUBaseline(nn.Module):
         """Raises ValueError for bad options (``node_engine.specs.RNNSection``)."""
         spec = RNNSection.from_spec(model_spec, strict=False)
         return cls(dim, spec.hidden, SolverSection.from_spec(solver_spec, strict=False))
-
-    def set_tolerances(self, rtol: float, atol: float) -> None:
-        """No ODE: nothing to set."""
-
-    def use_solver(self, solver: SolverSection) -> None:
-        self.solver = solver
-
-    def regularization(self) -> dict[str, Tensor]:
-        return {}
 
     def states(self, t: Tensor, y: Tensor, mask: Tensor, lengths: Tensor) -> Tensor:
         """h_i after each observation: (B, L, H); rows past ``lengths[b]`` repeat the last state."""

@@ -17,7 +17,39 @@ observation ``t[b, 0]``, with ``predict(t, y, mask, lengths, t_out) -> (B, M, D)
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+from node_engine.solvers import FIXED
+from node_engine.specs import SolverSection
+from node_engine.stats import SolverStats
+
+class SeriesModel(nn.Module):
+    """Base of the time-series models: holds ``solver`` (a :class:`SolverSection`) and ``stats`` (NFE of
+    its solves), and the model API the trainer calls (``set_tolerances``, ``use_solver``,
+    ``regularization``: none). ``name`` / ``adaptive_only``: a model that integrates each series on its
+    own times refuses a fixed-grid method (ValueError naming ``solver.method``)."""
+
+    name = ""
+    adaptive_only = True
+
+    def __init__(self, solver: SolverSection | None = None):
+        super().__init__()
+        solver = solver or SolverSection()
+        if self.adaptive_only and solver.method in FIXED:
+            raise ValueError(f"solver.method: model {self.name!r} integrates each series on its own time grid and "
+                             f"needs an adaptive method, got {solver.method!r}")
+        self.solver = solver
+        self.stats = SolverStats()
+
+    def set_tolerances(self, rtol: float, atol: float) -> None:
+        self.solver = self.solver.with_tolerances(rtol, atol)
+
+    def use_solver(self, solver: SolverSection) -> None:
+        self.solver = solver
+
+    def regularization(self) -> dict[str, Tensor]:
+        return {}
+
 
 #: extra output time past a row's last wanted time, as a share of the row's span (>= 1 time unit)
 PAST_END = 1e-6

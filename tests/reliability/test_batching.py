@@ -4,7 +4,6 @@ batches under concurrency, and one request's bad input does not fail the others 
 from __future__ import annotations
 
 import threading
-import time
 
 import numpy as np
 import pytest
