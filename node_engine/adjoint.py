@@ -35,7 +35,7 @@ from .odeint import SolverConfig, add_info, check_t, is_per_sample, make_config,
 from .solvers.hooks import find_callbacks
 from .solvers.adaptive import SolveInfo, StepRecord, budget_message, check_stop, over_budget
 from .solvers.rk import RKStepper
-from .solvers import ADAPTIVE, IMPLICIT, METHODS
+from .solvers import ADAPTIVE, IMPLICIT, METHODS, STIFF
 from .solvers.adams import ADAMS_METHODS
 from .solvers.state import StateLayout, VectorField
 from .stats import SolverStats
@@ -339,6 +339,13 @@ def odeint_adjoint(
     layout = StateLayout(y0)
     times, t_dtype = check_t(t)
     method = method or "dopri5"
+    if method in STIFF or adjoint_method in STIFF:
+        # its backward would be a stiff solve of the augmented [y, a, θ] system, whose Jacobian (dense,
+        # parameters included) the Newton solve cannot afford; backprop through odeint is exact enough
+        raise ValueError(f"odeint_adjoint does not support {method if method in STIFF else adjoint_method!r} "
+                         "(an adaptive stiff method: its Newton solve needs the dense Jacobian of the augmented "
+                         "adjoint system, parameters included); use node_engine.odeint with it (backprop through "
+                         "the solve), see docs/torchdiffeq.md")
     cfg = make_config(method, rtol, atol, options, layout, func=func)
     t_dtype = time_dtype(cfg.options, t_dtype)
     if adjoint_params is None:

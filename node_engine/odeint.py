@@ -13,8 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .solvers import ADAPTIVE, FIXED, IMPLICIT, METHODS
+from .solvers import ADAPTIVE, FIXED, IMPLICIT, METHODS, STIFF
 from .solvers.adams import ADAMS_METHODS, AdamsStepper
+from .solvers.esdirk import ESDIRKStepper
 from .solvers.implicit import NEWTON_MAX_ITERS, ImplicitStepper
 from .solvers.adaptive import DEFAULT_MAX_NUM_STEPS, AdaptiveOptions, SolveInfo, StepRecord, integrate_adaptive
 from .solvers.controller import PIController
@@ -34,13 +35,15 @@ ADAPTIVE_OPTIONS = ("first_step", "max_num_steps", "step_t", "jump_t", "safety",
 STEP_CONTROLS = ("joint", "per_sample")
 FIXED_OPTIONS = ("step_size", "grid", "grid_constructor", "perturb", "dtype", "interp", "max_nfe", "stop")  # interp: ignored
 IMPLICIT_OPTIONS = ("newton_tol", "newton_max_iters")
+# kvaerno5: joint stepping only (one Jacobian per step of the whole state), so no step_control
+STIFF_OPTIONS = tuple(k for k in ADAPTIVE_OPTIONS if k != "step_control") + IMPLICIT_OPTIONS
 
 
 def check_method(method: str) -> None:
     if not isinstance(method, str) or (method not in METHODS and method not in IMPLICIT and method != SCIPY_METHOD
-                                       and method not in ADAMS_METHODS):
+                                       and method not in ADAMS_METHODS and method not in STIFF):
         raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(sorted(METHODS))}, "
-                         f"{', '.join(IMPLICIT)}, {', '.join(ADAMS_METHODS)}, {SCIPY_METHOD}")
+                         f"{', '.join(STIFF)}, {', '.join(IMPLICIT)}, {', '.join(ADAMS_METHODS)}, {SCIPY_METHOD}")
 
 
 def check_options(method: str, options, allowed_extra: tuple[str, ...] = ()) -> dict:
@@ -55,6 +58,7 @@ def check_options(method: str, options, allowed_extra: tuple[str, ...] = ()) -> 
     if method == SCIPY_METHOD and is_per_sample(options):
         raise ValueError("step_control='per_sample' is not supported by scipy_solver")
     valid = (SCIPY_OPTIONS if method == SCIPY_METHOD else ADAPTIVE_OPTIONS if method in ADAPTIVE
+             else STIFF_OPTIONS if method in STIFF
              else FIXED_OPTIONS + IMPLICIT_OPTIONS if method in IMPLICIT else FIXED_OPTIONS) + allowed_extra
     bad = sorted(set(options) - set(valid))
     if bad:
@@ -196,6 +200,14 @@ class SolverConfig:
                                       tol=self.options.get("newton_tol"),
                                       max_iters=self.options.get("newton_max_iters", NEWTON_MAX_ITERS))
             return self._solve(vf, z0, times, info, record, IMPLICIT[self.method], stepper)
+        if self.method in STIFF:
+            stepper = ESDIRKStepper(STIFF[self.method], vf.work_shape, z0.device, z0.dtype, self.rtol, self.atol,
+                                    newton_tol=self.options.get("newton_tol"),
+                                    newton_max_iters=self.options.get("newton_max_iters"))
+            # steps land on every output time: the cubic Hermite interpolant (order 3) cost up to 60x
+            # the tolerance on Robertson at rtol 1e-6, the steps themselves < 3x (docs/benchmarks.md)
+            return self._solve(vf, z0, times, info, record, STIFF[self.method], stepper,
+                               land=[float(x) for x in times[1:-1]])
         tab = METHODS[self.method]
         if isinstance(vf, RowField):
             stepper = RKStepper(tab, z0.shape, z0.device, z0.dtype, reuse_buffer=not grad, per_row=True)
@@ -209,7 +221,7 @@ class SolverConfig:
         finally:
             release_stepper(stepper)
 
-    def _solve(self, vf, z0, times, info, record, tab, stepper) -> torch.Tensor:
+    def _solve(self, vf, z0, times, info, record, tab, stepper, land=()) -> torch.Tensor:
         o = self.options
         if not tab.adaptive:
             user_grid = o.get("grid")
@@ -244,7 +256,7 @@ class SolverConfig:
             raise ValueError(f"options['first_step'] must be a nonzero finite number, got {fs}")
         aopts = AdaptiveOptions(
             first_step=fs, max_num_steps=mns,
-            step_t=tuple(_floats(o.get("step_t"), "step_t") or ()),
+            step_t=tuple(_floats(o.get("step_t"), "step_t") or ()) + tuple(land),
             jump_t=tuple(_floats(o.get("jump_t"), "jump_t") or ()),
             raise_on_failure=o.get("raise_on_failure", True),
             max_nfe=o.get("max_nfe"), stop=o.get("stop"),
@@ -271,7 +283,7 @@ def make_config(method, rtol, atol, options, layout: StateLayout, allowed_extra=
     opts = check_options(method, options, allowed_extra)
     r = flat_tolerance(rtol, layout, "rtol")
     a = flat_tolerance(atol, layout, "atol")
-    if method in ADAPTIVE and isinstance(r, float) and isinstance(a, float) and r == 0 and a == 0:
+    if (method in ADAPTIVE or method in STIFF) and isinstance(r, float) and isinstance(a, float) and r == 0 and a == 0:
         raise ValueError("rtol and atol cannot both be 0 for an adaptive method")
     norm_fn = None
     if opts.get("norm") is not None:
@@ -279,7 +291,7 @@ def make_config(method, rtol, atol, options, layout: StateLayout, allowed_extra=
         norm_fn = lambda v: user_norm(layout.unflatten(v))  # noqa: E731
     cbs = None
     if func is not None and not is_per_sample(opts):
-        cbs = find_callbacks(func, layout.unflatten, adaptive=method in ADAPTIVE, method=method)
+        cbs = find_callbacks(func, layout.unflatten, adaptive=method in ADAPTIVE or method in STIFF, method=method)
         if method == SCIPY_METHOD and cbs is not None:
             warnings.warn("scipy_solver calls no step callbacks", stacklevel=3)
     return SolverConfig(method, r, a, opts, segments=layout.member_segments(), norm_fn=norm_fn, callbacks=cbs)

@@ -11,6 +11,7 @@ from .dopri5 import DOPRI5
 from .dopri8 import DOPRI8
 from .fixed import EULER, MIDPOINT, RK4
 from .low_order import ADAPTIVE_HEUN, FEHLBERG2, HEUN2, HEUN3
+from .esdirk import STIFF, ESDIRKTableau
 from .implicit import IMPLICIT_TABLEAUS, ImplicitTableau
 from .tableau import ButcherTableau
 from .tsit5 import TSIT5
@@ -21,6 +22,8 @@ ADAPTIVE = {name: tab for name, tab in METHODS.items() if tab.adaptive}
 # implicit fixed-grid methods (Newton on a dense Jacobian: small states): usable from odeint and
 # odeint_adjoint, not listed in METHODS (the job-spec choices), see docs/torchdiffeq.md
 IMPLICIT: dict[str, ImplicitTableau] = {tab.name: tab for tab in IMPLICIT_TABLEAUS}
+# adaptive stiff methods (ESDIRK, Newton on a dense Jacobian: small states, joint stepping), see
+# solvers/esdirk.py; odeint only (odeint_adjoint refuses them), not in METHODS, see docs/torchdiffeq.md
 FIXED = {name: tab for name, tab in METHODS.items() if not tab.adaptive}
 
-__all__ = ["ADAPTIVE", "FIXED", "IMPLICIT", "METHODS", "ButcherTableau"]
+__all__ = ["ADAPTIVE", "FIXED", "IMPLICIT", "METHODS", "STIFF", "ButcherTableau", "ESDIRKTableau", "ImplicitTableau"]

@@ -289,7 +289,8 @@ def _loop(vf, z, grid, stepper, norm, ctrl, opts, info, record, pieces) -> None:
             if any_(failed):
                 fail(failed, SolveStatus.NON_FINITE, lambda i, s, ti: (
                     f"NaN/inf in the state or derivative{s} of {int(n_bad[i] if per_row else n_bad)} consecutive "
-                    f"trial steps from t={ti:g} (last h={float(ahs[i] if per_row else ahs):.3g})"))
+                    f"trial steps from t={ti:g} (last h={float(ahs[i] if per_row else ahs):.3g})"
+                    f"{getattr(stepper, 'failure_note', '')}"))
                 if not per_row:
                     return
             done = False

@@ -27,7 +27,8 @@ import torch
 from ..errors import NewtonConvergenceError
 from .tableau import rooted_tree_conditions
 
-__all__ = ["ImplicitTableau", "ImplicitStepper", "IMPLICIT_TABLEAUS", "NEWTON_MAX_ITERS", "newton_tol"]
+__all__ = ["ImplicitTableau", "ImplicitStepper", "IMPLICIT_TABLEAUS", "NEWTON_MAX_ITERS", "newton_tol",
+           "field_jacobian", "newton_solve"]
 
 NEWTON_MAX_ITERS = 50
 
@@ -35,6 +36,54 @@ NEWTON_MAX_ITERS = 50
 def newton_tol(dtype: torch.dtype) -> float:
     """Default Newton tolerance: 100 machine epsilons of the state's dtype."""
     return 100 * torch.finfo(dtype).eps
+
+
+def field_jacobian(vf, t, zf: torch.Tensor, shape) -> torch.Tensor:
+    """Dense Jacobian ∂f/∂y (N, N) of the flattened field at (t, zf) (zf: (N,)), detached.
+
+    One field call (counted in NFE) and N vector–Jacobian products: meant for small states. A
+    component the field does not depend on gives a zero row; NaN/inf entries become finite
+    (a bad Jacobian shows up as a failed Newton solve, not as a crash here).
+    """
+    n = zf.numel()
+    with torch.enable_grad():
+        zj = zf.detach().requires_grad_(True)
+        fj = vf(t, zj.view(shape)).reshape(-1)
+        eye = torch.eye(n, dtype=zf.dtype, device=zf.device)
+        J = torch.stack([torch.autograd.grad(fj, zj, e, retain_graph=True, allow_unused=True)[0]
+                         if fj.requires_grad else torch.zeros(n, dtype=zf.dtype, device=zf.device)
+                         for e in eye])
+    return torch.nan_to_num(J.detach()) if J.numel() else J.detach()
+
+
+def newton_solve(residual, lu, x: torch.Tensor, size, tol: float, max_iters: int, *, stop_diverging: bool = False):
+    """Simplified Newton: ``x += lu_solve(lu, -residual(x))`` until ``size(dx) <= tol``.
+
+    Args:
+        residual: x -> G(x), x's shape; lu: ``torch.linalg.lu_factor`` of (an approximation of) ∂G/∂x
+            over the flattened x, reused by every iteration (one factorisation per step);
+        size: dx -> float (the caller's convergence measure); tol: its threshold.
+    Returns:
+        (x, converged, iterations, last size). Runs without autograd; the caller raises its own
+        :class:`~node_engine.errors.NewtonConvergenceError` (or rejects the step) when not converged.
+        A NaN/inf update stops early; so does, with ``stop_diverging``, an update more than twice the
+        previous one after the second iteration (an adaptive caller then retries a smaller step).
+    """
+    change, prev = math.inf, math.inf
+    with torch.no_grad():
+        x = x.clone()
+        for it in range(1, max_iters + 2):
+            dx = torch.linalg.lu_solve(*lu, -residual(x).reshape(-1, 1)).view(x.shape)
+            x += dx
+            change = size(dx)
+            if not math.isfinite(change):
+                return x, False, it, change
+            if change <= tol:
+                return x, True, it, change
+            if stop_diverging and it > 2 and change > 2 * prev:
+                return x, False, it, change
+            prev = change
+    return x, False, max_iters + 1, change
 
 
 @dataclass(frozen=True)
@@ -94,31 +143,16 @@ class ImplicitStepper:
         ts = [t_end_eval if ci == 1.0 else t + ci * h for ci in tab.c]
         zf = z.reshape(-1)
         f0 = k1.reshape(-1)
-        with torch.enable_grad():
-            zj = zf.detach().requires_grad_(True)
-            t_jac = ts[self.explicit.index(False)]  # inside the step (perturb: never on a grid point)
-            fj = vf(t_jac, zj.view(self.shape)).reshape(-1)
-            J = torch.stack([torch.autograd.grad(fj, zj, e, retain_graph=True, allow_unused=True)[0]
-                             if fj.requires_grad else torch.zeros(N, dtype=self.dtype, device=self.device)
-                             for e in torch.eye(N, dtype=self.dtype, device=self.device)])
-        J = torch.nan_to_num(J) if J.numel() else J
-        M = torch.eye(s * N, dtype=self.dtype, device=self.device) - h * torch.kron(self.A, J.detach())
+        t_jac = ts[self.explicit.index(False)]  # inside the step (perturb: never on a grid point)
+        J = field_jacobian(vf, t_jac, zf, self.shape)
+        M = torch.eye(s * N, dtype=self.dtype, device=self.device) - h * torch.kron(self.A, J)
         lu = torch.linalg.lu_factor(M)
         scale = self.tol * max(1.0, float(zf.detach().abs().max()))
-        with torch.no_grad():
-            K = f0.detach().expand(s, N).clone()
-            for it in range(self.max_iters + 1):
-                G = K - self._stage_f(vf, ts, zf.detach(), K, h, f0.detach())
-                dK = torch.linalg.lu_solve(*lu, -G.reshape(-1, 1)).view(s, N)
-                K += dK
-                change = float(dK.abs().max()) * abs(h)
-                if not math.isfinite(change):
-                    break
-                if change <= scale:
-                    break
-            else:
-                it = self.max_iters + 1
-        if it > self.max_iters or not math.isfinite(change):
+        zd, f0d = zf.detach(), f0.detach()
+        K, ok, it, change = newton_solve(lambda K: K - self._stage_f(vf, ts, zd, K, h, f0d), lu,
+                                         f0d.expand(s, N), lambda dK: float(dK.abs().max()) * abs(h), scale,
+                                         self.max_iters)
+        if not ok:
             raise NewtonConvergenceError(
                 f"{tab.name}: the Newton solve of the stage equations did not converge at t={t:g} (h={h:.3g}; last "
                 f"update {change:.3g} > newton_tol {scale:.3g} after {it} iterations); use a smaller step_size",

@@ -1,0 +1,205 @@
+"""Adaptive stiff solver: Kværnø's ESDIRK 5(4) (``method="kvaerno5"``), with error control.
+
+Method: A. Kværnø, "Singly diagonally implicit Runge–Kutta methods with an explicit first stage",
+BIT Numer. Math. 44 (2004) 489–502, the 7-stage pair of order 5 with an embedded order-4 solution
+(γ = 0.26; the method diffrax calls ``Kvaerno5``). Both solutions are stiffly accurate (b and b̂ are
+rows 7 and 6 of A, c₆ = c₇ = 1) and L-stable, so their difference, the error estimate, is damped
+on stiff components. The coefficients are data below, checked at import by the rooted-tree order
+conditions (order 5 for b, 4 for b̂) like every other tableau.
+
+Each step: k₁ = f(t, y) (explicit stage); for i = 2..7 the stage value Yᵢ solves
+``Yᵢ = y + h Σ_{j<i} a_ij k_j + h γ f(t + cᵢh, Yᵢ)`` by simplified Newton
+(:func:`~.implicit.newton_solve`) with one Jacobian J = ∂f/∂y at (t, y) per step
+(:func:`~.implicit.field_jacobian`: dense, for small states) and one LU of I − hγJ shared by all
+six stages; then kᵢ = (Yᵢ − y − h Σ_{j<i} a_ij k_j)/(hγ) (Hairer–Wanner II §IV.8: not f(Yᵢ), which
+would amplify the Newton residual by the stiffness). Newton stops when the weighted RMS of an update
+(weights atol + rtol|Yᵢ|, the error norm's) is below ``newton_tol`` (default 0.01), or fails after
+``newton_max_iters`` (default 10) or on divergence: the step is then *rejected* (its error is
+NaN, so the controller retries it 10× smaller) rather than raising; the solve fails only when that
+repeats (``SolveStatus.NON_FINITE`` after 12 in a row, the message names Newton). Step sizes: the
+project's :class:`~.norms.ErrorNorm` and :class:`~.controller.PIController` (error order 4), through
+the one adaptive loop (:func:`~.adaptive.integrate_adaptive`, joint stepping only).
+
+Dense output between steps: cubic Hermite from (y, k₁) and (y_new, k₇) (order 3, as diffrax's
+Kvaerno5). Gradients: backprop through the solve works (after each stage converges, one Newton
+update is replayed with autograd on, giving the implicit-function-theorem derivative with the
+step's Jacobian, as in :mod:`.implicit`); ``odeint_adjoint`` refuses the method (see docs/torchdiffeq.md).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .implicit import field_jacobian, newton_solve
+from .tableau import rooted_tree_conditions
+
+__all__ = ["ESDIRKTableau", "ESDIRKStepper", "KVAERNO5", "STIFF", "ESDIRK_NEWTON_TOL", "ESDIRK_NEWTON_MAX_ITERS"]
+
+ESDIRK_NEWTON_TOL = 0.01  # weighted RMS of a Newton update, in units of the error tolerance
+ESDIRK_NEWTON_MAX_ITERS = 10  # more means the step is too long for the Jacobian: reject, shrink
+
+
+@dataclass(frozen=True)
+class ESDIRKTableau:
+    """An ESDIRK pair: strictly lower ``a_lower`` (row i: a_i1..a_i,i-1, i = 2..s), diagonal γ,
+    solution weights = last row of A, embedded weights = row s−1 (both stiffly accurate)."""
+
+    name: str
+    gamma: float
+    a_lower: tuple[tuple[float, ...], ...]
+    order: int
+    error_order: int
+    reference: str
+
+    adaptive = True  # read by the solve: error control with an ErrorNorm and a PIController
+    fsal = False
+
+    @property
+    def stages(self) -> int:
+        return len(self.a_lower) + 1
+
+    @property
+    def control_order(self) -> int:
+        return self.error_order
+
+    def full_a(self) -> np.ndarray:
+        s = self.stages
+        A = np.zeros((s, s))
+        for i, row in enumerate(self.a_lower, start=1):
+            A[i, :i] = row
+            A[i, i] = self.gamma
+        return A
+
+    @property
+    def c(self) -> tuple[float, ...]:
+        return tuple(float(x) for x in self.full_a().sum(1))
+
+    def __post_init__(self) -> None:
+        A = self.full_a()
+        if any(len(row) != i for i, row in enumerate(self.a_lower, start=1)):
+            raise ValueError(f"{self.name}: row i of a_lower needs i-1 entries")
+        c = A.sum(1)
+        if abs(c[-1] - 1) > 1e-12 or abs(c[-2] - 1) > 1e-12:
+            raise ValueError(f"{self.name}: the last two stages must be at c = 1 (stiffly accurate pair)")
+        phi, rho, gam = rooted_tree_conditions(A, self.order)
+        for w, p, what in ((A[-1], self.order, "b"), (A[-2], self.error_order, "embedded b̂")):
+            mask = rho <= p
+            resid = phi[mask] @ w - 1.0 / gam[mask]
+            if np.max(np.abs(resid)) > 1e-12:
+                raise ValueError(f"{self.name}: {what} violates an order-{int(rho[mask][np.abs(resid) > 1e-12].min())}"
+                                 f" condition (claimed order {p})")
+
+
+# Kværnø (2004), ESDIRK 5(4), 7 stages, γ = 0.26 (c = 0, 0.52, 1.2303..., 0.8958..., 0.4364..., 1, 1)
+KVAERNO5 = ESDIRKTableau(
+    "kvaerno5", 0.26,
+    ((0.26,),
+     (0.13, 0.84033320996790809),
+     (0.22371961478320505, 0.47675532319799699, -0.06470895363112615),
+     (0.16648564323248321, 0.10450018841591720, 0.03631482272098715, -0.13090704451073998),
+     (0.13855640231268224, 0.0, -0.04245337201752043, 0.02446657898003141, 0.61943039072480676),
+     (0.13659751177640291, 0.0, -0.05496908796538376, -0.04118626728321046, 0.62993304899016403,
+      0.06962479448202728)),
+    order=5, error_order=4,
+    reference="A. Kværnø, BIT Numer. Math. 44 (2004) 489–502, ESDIRK 5(4), 7 stages",
+)
+
+STIFF: dict[str, ESDIRKTableau] = {KVAERNO5.name: KVAERNO5}
+
+
+class ESDIRKStepper:
+    """Trial steps of an :class:`ESDIRKTableau` with the interface of :class:`~.rk.RKStepper` that
+    :func:`~.adaptive.integrate_adaptive` uses in joint mode (``step``, ``error``, ``dense``).
+
+    Args:
+        work_shape: the field's state shape; rtol, atol: the solve's tolerances (floats or (N,)
+            tensors), which weight the Newton convergence test; newton_tol, newton_max_iters: above.
+    """
+
+    per_row = False
+    reuse = False
+    fsal = False
+
+    def __init__(self, tab: ESDIRKTableau, work_shape, device, dtype, rtol, atol, *,
+                 newton_tol: float | None = None, newton_max_iters: int | None = None):
+        self.tab = tab
+        self.shape = torch.Size(work_shape)
+        self.n = self.shape.numel()
+        self.device, self.dtype = device, dtype
+        self.rtol, self.atol = rtol, atol
+        self.newton_tol = ESDIRK_NEWTON_TOL if newton_tol is None else float(newton_tol)
+        self.newton_max_iters = ESDIRK_NEWTON_MAX_ITERS if newton_max_iters is None else int(newton_max_iters)
+        A = tab.full_a()
+        self.A = torch.tensor(A, dtype=dtype, device=device)
+        self.gamma = tab.gamma
+        self.c = tab.c
+        self.b_err = torch.tensor(A[-1] - A[-2], dtype=dtype, device=device)
+        self.newton_failures = 0  # steps rejected because a stage's Newton solve failed
+        self.failure_note = ""  # the last Newton failure, for the solve's error message
+        self._K = None
+        self._h = 0.0
+        self._z_new = None
+
+    def _weights(self, y: torch.Tensor) -> torch.Tensor:
+        return torch.add(torch.mul(y.abs(), self.rtol), self.atol)
+
+    def step(self, vf, t, t_new, t_end_eval, z: torch.Tensor, k1: torch.Tensor):
+        """z_new (N,) of the trial step from (t, z) (z: (N,)) to t_new; ``k1 = f(t, z)``. A failed
+        Newton solve returns NaN (the step's error is then NaN: rejected, retried smaller)."""
+        h = t_new - t
+        self._h = h
+        s, n, hg = self.tab.stages, self.n, h * self.gamma
+        zf = z.reshape(-1)
+        K = [k1.reshape(-1)]
+        J = field_jacobian(vf, t, zf, self.shape)
+        lu = torch.linalg.lu_factor(torch.eye(n, dtype=self.dtype, device=self.device) - hg * J)
+        grad = torch.is_grad_enabled()
+        for i in range(1, s):
+            ti = t_end_eval if self.c[i] == 1.0 else t + self.c[i] * h
+            base = zf + h * (self.A[i, :i] @ torch.stack(K))  # (N,)
+            based = base.detach()
+            w = self._weights(based)
+
+            def residual(Y, ti=ti, based=based):
+                return Y - based - hg * vf(ti, Y.view(self.shape)).reshape(-1)
+
+            Y, ok, it, change = newton_solve(
+                residual, lu, based + hg * K[-1].detach(),
+                lambda dY, w=w: float(torch.linalg.vector_norm(dY / w)) / math.sqrt(n),
+                self.newton_tol, self.newton_max_iters, stop_diverging=True)
+            if not ok:
+                self.newton_failures += 1
+                self.failure_note = (f"; {self.tab.name}'s Newton solve of stage {i + 1} did not converge at t={t:g} "
+                                     f"(h={h:.3g}, last weighted update {change:.3g} > newton_tol {self.newton_tol:g}"
+                                     f" after {it} iterations)")
+                self._K = None
+                return torch.full_like(zf, math.nan)
+            if grad:  # one Newton update with autograd on: the implicit-function-theorem derivative
+                Y = Y - torch.linalg.lu_solve(*lu, (Y - base - hg * vf(ti, Y.view(self.shape)).reshape(-1))
+                                              .reshape(-1, 1)).view(-1)
+            K.append((Y - base) / hg)
+        self._K = torch.stack(K)  # (s, N)
+        self._z_new = Y  # stiffly accurate: the last stage value is the solution
+        return Y
+
+    def error(self) -> tuple[torch.Tensor, None, float]:
+        """Σ (b − b̂)_j k_j of the last step (NaN after a Newton failure) and the factor |h|."""
+        if self._K is None:
+            return torch.full((self.n,), math.nan, dtype=self.dtype, device=self.device), None, abs(self._h)
+        return torch.mv(self._K.detach().T, self.b_err), None, abs(self._h)
+
+    def dense(self, vf, t, t_new, z: torch.Tensor, thetas, rows=None) -> torch.Tensor:
+        """(M, *z.shape): cubic Hermite interpolation of the last accepted step at t + θh."""
+        h = t_new - t
+        th = torch.as_tensor(np.asarray(thetas, dtype=float), dtype=self.dtype, device=self.device)[:, None]
+        y0, y1 = z.reshape(1, -1), self._z_new.reshape(1, -1)
+        f0, f1 = self._K[0].reshape(1, -1), self._K[-1].reshape(1, -1)
+        h00 = (1 + 2 * th) * (1 - th) ** 2
+        h10 = th * (1 - th) ** 2
+        h01 = th**2 * (3 - 2 * th)
+        h11 = th**2 * (th - 1)
+        return (h00 * y0 + h10 * h * f0 + h01 * y1 + h11 * h * f1).view(-1, *z.shape)
