@@ -18,6 +18,7 @@ from .errors import (
     StepSizeUnderflowError,
     TrainingError,
 )
+from .dense import odeint_dense
 from .events import odeint_event
 from .odeint import odeint
 from .solvers.compile import compile_field
@@ -27,6 +28,7 @@ __all__ = [
     "odeint",
     "odeint_adjoint",
     "odeint_event",
+    "odeint_dense",
     "compile_field",
     "SolverStats",
     "ODEForgeError",

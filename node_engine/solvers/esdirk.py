@@ -21,8 +21,8 @@ project's :class:`~.norms.ErrorNorm` and :class:`~.controller.PIController` (err
 the one adaptive loop (:func:`~.adaptive.integrate_adaptive`, joint stepping only).
 
 Dense output inside a step: cubic Hermite from (y, k₁) and (y_new, k₇) (order 3, as diffrax's
-Kvaerno5), used only by ``odeint_dense``-style callers: ``odeint`` lands its steps on every output
-time (the interpolant cost up to 60× the tolerance on Robertson at rtol 1e-6; the steps < 3×).
+Kvaerno5). ``odeint`` does not use it for its outputs: it lands the steps on every output time,
+because the interpolant cost up to 60× the tolerance on Robertson at rtol 1e-6 (the steps: < 3×).
 Gradients: backprop through the solve works: after each stage converges, one Newton update is
 replayed with autograd on and the Jacobian at the converged stage value (one more Jacobian per
 stage, only when autograd records), which gives the implicit-function-theorem derivative of the
