@@ -148,7 +148,11 @@ class ESDIRKStepper:
         self._z_new = None
 
     def _weights(self, y: torch.Tensor) -> torch.Tensor:
-        return torch.add(torch.mul(y.abs(), self.rtol), self.atol)
+        # the error norm's weights, floored so that the test never asks for an update below
+        # 100 eps |y| (float32 at rtol 1e-7 would otherwise never converge)
+        a = y.abs()
+        floor = a * (100 * torch.finfo(self.dtype).eps / self.newton_tol)
+        return torch.maximum(torch.add(torch.mul(a, self.rtol), self.atol), floor)
 
     def step(self, vf, t, t_new, t_end_eval, z: torch.Tensor, k1: torch.Tensor):
         """z_new (N,) of the trial step from (t, z) (z: (N,)) to t_new; ``k1 = f(t, z)``. A failed

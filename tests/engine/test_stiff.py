@@ -155,3 +155,15 @@ def test_refusals_are_named():
         odeint_adjoint(_linear, y0, t, method="kvaerno5")
     with pytest.raises(ValueError, match="per_sample"):
         odeint(_linear, y0, t, method="kvaerno5", options=dict(step_control="per_sample"))
+
+
+def test_float32_state_at_default_tolerances():
+    # the Newton test is floored at 100 eps |y|: float32 at rtol 1e-7 must not loop on Newton failures
+    t = np.array([0.0, 3.0])
+    ref = scipy.integrate.solve_ivp(_vdp_np, (0, 3.0), [2.0, 0.0], method="Radau", rtol=1e-10, atol=1e-12,
+                                    jac=_vdp_jac, t_eval=t).y.T
+    st = SolverStats()
+    out = odeint(_vdp, torch.tensor([2.0, 0.0]), torch.tensor(t, dtype=torch.float32), method="kvaerno5",
+                 stats=st, options=dict(max_num_steps=500))
+    assert out.dtype == torch.float32 and int(st.status) == SolveStatus.SUCCESS
+    assert np.max(np.abs(out.double().numpy() - ref)) < 1e-4
