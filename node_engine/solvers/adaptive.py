@@ -241,7 +241,7 @@ def _loop(vf, z, grid, stepper, norm, ctrl, opts, info, record, pieces) -> None:
                     if any_(tiny_bad):
                         fail(tiny_bad, SolveStatus.NON_FINITE, lambda i, s, ti: (
                             f"NaN/inf in every trial step{s} from t={ti:g}: the state or its derivative is not "
-                            f"finite even for tiny steps"))
+                            f"finite even for tiny steps{getattr(stepper, 'failure_note', '')}"))
                     tiny_ok = tiny & (n_bad == 0)
                     if any_(tiny_ok):
                         fail(tiny_ok, SolveStatus.STEP_UNDERFLOW, lambda i, s, ti: (

@@ -136,6 +136,9 @@ class ESDIRKStepper:
         self.rtol, self.atol = rtol, atol
         self.newton_tol = ESDIRK_NEWTON_TOL if newton_tol is None else float(newton_tol)
         self.newton_max_iters = ESDIRK_NEWTON_MAX_ITERS if newton_max_iters is None else int(newton_max_iters)
+        if not (self.newton_tol > 0 and self.newton_max_iters >= 0):
+            raise ValueError(f"options['newton_tol'] must be > 0 and options['newton_max_iters'] >= 0, got "
+                             f"{self.newton_tol}, {self.newton_max_iters}")
         A = tab.full_a()
         self.A = torch.tensor(A, dtype=dtype, device=device)
         self.gamma = tab.gamma
