@@ -345,7 +345,10 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method="dopri5", options=None, 
             ``dopri8``, ``adaptive_heun``, ``fehlberg2`` (adaptive), ``euler``, ``midpoint``,
             ``heun2``, ``heun3``, ``rk4`` (fixed grid: on ``step_size``'s lattice, a ``grid``, a
             ``grid_constructor``'s grid, or else on the output times as torchdiffeq), or
-            ``scipy_solver`` (``scipy.integrate.solve_ivp``, option ``solver``; no autograd graph).
+            ``scipy_solver`` (``scipy.integrate.solve_ivp``, option ``solver``; no autograd graph),
+            or ``kvaerno5``: adaptive ESDIRK 5(4) for stiff problems (Newton on a dense Jacobian:
+            small states; joint stepping; steps land on the output times; options ``newton_tol``,
+            ``newton_max_iters``; not accepted by ``odeint_adjoint``; :mod:`.solvers.esdirk`).
         options: adaptive: ``first_step`` (default: Hairer's estimate), ``max_num_steps`` (trial
             steps, per row; default 100000), ``step_t`` (times to step on exactly), ``jump_t``
             (discontinuities of func: stepped on, the field restarted on the far side), ``safety``
