@@ -111,7 +111,7 @@ function el(tag, attrs = {}, ...children) {
   for (const c of children.flat()) if (c !== null && c !== undefined) node.append(c instanceof Node ? c : String(c));
   return node;
 }
-const fmt = (v) => typeof v === "number" ? (Number.isInteger(v) ? String(v) : (Math.abs(v) >= 1e4 || Math.abs(v) < 1e-3 ? v.toExponential(3) : v.toPrecision(4))) : String(v);
+const fmt = (v) => v !== null && typeof v === "object" ? JSON.stringify(v) : typeof v === "number" ? (Number.isInteger(v) ? String(v) : (Math.abs(v) >= 1e4 || Math.abs(v) < 1e-3 ? v.toExponential(3) : v.toPrecision(4))) : String(v);
 function toast(text) {
   const t = document.getElementById("toast");
   t.textContent = text; t.style.display = "block";
@@ -140,6 +140,9 @@ function niceTicks(lo, hi, n = 5) {
   const step = [1, 2, 2.5, 5, 10].map((m) => m * mag).find((s) => s >= raw) || 10 * mag;
   const ticks = [];
   for (let v = Math.ceil(lo / step) * step; v <= hi + step * 1e-9; v += step) ticks.push(+v.toPrecision(12));
+  // as many decimals as the step needs (0.25 -> 2, 0.5 -> 1, 20 -> 0); exponents beyond 1e5 / below 1e-4
+  const decimals = Math.max(0, -Math.floor(Math.log10(step) + 1e-9) + (String(+(step / mag).toPrecision(3)).includes(".") ? 1 : 0));
+  ticks.label = (t) => (Math.abs(t) >= 1e5 || (t !== 0 && Math.abs(t) < 1e-4) ? t.toExponential(1) : t.toFixed(decimals));
   return ticks;
 }
 
@@ -150,7 +153,7 @@ function drawChart(canvas, series, { title, xlabel, ylabel }) {
   const g = canvas.getContext("2d");
   g.setTransform(dpr, 0, 0, dpr, 0, 0);
   g.clearRect(0, 0, w, h);
-  const m = { l: 64, r: 12, t: 24, b: 42 };
+  const m = { l: 70, r: 14, t: 30, b: 42 };
   const pts = series.flatMap((s) => s.points).filter(([x, y]) => Number.isFinite(x) && Number.isFinite(y));
   g.fillStyle = "#1d2330"; g.font = "600 13px system-ui, sans-serif"; g.textAlign = "left"; g.textBaseline = "top";
   g.fillText(title, m.l, 4);
@@ -171,23 +174,26 @@ function drawChart(canvas, series, { title, xlabel, ylabel }) {
   // grid, ticks and tick labels
   g.strokeStyle = "#e6e8ee"; g.lineWidth = 1; g.fillStyle = "#5b6475";
   g.textAlign = "right"; g.textBaseline = "middle";
-  for (const t of niceTicks(y0, y1)) {
+  const yt = niceTicks(y0, y1);
+  for (const t of yt) {
     if (t < y0 || t > y1) continue;
     g.beginPath(); g.moveTo(m.l, Y(t)); g.lineTo(w - m.r, Y(t)); g.stroke();
-    g.fillText(fmt(t), m.l - 6, Y(t));
+    g.fillText(yt.label(t), m.l - 6, Y(t));
   }
   g.textAlign = "center"; g.textBaseline = "top";
-  for (const t of niceTicks(x0, x1)) {
+  const xt = niceTicks(x0, x1);
+  for (const t of xt) {
     if (t < x0 || t > x1) continue;
     g.beginPath(); g.moveTo(X(t), m.t); g.lineTo(X(t), h - m.b); g.stroke();
-    g.fillText(fmt(t), X(t), h - m.b + 4);
+    g.fillText(xt.label(t), X(t), h - m.b + 4);
   }
   g.strokeStyle = "#5b6475"; g.beginPath(); g.moveTo(m.l, m.t); g.lineTo(m.l, h - m.b); g.lineTo(w - m.r, h - m.b); g.stroke();
   // axis labels
   g.fillStyle = "#1d2330"; g.font = "12px system-ui, sans-serif";
   g.fillText(xlabel, (m.l + w - m.r) / 2, h - 18);
-  g.save(); g.translate(14, (m.t + h - m.b) / 2); g.rotate(-Math.PI / 2); g.textBaseline = "middle"; g.fillText(ylabel, 0, 0); g.restore();
-  // lines (a lone point as a dot) and the legend
+  g.save(); g.translate(12, (m.t + h - m.b) / 2); g.rotate(-Math.PI / 2); g.textBaseline = "middle"; g.fillText(ylabel, 0, 0); g.restore();
+  // lines (a lone point as a dot) and the legend (on the title's row, right-aligned: it never hides a line)
+  let legendX = w - m.r;
   series.forEach((s, i) => {
     const color = s.color || COLORS[i % COLORS.length];
     const p = s.points.filter(([x, y]) => Number.isFinite(x) && Number.isFinite(y));
@@ -197,7 +203,10 @@ function drawChart(canvas, series, { title, xlabel, ylabel }) {
     g.stroke();
     if (p.length === 1 || s.dots) p.forEach(([x, y]) => { g.beginPath(); g.arc(X(x), Y(y), 2.5, 0, 7); g.fill(); });
     g.textAlign = "right"; g.textBaseline = "top";
-    g.fillText(s.label, w - m.r - 4, m.t + 4 + 15 * i);
+    g.fillText(s.label, legendX, 6);
+    legendX -= g.measureText(s.label).width + 10;
+    g.fillRect(legendX + 2, 11, 6, 3);
+    legendX -= 6;
   });
 }
 
@@ -273,7 +282,7 @@ async function renderRun(id) {
   const metricRows = [], evalRows = [];
   const charts = {
     loss: chartBox("chart-loss", "Training loss", "iteration (step)", "loss (training objective)"),
-    test: chartBox("chart-test", "Test metric", "iteration (step)", "test metric"),
+    test: chartBox("chart-test", "Test metrics (held-out split)", "iteration (step)", "value (accuracy: fraction; loss, NLL: nats)"),
     nfe: chartBox("chart-nfe", "Function evaluations per step", "iteration (step)", "NFE (dynamics calls)"),
     step: chartBox("chart-step", "Solver step size", "iteration (step)", "mean accepted step size (t units)"),
   };
@@ -303,7 +312,7 @@ async function renderRun(id) {
       ...[["id", j.id], ["model", j.spec.model.type], ["data set", dataName(j.spec)], ["tags", j.tags.join(", ") || "none"],
         ["progress", `${j.step}/${j.total_steps ?? "?"} (${Math.round(j.progress * 100)}%)`],
         ["created", new Date(j.created_at).toLocaleString()],
-        ...Object.entries(j.metrics).map(([k, v]) => [k, fmt(v)])].flatMap(([k, v]) => [el("dt", {}, k), el("dd", {}, v)]));
+        ...Object.entries(j.metrics).filter(([, v]) => typeof v !== "object").map(([k, v]) => [k, fmt(v)])].flatMap(([k, v]) => [el("dt", {}, k), el("dd", {}, v)]));
     if (j.error) info.append(el("dt", { class: "error" }, "error"), el("dd", { class: "error", id: "run-error" }, `${j.error.type || ""}: ${j.error.detail}`));
     document.getElementById("cancel").disabled = TERMINAL.has(j.status);
   }
@@ -436,7 +445,7 @@ async function renderCompare() {
     el("thead", {}, el("tr", {}, ["Run", "Status", "Model", "Data set", "Step", "Latest metrics"].map((h) => el("th", {}, h)))),
     el("tbody", {}, jobs.map((j) => el("tr", {}, el("td", {}, label(j)), el("td", {}, statusBadge(j.status)), el("td", {}, j.spec.model.type),
       el("td", {}, dataName(j.spec)), el("td", { class: "num" }, j.step),
-      el("td", {}, Object.entries(j.metrics).map(([k, v]) => `${k} ${fmt(v)}`).join(", "))))));
+      el("td", {}, latest(j.metrics))))));
   view().replaceChildren(el("h1", {}, `Compare ${jobs.length} runs`), summary,
     el("h2", {}, "Curves"), el("div", { class: "charts" }, loss.box, nfe.box),
     el("h2", {}, "Spec differences"), differing.length ? table : el("p", { class: "muted" }, "The specs are identical."));
