@@ -25,14 +25,17 @@ import pytest
 from tests.service.test_events import ALICE, live_api, worker  # noqa: F401  (live_api: the server fixture)
 from worker.runner import run_job
 
+try:
+    from selenium import webdriver
+    from selenium.webdriver.common.by import By
+except ImportError:  # the browser tests skip, saying why
+    webdriver = None
+
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
-webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e '.[test]')")
-pytestmark = [
-    pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
-                       reason="no headless browser: apt-get install -y chromium chromium-driver (.ci/run does)"),
-    pytest.mark.slow,
-]
-from selenium.webdriver.common.by import By  # noqa: E402
+NO_BROWSER = ("selenium is not installed (pip install -e '.[test]')" if webdriver is None else
+              None if CHROMIUM and CHROMEDRIVER else
+              "no headless browser: apt-get install -y chromium chromium-driver (.ci/run does)")
+needs_browser = pytest.mark.skipif(NO_BROWSER is not None, reason=NO_BROWSER or "")
 
 SCREENSHOTS = os.environ.get("ODEFORGE_DASHBOARD_SCREENSHOTS")
 
@@ -80,7 +83,9 @@ def points(browser, canvas_id: str) -> int:
     return int(browser.find_element(By.ID, canvas_id).get_attribute("data-points") or -1)
 
 
-def test_the_list_shows_jobs_and_filters_them_by_tag_and_name(live_api, browser):
+@needs_browser
+@pytest.mark.slow
+def test_the_list_shows_jobs_and_filters_them_by_tag_and_name(browser, live_api):
     base, settings = live_api
     with httpx.Client(base_url=base, timeout=30) as client:
         first = client.post("/v1/jobs", json=tiny_spec("alpha run", tags=("red",))).json()["id"]
@@ -107,7 +112,9 @@ def test_the_list_shows_jobs_and_filters_them_by_tag_and_name(live_api, browser)
              what="only the alpha run")
 
 
-def test_a_job_submitted_through_the_form_appears_and_its_curves_grow_while_it_trains(live_api, browser):
+@needs_browser
+@pytest.mark.slow
+def test_a_job_submitted_through_the_form_appears_and_its_curves_grow_while_it_trains(browser, live_api):
     base, settings = live_api
     browser.get(f"{base}/#/submit")
     editor = wait_for(lambda: browser.find_element(By.ID, "spec-editor"), what="the spec editor")
@@ -147,7 +154,9 @@ def test_a_job_submitted_through_the_form_appears_and_its_curves_grow_while_it_t
     wait_for(lambda: browser.find_element(By.CSS_SELECTOR, f'tr[data-job="{job_id}"]'), what="the submitted job in the list")
 
 
-def test_compare_shows_both_runs_and_their_spec_differences(live_api, browser):
+@needs_browser
+@pytest.mark.slow
+def test_compare_shows_both_runs_and_their_spec_differences(browser, live_api):
     base, settings = live_api
     with httpx.Client(base_url=base, timeout=30) as client:
         ids = [client.post("/v1/jobs", json=tiny_spec(name, iterations=n, lr=lr)).json()["id"]
@@ -171,7 +180,9 @@ def test_compare_shows_both_runs_and_their_spec_differences(live_api, browser):
     shot(browser, "compare")
 
 
-def test_a_bad_spec_shows_each_field_and_its_reason(live_api, browser):
+@needs_browser
+@pytest.mark.slow
+def test_a_bad_spec_shows_each_field_and_its_reason(browser, live_api):
     base, _ = live_api
     bad = tiny_spec("bad")
     bad["training"]["iterations"] = 0
@@ -192,8 +203,10 @@ def test_a_bad_spec_shows_each_field_and_its_reason(live_api, browser):
     shot(browser, "submit_error")
 
 
+@needs_browser
+@pytest.mark.slow
 @pytest.mark.parametrize("live_api", [{"api_keys": f"alice:{ALICE}"}], indirect=True)
-def test_with_api_keys_the_page_asks_for_the_key_and_keeps_it_out_of_urls(live_api, browser):
+def test_with_api_keys_the_page_asks_for_the_key_and_keeps_it_out_of_urls(browser, live_api):
     base, settings = live_api
     with httpx.Client(base_url=base, timeout=30) as client:
         assert client.get("/").status_code == 200 and client.get("/dashboard/app.js").status_code == 200
@@ -215,3 +228,29 @@ def test_with_api_keys_the_page_asks_for_the_key_and_keeps_it_out_of_urls(live_a
     assert urls and not any(ALICE in u for u in urls + [browser.current_url])
     assert all(u.startswith(base) for u in urls)  # nothing fetched from outside the app
     browser.execute_script("sessionStorage.clear()")
+
+
+def test_the_page_and_its_assets_are_served_from_the_package_and_fetch_nothing_from_outside(tmp_path):
+    """Offline: every file the page loads comes from this server (no CDN); runs without a browser."""
+    from importlib.resources import files
+
+    from fastapi.testclient import TestClient
+
+    from jobs.settings import Settings
+    from service.app import create_app
+
+    settings = Settings(database_url=f"sqlite:///{tmp_path / 'jobs.db'}", broker_url="memory://",
+                        artifact_dir=tmp_path / "artifacts", api_keys=f"alice:{ALICE}")
+    with TestClient(create_app(settings)) as client:
+        page = client.get("/")  # public: the page holds no data and asks for the key
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        refs = re.findall(r'(?:src|href)="([^"#][^"]*)"', page.text)
+        assets = sorted(r for r in refs if r.startswith("dashboard/"))
+        assert assets == ["dashboard/app.js", "dashboard/style.css"]
+        assert not [r for r in refs if "//" in r]  # no absolute or protocol-relative URL
+        for asset in assets:
+            answer = client.get(f"/{asset}")
+            assert answer.status_code == 200
+            assert answer.content == (files("service") / asset).read_bytes()  # shipped in the package
+            assert not re.search(r"https?://", answer.text)
+        assert client.get("/v1/jobs").status_code == 401  # the data is still behind the key
