@@ -11,6 +11,8 @@ const FAMILY_PLOTS = {
   cnf: ["density", "samples"], planar: ["density", "samples"],
   node: ["trajectories", "vector_field"], latent_ode: ["trajectories", "vector_field"], rnn: ["trajectories", "vector_field"],
 };
+// units of the families' test metrics (node_engine/families: eval_metrics); NLLs in nats per sample
+const UNITS = { test_nll: "nats", test_bits_per_dim: "bits", test_accuracy: "fraction", test_interp_mse: "data units²", test_extrap_mse: "data units²" };
 const PRESETS = {
   "Demo CNF on two moons (odeforge demo)": {
     name: "demo cnf", tags: ["demo"],
@@ -282,7 +284,7 @@ async function renderRun(id) {
   const metricRows = [], evalRows = [];
   const charts = {
     loss: chartBox("chart-loss", "Training loss", "iteration (step)", "loss (training objective)"),
-    test: chartBox("chart-test", "Test metrics (held-out split)", "iteration (step)", "value (accuracy: fraction; loss, NLL: nats)"),
+    test: chartBox("chart-test", "Test metrics (held-out split)", "iteration (step)", "value (unit in the legend)"),
     nfe: chartBox("chart-nfe", "Function evaluations per step", "iteration (step)", "NFE (dynamics calls)"),
     step: chartBox("chart-step", "Solver step size", "iteration (step)", "mean accepted step size (t units)"),
   };
@@ -338,8 +340,9 @@ async function renderRun(id) {
   function redraw() {
     const series = (rows, key) => rows.filter((r) => typeof r[key] === "number").map((r) => [r.step, r[key]]);
     charts.loss.draw([{ label: "loss", points: series(metricRows, "loss") }]);
-    const testKeys = [...new Set(evalRows.flatMap((r) => Object.keys(r).filter((k) => k.startsWith("test_"))))];
-    charts.test.draw(testKeys.map((k, i) => ({ label: k, color: COLORS[(i + 1) % COLORS.length], dots: true, points: series(evalRows, k) })));
+    // the family's evaluation metrics: every number of an evaluation row but its step and NFE counts
+    const testKeys = [...new Set(evalRows.flatMap((r) => Object.keys(r).filter((k) => typeof r[k] === "number" && k !== "step" && k !== "epoch" && !k.includes("nfe"))))];
+    charts.test.draw(testKeys.map((k, i) => ({ label: UNITS[k] ? `${k} (${UNITS[k]})` : k, color: COLORS[(i + 1) % COLORS.length], dots: true, points: series(evalRows, k) })));
     charts.nfe.draw([{ label: "NFE forward", points: series(metricRows, "nfe_forward") },
       { label: "NFE backward", color: COLORS[1], points: series(metricRows, "nfe_backward") }]);
     const stepKey = ["step_size", "mean_step_size", "dt"].find((k) => metricRows.some((r) => typeof r[k] === "number"));
