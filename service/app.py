@@ -22,6 +22,7 @@ from service.observability import ApiMetrics
 from service.openapi_docs import document_common_responses, install_offline_docs
 from service.outages import install_outage_handlers
 from service.routers import api_router
+from service.routers.dashboard import install_dashboard
 from service.runtime import freeze_startup_heap
 
 API_DESCRIPTION = """Train Neural ODEs and continuous normalizing flows on request.
@@ -59,6 +60,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     document_json_bodies(app)  # before the common responses: they see these routes' request bodies
     document_common_responses(app)
     app.include_router(api_router())
+    install_dashboard(app)  # the web dashboard at / (service/dashboard/, offline)
     # Innermost middleware (added first): it refuses a declared Content-Length over the limit before
     # the body is read and counts bodies streamed without one; its streamed 413 reaches the
     # problem+json handler directly, not wrapped by the middlewares around it. JSON bodies have the

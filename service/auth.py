@@ -1,4 +1,5 @@
-"""API keys: with ``ODEFORGE_API_KEYS`` set, every endpoint but ``/healthz`` and ``/readyz`` needs
+"""API keys: with ``ODEFORGE_API_KEYS`` set, every endpoint but ``/healthz``, ``/readyz`` and the dashboard's page and assets (``/``,
+``/dashboard/...``: static files, no data) needs
 ``Authorization: Bearer <key>``, and a job (or uploaded data set) belongs to the key that created it.
 
 ``ODEFORGE_API_KEYS`` is a comma-separated list of ``name:key`` (the name is the owner recorded on
@@ -22,7 +23,9 @@ from starlette.responses import JSONResponse
 
 from service.errors import problem
 
-PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/"})
+#: the dashboard's static assets (no data: the page asks for the key and sends it on every /v1 call)
+PUBLIC_PREFIXES = ("/dashboard/",)
 
 
 @dataclass(frozen=True)
@@ -75,7 +78,7 @@ class ApiKeyMiddleware:
             return
         state = scope.setdefault("state", {})
         state["auth_enabled"] = True
-        if scope["path"] not in PUBLIC_PATHS:
+        if scope["path"] not in PUBLIC_PATHS and not scope["path"].startswith(PUBLIC_PREFIXES):
             header = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
             scheme, _, token = header.partition(" ")
             if scheme.lower() != "bearer" or not token.strip():
