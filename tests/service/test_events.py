@@ -107,15 +107,24 @@ def test_a_job_streams_live_to_its_end_and_a_resumed_stream_is_exactly_the_rest(
     base, settings = live_api
     with httpx.Client(base_url=base, timeout=30) as client:
         job_id = client.post("/v1/jobs", json=SPEC).json()["id"]
-        received: list[str] = []
-        listener = threading.Thread(target=lambda: received.append(read_stream(f"{base}/v1/jobs/{job_id}/events")))
+        chunks: list[str] = []  # appended as they arrive
+
+        def listen() -> None:
+            with httpx.stream("GET", f"{base}/v1/jobs/{job_id}/events", timeout=60) as resp:
+                assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream")
+                for chunk in resp.iter_text():
+                    chunks.append(chunk)
+
+        listener = threading.Thread(target=listen)
         listener.start()  # subscribed while the job is still queued: what follows arrives live
-        time.sleep(0.6)  # idle: heartbeats every 0.2 s
+        deadline = time.monotonic() + 30  # idle: heartbeats every 0.2 s; wait for two (a loaded machine is slow)
+        while "".join(chunks).count(": heartbeat") < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert run_job(job_id, worker(settings)) == "succeeded"
         listener.join(30)
         assert not listener.is_alive(), "the stream did not end at the final status"
 
-        events, heartbeats, retry = parse_sse(received[0])
+        events, heartbeats, retry = parse_sse("".join(chunks))
         assert heartbeats >= 2 and retry and retry > 0
         ids = [int(e["id"]) for e in events]
         assert ids == sorted(set(ids)), "ids strictly increase"
