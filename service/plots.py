@@ -82,7 +82,7 @@ def no_data_png(title: str, message: str) -> bytes:
 
 # ---- cache: a figure is drawn once per checkpoint --------------------------------------------------
 #: bumped when a figure's drawing changes, so figures cached by an older release are not served
-PLOT_VERSION = 2
+PLOT_VERSION = 3
 
 
 def cache_name(plot: str, checkpoint: str) -> str:
@@ -108,14 +108,15 @@ def density_png(model: Any, train_points: np.ndarray | None, title: str, resolut
     gx, gy = np.meshgrid(xs, ys)
     grid = np.stack([gx.ravel(), gy.ravel()], axis=1)
     logp, _ = model.log_density(grid)
-    fig = Figure(figsize=(5.5, 5))
+    fig = Figure(figsize=(6.3, 5), layout="constrained")
     ax = fig.subplots()
-    ax.imshow(np.exp(logp).reshape(resolution, resolution), origin="lower", extent=(x0, x1, y0, y1),
-              cmap="viridis", aspect="auto")
+    image = ax.imshow(np.exp(logp).reshape(resolution, resolution), origin="lower", extent=(x0, x1, y0, y1),
+                      cmap="viridis", aspect="auto")
+    fig.colorbar(image, ax=ax, label="p(x)  (per unit area of the data's units)")
     if train_points is not None:
         pts = train_points[:2000]
         ax.scatter(pts[:, 0], pts[:, 1], s=1, c="white", alpha=0.35)
-    ax.set(title=title, xlabel="$x_1$", ylabel="$x_2$")
+    ax.set(xlim=(x0, x1), ylim=(y0, y1), title=title, xlabel="$x_1$", ylabel="$x_2$")  # points past it: clipped
     return _png(fig)
 
 
