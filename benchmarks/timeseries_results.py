@@ -145,9 +145,16 @@ def table2_reading(t2: dict, a: dict) -> str:
     wins = [n for n in sizes if lat[n] < rnn[n]]
     close = [n for n in sizes if abs(lat[n] - rnn[n]) < 0.05 * rnn[n]]
     ratio = [lat[n] / PAPER_TABLE2["latent_ode"][n] for n in sizes]
-    text = (f"The latent ODE has the lower extrapolation RMSE at {len(wins)} of {len(sizes)} sizes "
-            f"({', '.join(map(str, wins)) or 'none'} observations), as in the paper"
-            + (f", but at {', '.join(map(str, close))} observations the two differ by less than 5%, which one seed "
+    if len(wins) == len(sizes):
+        order = "The latent ODE has the lower extrapolation RMSE at every size, as in the paper"
+    elif wins:
+        order = (f"The latent ODE has the lower extrapolation RMSE at {len(wins)} of {len(sizes)} sizes "
+                 f"({', '.join(map(str, wins))} observations); the paper has it lower at every size")
+    else:
+        order = ("The RNN has the lower extrapolation RMSE at every size: the paper's ordering (latent ODE below "
+                 "the RNN) is not reproduced at this scale")
+    text = (order
+            + (f"; at {', '.join(map(str, close))} observations the two differ by less than 5%, which one seed "
                f"cannot tell apart" if close else "") + ". "
             f"Our latent-ODE RMSEs are {min(ratio):.1f}–{max(ratio):.1f}× the paper's"
             + ("" if lat[sizes[-1]] < lat[sizes[0]] else ", and they do not fall with more observations as the paper's do")
@@ -243,7 +250,7 @@ def markdown(out: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--series", type=int, default=200, help="spiral series (Chen et al.: 1000)")
-    parser.add_argument("--iterations", type=int, default=200, help="training iterations per Table 2 run")
+    parser.add_argument("--iterations", type=int, default=600, help="training iterations per Table 2 run")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--latent-hidden", type=int, default=20)
