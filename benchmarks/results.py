@@ -36,6 +36,8 @@ ENTROPY_FLOOR = {"8gaussians": 2.84, "checkerboard": 3.47, "moons": None}
 
 
 class Collect(TrainingCallbacks):
+    """Keeps a run's step records, evaluations and final checkpoint (also used by timeseries_results.py)."""
+
     def __init__(self):
         self.steps, self.evals, self.final = [], [], None
 

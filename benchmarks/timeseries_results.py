@@ -35,30 +35,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.doc_sections import write_section  # noqa: E402
+from benchmarks.results import Collect  # noqa: E402  (the training callbacks both scripts record with)
 from node_engine.families.vector_field import GRID, TIMES, field_rel_rmse  # noqa: E402
 from node_engine.inference import load_model  # noqa: E402
-from node_engine.training import TrainingCallbacks, build_trainer  # noqa: E402
+from node_engine.training import build_trainer  # noqa: E402
 
 #: Chen et al. 2018, Table 2: predictive RMSE on the test set (spirals)
 PAPER_TABLE2 = {"latent_ode": {30: 0.1642, 50: 0.1502, 100: 0.1346}, "rnn": {30: 0.3937, 50: 0.3202, 100: 0.1813}}
 POINTS = (30, 50, 100)
 NEAR = 0.05  #: "near the data": grid points within 5% of the box's sides of an observed training point
 FIGURE = "timeseries_vector_field.png"
-
-
-class Collect(TrainingCallbacks):
-    def __init__(self):
-        self.steps, self.evals, self.final = [], [], None
-
-    def on_step(self, record):
-        self.steps.append(record)
-
-    def on_eval(self, metrics):
-        self.evals.append(metrics)
-
-    def on_checkpoint(self, name, data):
-        if name == "final.safetensors":
-            self.final = data
 
 
 def train(spec: dict) -> tuple[object, dict, Collect, float, float]:
