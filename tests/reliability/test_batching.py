@@ -177,6 +177,23 @@ def test_a_point_whose_solve_fails_fails_only_its_request_without_re_solving():
     assert counting.calls["log_density_rows"] == batcher.batches < len(requests)
 
 
+def trips_at_poll(n: int, reason: str):
+    """A 600 s budget that trips with ``reason`` after its ``n``-th poll (deterministic, unlike a clock):
+    poll 1 is the batcher's queue check, then one per solver step. ``.polls`` counts them."""
+    from service.inference_pool import Budget
+
+    class TripsAtPoll(Budget):
+        polls = 0
+
+        def expired(self) -> bool:
+            self.polls += 1
+            if self.polls > n:
+                self.cancel(reason)
+            return super().expired()
+
+    return TripsAtPoll(600.0, None)
+
+
 def test_a_budget_that_trips_stops_only_requests_that_gave_up(entry):
     """Budgets keep answers batch independent: a request whose budget has tripped is dropped before its
     solve, and one whose deadline passes mid-solve does not cut the solve short for the others."""
@@ -184,17 +201,6 @@ def test_a_budget_that_trips_stops_only_requests_that_gave_up(entry):
 
     from node_engine.errors import SolveCancelled
     from service.inference_pool import Budget
-
-    class TripsMidSolve(Budget):
-        """A deadline that passes at the solver's 2nd poll (deterministic, unlike a clock)."""
-
-        polls = 0
-
-        def expired(self) -> bool:
-            self.polls += 1  # 1: the batcher's queue check; then one per solver step
-            if self.polls > 2:
-                self.cancel("deadline")
-            return super().expired()
 
     rng = np.random.default_rng(7)
     gone, short, alive = rng.normal(size=(3, 2)), rng.normal(size=(40, 2)), rng.normal(size=(5, 2))
@@ -205,7 +211,7 @@ def test_a_budget_that_trips_stops_only_requests_that_gave_up(entry):
     batcher = LogDensityBatcher(executor=executor)
     left = Budget(60.0, None)
     left.cancel("client disconnected")
-    short_budget = TripsMidSolve(600.0, None)
+    short_budget = trips_at_poll(2, "deadline")
     f_gone = batcher.submit(entry, gone, left)
     f_short = batcher.submit(entry, short, short_budget)
     f_alive = batcher.submit(entry, alive, Budget(600.0, None))
@@ -226,21 +232,9 @@ def test_a_batch_is_stopped_when_every_request_in_it_gave_up(entry):
     from concurrent.futures import ThreadPoolExecutor
 
     from node_engine.errors import SolveCancelled
-    from service.inference_pool import Budget
-
-    class LeavesMidSolve(Budget):
-        """The client leaves at the solver's 3rd poll (deterministic, unlike a timer on a loaded machine)."""
-
-        polls = 0
-
-        def expired(self) -> bool:
-            self.polls += 1  # 1: the batcher's queue check; then one per solver step
-            if self.polls > 3:
-                self.cancel("client disconnected")
-            return super().expired()
 
     points = np.random.default_rng(8).normal(size=(2000, 2))
-    budget = LeavesMidSolve(600.0, None)
+    budget = trips_at_poll(3, "client disconnected")
     batcher = LogDensityBatcher(executor=ThreadPoolExecutor(1))
     future = batcher.submit(entry, points, budget)
     with pytest.raises(SolveCancelled):
