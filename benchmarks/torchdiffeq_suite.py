@@ -11,7 +11,8 @@ this repository. A temporary package named ``torchdiffeq`` re-exports node_engin
 ``sys.path``, and every test file runs in its own subprocess under ``unittest``. Cases are counted
 the way torchdiffeq's tests are written: every ``subTest`` is one case (a test method without
 subtests is one case). Failures are grouped by cause: exception type and the first line of its
-message, with numbers masked.
+message, with numbers masked; up to three failing cases per cause are named (test method and
+subTest parameters).
 
 ``--methods node_engine`` (default ``all``) restricts ``problems.py``'s method lists to the
 methods node_engine registers (as in issue 16's 145/491 baseline).
@@ -59,6 +60,7 @@ CHILD = textwrap.dedent('''\
     warnings.simplefilter("ignore")
     counts = {"passed": 0, "failed": 0, "errored": 0}
     causes = {}
+    examples = {}
 
     def cause(err):
         etype, value, tb = err
@@ -71,6 +73,9 @@ CHILD = textwrap.dedent('''\
             counts[kind] += 1
             c = cause(err)
             causes[c] = causes.get(c, 0) + 1
+            ex = examples.setdefault(c, [])
+            if len(ex) < 3:
+                ex.append(test.id().removeprefix(fname[:-3] + ".")[:200])
         def addSubTest(self, test, subtest, err):
             super().addSubTest(test, subtest, err)
             test._had_sub = True
@@ -93,7 +98,7 @@ CHILD = textwrap.dedent('''\
     suite = unittest.defaultTestLoader.loadTestsFromModule(mod)
     runner = unittest.TextTestRunner(resultclass=Result, verbosity=0, stream=open("/dev/null", "w"))
     runner.run(suite)
-    json.dump({"counts": counts, "causes": causes}, open(out_path, "w"))
+    json.dump({"counts": counts, "causes": causes, "examples": examples}, open(out_path, "w"))
 ''')
 
 
@@ -147,6 +152,8 @@ def main(argv=None) -> int:
                   f"{c['errored']:4d}  ({res['seconds']:.0f} s)", flush=True)
             for why, k in sorted(res["causes"].items(), key=lambda kv: -kv[1])[: args.causes]:
                 print(f"    {k:4d}  {why}", flush=True)
+                for ex in res.get("examples", {}).get(why, []):
+                    print(f"            e.g. {ex}", flush=True)
     tot = {k: sum(r["counts"][k] for r in results.values()) for k in ("passed", "failed", "errored")}
     print(f"{'total':20s} passed {tot['passed']:4d} / {sum(tot.values()):4d}  failed {tot['failed']:4d}  "
           f"errored {tot['errored']:4d}")

@@ -20,7 +20,8 @@ Gradients: y(τ) comes from a solve from t[0] to τ with the caller's solver (``
 ``odeint_adjoint``), and τ is differentiable by the implicit function theorem (Chen, Amos, Nickel,
 "Learning Neural Event Functions for ODEs", ICLR 2021): with c(τ, y(τ)) = 0,
 dτ = −(∂c/∂y dy + ∂c/∂θ dθ) / (∂c/∂t + ∂c/∂y · f(τ, y(τ))). With several event functions c is
-the min above, whose derivative is the crossing component's.
+the min above, whose derivative is the crossing component's. A ``t[0]`` that requires grad gets
+dτ/dt0 too: y(τ) depends on t0 through the solve (``odeint``'s time gradients).
 """
 
 from __future__ import annotations
@@ -173,7 +174,8 @@ def solve_until_event(solve, func, y0, t, event_fn, **kwargs):
     elif abs(tau - t0) <= _EULER_SPAN * max(1.0, abs(t0)):
         y_end = _members(_euler(func, t0, y0, tau, t_event.dtype))
     else:
-        sol = solve(func, y0, torch.stack([t[0].detach(), t_event]).to(t.dtype), **kwargs)
+        t_start = t[0] if t.is_floating_point() else t[0].to(t_event.dtype)  # keeps t[0]'s gradient
+        sol = solve(func, y0, torch.stack([t_start, t_event]), **kwargs)
         y_end = tuple(o[-1] for o in _members(sol))
     t_out, *y_out = _EventTime.apply(func, cfn, is_tuple, len(y_end), t_event, *y_end, *_params(event_fn))
     solution = tuple(torch.stack([m, e]) for m, e in zip(_members(y0), y_out))

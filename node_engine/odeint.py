@@ -384,8 +384,9 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method="dopri5", options=None, 
             then within the tolerance). Every adaptive method; any trailing shape; no
             step_t/jump_t. Backprop through the solve works; ``stats.sample_evaluations``
             counts rows evaluated (the work).
-        event_fn: ``(t, y) -> 0-d tensor``: terminal event mode (torchdiffeq): ``t`` has two times
-            (start and direction) and the result is ``(event_t, (2, *S) states at t[0] and event_t)``;
+        event_fn: ``(t, y) -> tensor``: terminal event mode (torchdiffeq): ``t`` has two times
+            (start and direction) and the result is ``(event_t, (2, *S) states at t[0] and event_t)``
+            (a tuple of such for a tuple y0); several values: the first to reach zero is the event;
             see :mod:`node_engine.events`.
         stats: a :class:`SolverStats`; nfe_forward, steps and last step size are added to it
             (per sample: steps summed over rows); ``stats.status`` is set to this solve's

@@ -36,7 +36,7 @@ def test_ball_under_gravity_tuple_state_hits_the_ground(adjoint):
     assert seen and all(s is tuple for s in seen)
     assert h.shape == v.shape == (2, 1)
     assert float(te.detach()) == pytest.approx(tau, rel=1e-9)
-    assert float(h[-1, 0]) == pytest.approx(0.0, abs=1e-9) and float(v[-1, 0]) == pytest.approx(2.0 - G * tau, rel=1e-9)
+    assert float(h[-1, 0].detach()) == pytest.approx(0.0, abs=1e-9) and float(v[-1, 0].detach()) == pytest.approx(2.0 - G * tau, rel=1e-9)
     te.backward()
     assert float(h0.grad) == pytest.approx(1 / root, rel=1e-6)
     assert float(v0.grad) == pytest.approx((1 + 2.0 / root) / G, rel=1e-6)
@@ -101,3 +101,15 @@ def test_event_on_a_search_window_end():
                      event_fn=lambda t, y: y - (0.2 * ts[2] + 3.0))
     assert float(te.detach()) == pytest.approx(float(ts[2]), abs=1e-12)
     assert float(sol[-1]) == pytest.approx(0.2 * float(ts[2]) + 3.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("adjoint", [False, True])
+def test_event_time_gradient_reaches_the_start_time(adjoint):
+    # y' = t, y(t0) = 0: y = (t² − t0²)/2 = 1 at τ = √(2 + t0²), dτ/dt0 = t0/τ
+    t0 = torch.tensor(0.5, dtype=f64, requires_grad=True)
+    te, _ = odeint_event(lambda t, y: t * torch.ones_like(y), torch.zeros(1, dtype=f64), t0,
+                         event_fn=lambda t, y: y.sum() - 1, odeint_interface=_solve(adjoint), **TIGHT)
+    tau = (2 + 0.25) ** 0.5
+    assert float(te.detach()) == pytest.approx(tau, rel=1e-9)
+    te.backward()
+    assert float(t0.grad) == pytest.approx(0.5 / tau, rel=1e-6)
