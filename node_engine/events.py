@@ -134,7 +134,7 @@ def solve_until_event(solve, func, y0, t, event_fn, **kwargs):
     """
     if not isinstance(t, torch.Tensor) or t.numel() != 2:
         raise ValueError(f"event handling needs t with exactly two times, got {getattr(t, 'shape', t)}")
-    t0, t1 = float(t[0]), float(t[1])
+    t0, t1 = float(t[0].detach()), float(t[1].detach())
     span = t1 - t0
     if span == 0:
         raise ValueError("t[0] == t[1]: no direction to search in")
