@@ -319,6 +319,12 @@ def odeint_adjoint(
     Returns:
         (T, *S) tensor (tuple for tuple y0), the same values as ``odeint``.
 
+    ``method="kvaerno5"`` (stiff): backsolve solves the augmented system with kvaerno5 too, with a
+    block-diagonal Newton matrix diag(I − hγJ, I + hγJᵀ, I) (J = ∂f/∂y; parameters cost nothing);
+    it re-integrates y backwards, which on stiff problems grows the fast modes (tiny steps, poor
+    gradients: docs/torchdiffeq.md), so there use ``adjoint_mode="checkpoint"`` (replays the
+    forward's ESDIRK steps: the exact gradient of the discrete solve).
+
     Gradients reach y0, the adjoint_params, every output time's loss term and, when ``t``
     requires grad, ``t`` (continuous time derivative, one field call per output time). Backward
     NFE is added to ``stats.nfe_backward``. Double backward is not supported. A ``func`` that

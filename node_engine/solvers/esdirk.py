@@ -18,7 +18,9 @@ would amplify the Newton residual by the stiffness). Newton stops when the weigh
 NaN, so the controller retries it 10× smaller) rather than raising; the solve fails only when that
 repeats (``SolveStatus.NON_FINITE`` after 12 in a row, the message names Newton). Step sizes: the
 project's :class:`~.norms.ErrorNorm` and :class:`~.controller.PIController` (error order 4), through
-the one adaptive loop (:func:`~.adaptive.integrate_adaptive`, joint stepping only).
+the one adaptive loop (:func:`~.adaptive.integrate_adaptive`). Per-sample stepping
+(:class:`ESDIRKRowStepper`): every row its own step, Jacobian (:func:`row_jacobians`, block
+diagonal), Newton iteration and status, its steps landing on its own output times.
 
 Dense output inside a step: cubic Hermite from (y, k₁) and (y_new, k₇) (order 3, as diffrax's
 Kvaerno5). ``odeint`` does not use it for its outputs: it lands the steps on every output time,
@@ -26,7 +28,10 @@ because the interpolant cost up to 60× the tolerance on Robertson at rtol 1e-6 
 Gradients: backprop through the solve works: after each stage converges, one Newton update is
 replayed with autograd on and the Jacobian at the converged stage value (one more Jacobian per
 stage, only when autograd records), which gives the implicit-function-theorem derivative of the
-stage. ``odeint_adjoint`` refuses the method (see docs/torchdiffeq.md).
+stage. ``odeint_adjoint``: the backsolve integrates the augmented [y, a, a_θ] system with this
+method and a block-diagonal Newton matrix (:func:`adjoint_newton_factor`); the checkpoint adjoint
+replays each step (exact gradient of the forward steps; the one to use on stiff problems, since
+y integrated backwards grows the fast modes, see docs/torchdiffeq.md).
 """
 
 from __future__ import annotations
