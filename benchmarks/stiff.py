@@ -103,14 +103,15 @@ def per_sample_rows() -> list[tuple]:
                  rtol=rtol, atol=atol, stats=st, options=dict(step_control="per_sample"))
     wall = time.perf_counter() - t0
     ok = bool((st.status == 0).all())
-    rows = [(name, "kvaerno5 per_sample (one batch)", rtol, "ok" if ok else "failed", err(out.numpy().transpose(1, 0, 2)),
-             st.steps_accepted, st.steps_rejected, st.nfe_forward, wall, float("nan"))]
+    rows = [(name, "kvaerno5 per_sample (one batch)", rtol, "ok" if ok else "failed",
+             err(out.numpy().transpose(1, 0, 2)), st.steps_accepted, st.steps_rejected, st.nfe_forward, wall, float("nan"))]
     outs, acc, rej, nfe, wall = [], 0, 0, 0, 0.0
     for y0 in PER_SAMPLE_Y0:
         o, s, w = run(robertson, y0, t, rtol, atol, "kvaerno5", 100_000)
         outs.append(o)
         acc, rej, nfe, wall = acc + s.steps_accepted, rej + s.steps_rejected, nfe + s.nfe_forward, wall + w
-    rows.append((name, "kvaerno5 joint (one solve per state)", rtol, "ok", err(outs), acc, rej, nfe, wall, float("nan")))
+    rows.append((name, "kvaerno5 joint (one solve per state)", rtol, "ok", err(outs), acc, rej, nfe, wall,
+                 float("nan")))
     return rows
 
 

@@ -19,7 +19,8 @@ tableau's stages (one fewer with FSAL), capped by ``max_num_steps``; a fixed-gri
 one Newton solve of ``STIFF_NEWTON_ITERS`` field calls for each of its six implicit stages and a
 Jacobian: one call plus one vector–Jacobian product per Jacobian column, i.e. S columns per sample
 when every sample is stepped on its own (served answers; per-sample training solves) and
-batch · S when a training batch is solved jointly (its Jacobian spans the whole batch). Models without an ODE count one evaluation. It is a size measure
+batch · S when a training batch is solved jointly (its Jacobian spans the whole batch). Models
+without an ODE count one evaluation. It is a size measure
 (parameters × samples × state × evaluations), proportional to multiply-adds for MLP fields, not
 seconds: the default budget is set far above every example of the project.
 """

@@ -46,7 +46,8 @@ from .implicit import field_jacobian, newton_solve
 from .rows import to_device
 from .tableau import rooted_tree_conditions
 
-__all__ = ["ESDIRKTableau", "ESDIRKStepper", "ESDIRKRowStepper", "row_jacobians", "adjoint_newton_factor", "KVAERNO5", "STIFF", "ESDIRK_NEWTON_TOL", "ESDIRK_NEWTON_MAX_ITERS"]
+__all__ = ["ESDIRKTableau", "ESDIRKStepper", "ESDIRKRowStepper", "row_jacobians", "row_inverses",
+           "adjoint_newton_factor", "KVAERNO5", "STIFF", "ESDIRK_NEWTON_TOL", "ESDIRK_NEWTON_MAX_ITERS"]
 
 ESDIRK_NEWTON_TOL = 0.01  # weighted RMS of a Newton update, in units of the error tolerance
 ESDIRK_NEWTON_MAX_ITERS = 10  # more means the step is too long for the Jacobian: reject, shrink

@@ -17,7 +17,8 @@ from node_engine.specs import LatentODESection, SolverSection, normalize_spec
 from node_engine.training import build_trainer
 
 SOLVER = {"method": "kvaerno5", "rtol": 1e-3, "atol": 1e-4, "eval_rtol": 1e-5, "eval_atol": 1e-6}
-NODE = {"model": {"type": "node", "hidden_dims": [8]}, "dataset": {"name": "lotka_volterra", "n_samples": 10, "n_points": 5, "seed": 1},
+NODE = {"model": {"type": "node", "hidden_dims": [8]},
+        "dataset": {"name": "lotka_volterra", "n_samples": 10, "n_points": 5, "seed": 1},
         "solver": {**SOLVER, "adjoint": False},
         "training": {"iterations": 2, "batch_size": 3, "lr": 1e-2, "eval_every": 2}}
 LATENT = {"model": {"type": "latent_ode", "latent_dim": 2, "hidden": 6, "rec_hidden": 4},
