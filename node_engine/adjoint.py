@@ -35,6 +35,7 @@ from .odeint import SolverConfig, add_info, check_t, is_per_sample, make_config,
 from .solvers.hooks import find_callbacks
 from .solvers.adaptive import SolveInfo, StepRecord, budget_message, check_stop, over_budget
 from .solvers.rk import RKStepper
+from .solvers.esdirk import ESDIRKStepper, adjoint_newton_factor
 from .solvers import ADAPTIVE, IMPLICIT, METHODS, STIFF
 from .solvers.adams import ADAMS_METHODS
 from .solvers.state import StateLayout, VectorField
@@ -77,6 +78,11 @@ class _AugmentedField:
         parts += [torch.zeros(p.numel(), dtype=y.dtype, device=y.device) if g is None else g.reshape(-1)
                   for g, p in zip(g_p, self.params)]
         return torch.cat(parts)
+
+    def newton_factor(self, t: float, z: torch.Tensor, hg: float):
+        """The Newton solve an implicit (ESDIRK) step of this system uses: block diagonal, from the
+        forward field's Jacobian only (:func:`~.solvers.esdirk.adjoint_newton_factor`)."""
+        return adjoint_newton_factor(self.vf, self.n, t, z, hg)
 
     @property
     def nfe(self) -> int:
@@ -208,7 +214,8 @@ def _checkpoint_backward(run: _Run, vf: VectorField, starts, g_out, info):
     T, N = g_out.shape
     params = run.params
     n_steps = starts.shape[0]
-    tab = METHODS[run.cfg.method]
+    cfg = run.cfg
+    tab = STIFF.get(cfg.method) or METHODS[cfg.method]
     dense_at: dict[int, list[tuple[int, float]]] = {}
     end_at: dict[int, list[int]] = {}
     for i, (n, th) in enumerate(rec.outputs, start=1):
@@ -230,7 +237,12 @@ def _checkpoint_backward(run: _Run, vf: VectorField, starts, g_out, info):
         t0, t1 = rec.bounds[n], rec.bounds[n + 1]
         with torch.enable_grad():
             z = starts[n].detach().requires_grad_(True)
-            stepper = RKStepper(tab, vf.work_shape, z.device, z.dtype, reuse_buffer=False)
+            if cfg.method in STIFF:  # replayed stages: Newton again, then its implicit-function derivative
+                stepper = ESDIRKStepper(tab, vf.work_shape, z.device, z.dtype, cfg.rtol, cfg.atol,
+                                        newton_tol=cfg.options.get("newton_tol"),
+                                        newton_max_iters=cfg.options.get("newton_max_iters"))
+            else:
+                stepper = RKStepper(tab, vf.work_shape, z.device, z.dtype, reuse_buffer=False)
             k1 = vf(rec.k1_time[n], z.view(vf.work_shape))
             z_new = stepper.step(vf, t0, t1, rec.eval_end[n], z, k1)
             outs, gs = [z_new], [a]
@@ -307,6 +319,12 @@ def odeint_adjoint(
     Returns:
         (T, *S) tensor (tuple for tuple y0), the same values as ``odeint``.
 
+    ``method="kvaerno5"`` (stiff): backsolve solves the augmented system with kvaerno5 too, with a
+    block-diagonal Newton matrix diag(I − hγJ, I + hγJᵀ, I) (J = ∂f/∂y; parameters cost nothing);
+    it re-integrates y backwards, which on stiff problems grows the fast modes (tiny steps, poor
+    gradients: docs/torchdiffeq.md), so there use ``adjoint_mode="checkpoint"`` (replays the
+    forward's ESDIRK steps: the exact gradient of the discrete solve).
+
     Gradients reach y0, the adjoint_params, every output time's loss term and, when ``t``
     requires grad, ``t`` (continuous time derivative, one field call per output time). Backward
     NFE is added to ``stats.nfe_backward``. Double backward is not supported. A ``func`` that
@@ -339,13 +357,6 @@ def odeint_adjoint(
     layout = StateLayout(y0)
     times, t_dtype = check_t(t)
     method = method or "dopri5"
-    if method in STIFF or adjoint_method in STIFF:
-        # its backward would be a stiff solve of the augmented [y, a, θ] system, whose Jacobian (dense,
-        # parameters included) the Newton solve cannot afford; backprop through odeint is exact enough
-        raise ValueError(f"odeint_adjoint does not support {method if method in STIFF else adjoint_method!r} "
-                         "(an adaptive stiff method: its Newton solve needs the dense Jacobian of the augmented "
-                         "adjoint system, parameters included); use node_engine.odeint with it (backprop through "
-                         "the solve), see docs/torchdiffeq.md")
     cfg = make_config(method, rtol, atol, options, layout, func=func)
     t_dtype = time_dtype(cfg.options, t_dtype)
     if adjoint_params is None:
@@ -369,10 +380,11 @@ def odeint_adjoint(
         adj_atol = atol if adjoint_atol is None else adjoint_atol
         adj_cfg = _augmented_config(adj_method, adj_rtol, adj_atol, adj_opts, layout, params, norm,
                                     forward_norm=cfg.options.get("norm"))
-        adj_cfg.callbacks = find_callbacks(func, lambda z: z, adaptive=adj_method in ADAPTIVE, suffix="_adjoint",
+        adj_cfg.callbacks = find_callbacks(func, lambda z: z, adaptive=adj_method in ADAPTIVE or adj_method in STIFF,
+                                           suffix="_adjoint",
                                            method=adj_method)
         # warm start only where the forward's step sizes mean something for the backward solve
-        warm_start = (adj_method == method and method in ADAPTIVE and "first_step" not in adj_opts
+        warm_start = (adj_method == method and (method in ADAPTIVE or method in STIFF) and "first_step" not in adj_opts
                       and adjoint_rtol is None and adjoint_atol is None)
     elif method == "scipy_solver" or method in IMPLICIT or method in ADAMS_METHODS:
         raise ValueError("adjoint_mode='checkpoint' needs a Runge-Kutta method (it replays the steps); "

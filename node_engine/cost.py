@@ -15,7 +15,12 @@ images), and E the number of per-sample field evaluations of the whole job:
 ``rtol^(-1/p)`` steps (the local error of a step of size h is ~h^(p+1); on a unit interval with
 unit derivatives that gives h ~ rtol^(1/(p+1)), rounded here toward more steps), each costing its
 tableau's stages (one fewer with FSAL), capped by ``max_num_steps``; a fixed-grid method takes
-``end_time / step_size`` steps. Models without an ODE count one evaluation. It is a size measure
+``end_time / step_size`` steps. The stiff ``kvaerno5`` (order 5) costs per step its explicit stage,
+one Newton solve of ``STIFF_NEWTON_ITERS`` field calls for each of its six implicit stages and a
+Jacobian: one call plus one vector–Jacobian product per Jacobian column, i.e. S columns per sample
+when every sample is stepped on its own (served answers; per-sample training solves) and
+batch · S when a training batch is solved jointly (its Jacobian spans the whole batch). Models
+without an ODE count one evaluation. It is a size measure
 (parameters × samples × state × evaluations), proportional to multiply-adds for MLP fields, not
 seconds: the default budget is set far above every example of the project.
 """
@@ -30,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from node_engine.solvers import METHODS
+from node_engine.solvers import METHODS, STIFF
 
 __all__ = ["CostEstimate", "estimate_cost", "min_rtol", "RTOL_EPS_FACTOR", "input_info", "tolerance_errors"]
 
@@ -104,10 +109,19 @@ def input_info(dataset: Mapping[str, Any], upload_shape: list[int] | tuple[int, 
     return {"dim": 2}
 
 
-def _nfe_per_solve(solver: Mapping[str, Any], rtol: float, span: float) -> float:
-    """Guessed field evaluations of one solve over a time span ``span`` (module docstring)."""
-    tab = METHODS[solver["method"]]
-    per_step = tab.stages - (1 if tab.fsal else 0)
+#: guessed Newton iterations per implicit stage of kvaerno5 (its Newton test stops at 1-3 on smooth steps)
+STIFF_NEWTON_ITERS = 3
+
+
+def _nfe_per_solve(solver: Mapping[str, Any], rtol: float, span: float, jacobian_columns: int = 1) -> float:
+    """Guessed field evaluations of one solve over a time span ``span`` (module docstring);
+    ``jacobian_columns``: vector–Jacobian products per Jacobian of a stiff method."""
+    if solver["method"] in STIFF:
+        tab = STIFF[solver["method"]]
+        per_step = 1 + (tab.stages - 1) * STIFF_NEWTON_ITERS + 1 + jacobian_columns
+    else:
+        tab = METHODS[solver["method"]]
+        per_step = tab.stages - (1 if tab.fsal else 0)
     if not tab.adaptive:
         step = solver.get("step_size") or _DEFAULT_FIXED_STEP
         return math.ceil(span / step) * per_step
@@ -141,8 +155,11 @@ def estimate_cost(spec: Mapping[str, Any], info: Mapping[str, Any]) -> CostEstim
     span = float(model.get("end_time", 1.0) or 1.0) * int(model.get("num_blocks", 1) or 1)
     if entry.solves_ode:
         eval_rtol = float(solver.get("eval_rtol") or solver["rtol"])
-        nfe_train = _nfe_per_solve(solver, float(solver["rtol"]), span)
-        nfe_eval = _nfe_per_solve(solver, eval_rtol, span)
+        # a stiff method's Jacobian: per sample in served answers and per-sample training solves (time
+        # series without the adjoint), over the whole batch in joint training solves
+        joint = not (entry.per_row_grids and not solver.get("adjoint"))
+        nfe_train = _nfe_per_solve(solver, float(solver["rtol"]), span, state * (batch if joint else 1))
+        nfe_eval = _nfe_per_solve(solver, eval_rtol, span, state)
     else:
         nfe_train = nfe_eval = 1.0
     n_evals = math.ceil(iterations / int(training["eval_every"])) + 1

@@ -15,7 +15,7 @@ import torch
 
 from .solvers import ADAPTIVE, FIXED, IMPLICIT, METHODS, STIFF
 from .solvers.adams import ADAMS_METHODS, AdamsStepper
-from .solvers.esdirk import ESDIRKStepper
+from .solvers.esdirk import ESDIRKRowStepper, ESDIRKStepper
 from .solvers.implicit import NEWTON_MAX_ITERS, ImplicitStepper
 from .solvers.adaptive import DEFAULT_MAX_NUM_STEPS, AdaptiveOptions, SolveInfo, StepRecord, integrate_adaptive
 from .solvers.controller import PIController
@@ -35,8 +35,8 @@ ADAPTIVE_OPTIONS = ("first_step", "max_num_steps", "step_t", "jump_t", "safety",
 STEP_CONTROLS = ("joint", "per_sample")
 FIXED_OPTIONS = ("step_size", "grid", "grid_constructor", "perturb", "dtype", "interp", "max_nfe", "stop")  # interp: ignored
 IMPLICIT_OPTIONS = ("newton_tol", "newton_max_iters")
-# kvaerno5: joint stepping only (one Jacobian per step of the whole state), so no step_control
-STIFF_OPTIONS = tuple(k for k in ADAPTIVE_OPTIONS if k != "step_control") + IMPLICIT_OPTIONS
+# kvaerno5: every adaptive option (per_sample: per-row Jacobians and Newton solves) + the Newton ones
+STIFF_OPTIONS = ADAPTIVE_OPTIONS + IMPLICIT_OPTIONS
 
 
 def check_method(method: str) -> None:
@@ -52,8 +52,8 @@ def check_options(method: str, options, allowed_extra: tuple[str, ...] = ()) -> 
         options = {}
     if not isinstance(options, dict):
         raise TypeError(f"options must be a dict, got {type(options).__name__}")
-    if is_per_sample(options) and method not in ADAPTIVE:
-        raise ValueError(f"step_control='per_sample' needs an adaptive method ({', '.join(ADAPTIVE)}), "
+    if is_per_sample(options) and method not in ADAPTIVE and method not in STIFF:
+        raise ValueError(f"step_control='per_sample' needs an adaptive method ({', '.join([*ADAPTIVE, *STIFF])}), "
                          f"got {method!r}")
     if method == SCIPY_METHOD and is_per_sample(options):
         raise ValueError("step_control='per_sample' is not supported by scipy_solver")
@@ -201,9 +201,13 @@ class SolverConfig:
                                       max_iters=self.options.get("newton_max_iters", NEWTON_MAX_ITERS))
             return self._solve(vf, z0, times, info, record, IMPLICIT[self.method], stepper)
         if self.method in STIFF:
-            stepper = ESDIRKStepper(STIFF[self.method], vf.work_shape, z0.device, z0.dtype, self.rtol, self.atol,
-                                    newton_tol=self.options.get("newton_tol"),
-                                    newton_max_iters=self.options.get("newton_max_iters"))
+            per_row = isinstance(vf, RowField)
+            stepper = (ESDIRKRowStepper if per_row else ESDIRKStepper)(
+                STIFF[self.method], z0.shape if per_row else vf.work_shape, z0.device, z0.dtype, self.rtol,
+                self.atol, newton_tol=self.options.get("newton_tol"),
+                newton_max_iters=self.options.get("newton_max_iters"))
+            if per_row:  # every row's steps land on its own output times (as the joint steps below)
+                return self._solve(vf, z0, times, info, record, STIFF[self.method], stepper, land_rows=True)
             # steps land on every output time: the cubic Hermite interpolant (order 3) cost up to 60x
             # the tolerance on Robertson at rtol 1e-6, the steps themselves < 3x (docs/benchmarks.md)
             return self._solve(vf, z0, times, info, record, STIFF[self.method], stepper,
@@ -221,7 +225,7 @@ class SolverConfig:
         finally:
             release_stepper(stepper)
 
-    def _solve(self, vf, z0, times, info, record, tab, stepper, land=()) -> torch.Tensor:
+    def _solve(self, vf, z0, times, info, record, tab, stepper, land=(), land_rows=False) -> torch.Tensor:
         o = self.options
         if not tab.adaptive:
             user_grid = o.get("grid")
@@ -261,7 +265,7 @@ class SolverConfig:
             raise_on_failure=o.get("raise_on_failure", True),
             max_nfe=o.get("max_nfe"), stop=o.get("stop"),
             min_step=float(o.get("min_step", 0.0)), max_step=float(o.get("max_step", math.inf)),
-            callbacks=self.callbacks,
+            callbacks=self.callbacks, land_outputs=land_rows,
         )
         return integrate_adaptive(vf, z0, times, stepper, norm, ctrl, aopts, info, record)
 
@@ -347,8 +351,8 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method="dopri5", options=None, 
             ``grid_constructor``'s grid, or else on the output times as torchdiffeq), or
             ``scipy_solver`` (``scipy.integrate.solve_ivp``, option ``solver``; no autograd graph),
             or ``kvaerno5``: adaptive ESDIRK 5(4) for stiff problems (Newton on a dense Jacobian:
-            small states; joint stepping; steps land on the output times; options ``newton_tol``,
-            ``newton_max_iters``; not accepted by ``odeint_adjoint``; :mod:`.solvers.esdirk`).
+            small states; per sample: one D×D Jacobian per row; steps land on the output times;
+            options ``newton_tol``, ``newton_max_iters``; :mod:`.solvers.esdirk`).
         options: adaptive: ``first_step`` (default: Hairer's estimate), ``max_num_steps`` (trial
             steps, per row; default 100000), ``step_t`` (times to step on exactly), ``jump_t``
             (discontinuities of func: stepped on, the field restarted on the far side), ``safety``

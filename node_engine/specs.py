@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from node_engine.solvers import ADAPTIVE, FIXED, METHODS
+from node_engine.solvers import ADAPTIVE, FIXED, METHODS, STIFF
 from node_engine.solve_limits import current_limits
 
 __all__ = ["SolverSection", "TrainingSection", "DatasetSection", "CNFSection", "PlanarSection", "ODENetSection",
@@ -145,7 +145,10 @@ class SolverSection(_Section):
 
     SECTION: ClassVar[str] = "solver"
 
-    method: str = bounded("dopri5", choices=tuple(sorted(METHODS)), doc="solver name (torchdiffeq names)")
+    method: str = bounded("dopri5", choices=tuple(sorted({**METHODS, **STIFF})),
+                          doc="solver name (torchdiffeq names); kvaerno5: the adaptive stiff choice (implicit ESDIRK "
+                              "5(4), a Newton solve on a dense Jacobian per sample: small states; with adjoint true "
+                              "it needs adjoint_mode checkpoint)")
     rtol: float = bounded(1e-5, gt=0.0, lt=1.0, doc="relative tolerance of the adaptive step control")
     atol: float = bounded(1e-5, gt=0.0, lt=1.0, doc="absolute tolerance of the adaptive step control")
     adjoint: bool = bounded(True, doc="gradients by the adjoint method (O(1) memory)")
@@ -179,11 +182,17 @@ class SolverSection(_Section):
                                  f"(e.g. 0.05; adaptive methods need none: {', '.join(sorted(ADAPTIVE))})")
             return {"step_size": float(step), **current_limits()}
         options: dict[str, Any] = {"max_num_steps": int(self.max_num_steps), **current_limits()}
-        if self.step_control == "per_sample" and not torch.is_grad_enabled() and METHODS[method].adaptive:
+        if self.step_control == "per_sample" and not torch.is_grad_enabled() and method not in FIXED:
             options["step_control"] = "per_sample"
         if not self.raise_on_failure and not torch.is_grad_enabled():
             options["raise_on_failure"] = False
         return options
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        reason = stiff_adjoint_error(self.method, self.adjoint, self.adjoint_mode)
+        if reason:
+            raise ValueError(reason)
 
     def with_tolerances(self, rtol: float, atol: float) -> "SolverSection":
         return dataclasses.replace(self, rtol=float(rtol), atol=float(atol))
@@ -192,6 +201,18 @@ class SolverSection(_Section):
         """The solver of served answers: the evaluation tolerances and per-sample step control."""
         return dataclasses.replace(self, rtol=float(self.eval_rtol or self.rtol),
                                    atol=float(self.eval_atol or self.atol), step_control="per_sample")
+
+
+def stiff_adjoint_error(method: str, adjoint: bool, adjoint_mode: str) -> str | None:
+    """Why a solver section with these values is refused, or None: ``kvaerno5`` with the backsolve
+    adjoint (it integrates the state backwards in time, which on a stiff problem grows its fast
+    modes exponentially: thousands of tiny backward steps and gradients off by far more than the
+    tolerance, docs/torchdiffeq.md); the checkpoint adjoint (exact gradient of the forward steps)
+    or ``adjoint: false`` (backprop through the solve) work."""
+    if method in STIFF and adjoint and adjoint_mode == "backsolve":
+        return (f"solver.adjoint_mode: method {method!r} (stiff) with adjoint true needs adjoint_mode 'checkpoint' "
+                f"(backsolve integrates the state backwards, unstable on stiff problems), or set adjoint false")
+    return None
 
 
 # ---- training ---------------------------------------------------------------------------------

@@ -240,6 +240,15 @@ class SolverSpec(Strict):
     eval_rtol: float | None = spec_field(SolverSection, "eval_rtol")
     eval_atol: float | None = spec_field(SolverSection, "eval_atol")
 
+    @model_validator(mode="after")
+    def _stiff_adjoint(self) -> "SolverSpec":
+        from node_engine.specs import stiff_adjoint_error
+
+        reason = stiff_adjoint_error(self.method, self.adjoint, self.adjoint_mode)
+        if reason:
+            raise ValueError(reason)
+        return self
+
 
 # ---- training ---------------------------------------------------------------------------------
 class TrainingSpec(Strict):

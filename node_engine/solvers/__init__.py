@@ -22,8 +22,9 @@ ADAPTIVE = {name: tab for name, tab in METHODS.items() if tab.adaptive}
 # implicit fixed-grid methods (Newton on a dense Jacobian: small states): usable from odeint and
 # odeint_adjoint, not listed in METHODS (the job-spec choices), see docs/torchdiffeq.md
 IMPLICIT: dict[str, ImplicitTableau] = {tab.name: tab for tab in IMPLICIT_TABLEAUS}
-# adaptive stiff methods (ESDIRK, Newton on a dense Jacobian: small states, joint stepping), see
-# solvers/esdirk.py; odeint only (odeint_adjoint refuses them), not in METHODS, see docs/torchdiffeq.md
+# adaptive stiff methods (ESDIRK, Newton on a dense Jacobian: small states; joint and per-sample
+# stepping, odeint and odeint_adjoint), see solvers/esdirk.py; not in METHODS (not RK tableaus), job
+# specs list them beside it (node_engine.specs), see docs/torchdiffeq.md
 FIXED = {name: tab for name, tab in METHODS.items() if not tab.adaptive}
 
 __all__ = ["ADAPTIVE", "FIXED", "IMPLICIT", "METHODS", "STIFF", "ButcherTableau", "ESDIRKTableau", "ImplicitTableau"]

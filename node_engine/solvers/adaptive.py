@@ -44,6 +44,7 @@ class AdaptiveOptions:
     min_step: float = 0.0  # torchdiffeq's bounds on |h|; a step of |h| <= min_step is always accepted
     max_step: float = math.inf
     callbacks: object = None  # hooks.StepCallbacks (joint solves)
+    land_outputs: bool = False  # per row: every row's steps land on its own output times (no dense output)
 
 
 def check_stop(stop, t) -> None:
@@ -177,6 +178,14 @@ def _loop(vf, z, grid, stepper, norm, ctrl, opts, info, record, pieces) -> None:
         zero, prev = 0, 1e-4
     i_stop = 0
     n_bad = zero  # consecutive non-finite trial steps per row
+    land_rows = per_row and opts.land_outputs
+
+    def row_target():
+        """Per row: where the rows step to next (their end, or with land_outputs their next output)."""
+        return grid[gid, np.minimum(i_out, T - 1)] if land_rows else t_end
+
+    if land_rows:
+        target = row_target()
 
     def fail(mask, code: SolveStatus, message) -> None:
         """Rows in ``mask`` failed with ``code``: recorded, and raised for the first one (default)."""
@@ -205,7 +214,7 @@ def _loop(vf, z, grid, stepper, norm, ctrl, opts, info, record, pieces) -> None:
     if per_row and info.status.any():
         keep = info.status[gid] == SolveStatus.SUCCESS
         z, k1, t, t_end, h, prev, i_out, n_bad, gid = _compact(keep, stepper, z, k1, t, t_end, h, prev, i_out, n_bad, gid)
-        target = t_end
+        target = row_target()
         if gid.size == 0:
             return
     elif not per_row and info.status[0]:
@@ -258,7 +267,7 @@ def _loop(vf, z, grid, stepper, norm, ctrl, opts, info, record, pieces) -> None:
                 keep = info.status[gid] == SolveStatus.SUCCESS
                 z, k1, t, t_end, h, prev, i_out, n_bad, gid = _compact(
                     keep, stepper, z, k1, t, t_end, h, prev, i_out, n_bad, gid)
-                target = t_end
+                target = row_target()
                 if gid.size == 0:
                     return
                 continue
@@ -342,13 +351,16 @@ def _loop(vf, z, grid, stepper, norm, ctrl, opts, info, record, pieces) -> None:
                     z = torch.where(acc_col, z_new, z)
                     k1 = torch.where(acc_col, stepper.last_stage, k1) if stepper.fsal else vf.at(t, z)
                 done = accept & landing  # landed on t_end: every output written
+                if land_rows:  # landed on an output time; the end only if it is t_end
+                    done &= t_new == t_end
+                    target = row_target()
             elif not per_row:
                 continue
             if any_(done) or any_(failed):
                 keep = not_(done) & (info.status[gid] == SolveStatus.SUCCESS)
                 z, k1, t, t_end, h, prev, i_out, n_bad, gid = _compact(
                     keep, stepper, z, k1, t, t_end, h, prev, i_out, n_bad, gid)
-                target = t_end
+                target = row_target()
                 if gid.size == 0:
                     return
 

@@ -21,6 +21,7 @@ The adjoint's backsolve steps the augmented system like any other field.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -64,7 +65,8 @@ def newton_solve(residual, lu, x: torch.Tensor, size, tol: float, max_iters: int
 
     Args:
         residual: x -> G(x), x's shape; lu: ``torch.linalg.lu_factor`` of (an approximation of) ∂G/∂x
-            over the flattened x, reused by every iteration (one factorisation per step);
+            over the flattened x, reused by every iteration (one factorisation per step), or a
+            callable rhs (n, 1) -> solution (n, 1) of such a system (a structured solve);
         size: dx -> float (the caller's convergence measure); tol: its threshold.
     Returns:
         (x, converged, iterations, last size). Runs without autograd; the caller raises its own
@@ -73,10 +75,11 @@ def newton_solve(residual, lu, x: torch.Tensor, size, tol: float, max_iters: int
         previous one after the second iteration (an adaptive caller then retries a smaller step).
     """
     change, prev = math.inf, math.inf
+    solve = lu if callable(lu) else functools.partial(torch.linalg.lu_solve, *lu)  # callable: the caller's solver
     with torch.no_grad():
         x = x.clone()
         for it in range(1, max_iters + 2):
-            dx = torch.linalg.lu_solve(*lu, -residual(x).reshape(-1, 1)).view(x.shape)
+            dx = solve(-residual(x).reshape(-1, 1)).view(x.shape)
             x += dx
             change = size(dx)
             if not math.isfinite(change):

@@ -96,6 +96,7 @@ def test_submit_minimal_spec_gets_documented_defaults_and_is_enqueued(client, re
         ({"solver": {"rtol": 0.0}}, "solver.rtol"),
         ({"solver": {"atol": 1.0}}, "solver.atol"),
         ({"solver": {"method": "magic45"}}, "solver.method"),
+        ({"solver": {"method": "kvaerno5"}}, "solver"),  # stiff with the (default) backsolve adjoint
         ({"solver": {"max_num_steps": 0}}, "solver.max_num_steps"),
         ({"training": {"iterations": 0}}, "training.iterations"),
         ({"training": {"batch_size": 10**7}}, "training.batch_size"),
