@@ -1,6 +1,7 @@
 """node_engine against diffrax (JAX, jit) and torchode (torch.compile) on the same problems (issue 17, item 3).
 
-    python benchmarks/peers.py [--rows 1,2,3,4] [--reps 11] [--json out.json] [--quick] [--profile]
+    python benchmarks/peers.py [--rows 1,2,3,4,5] [--reps 11] [--json out.json] [--quick] [--profile]
+        [--peers diffrax,torchode] [--root CHECKOUT]
 
 Needs the ``peers`` extra (``pip install .[peers]``: jax, diffrax, torchode) and the ``bench`` one
 (the van der Pol problem and its scipy reference come from ``benchmarks/per_sample.py``, the MLP's
@@ -47,6 +48,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -229,7 +231,7 @@ class NodeEngineWorker(Worker):
         import torch
 
         torch.set_num_threads(1)
-        sys.path.insert(0, str(ROOT))
+        sys.path.insert(0, os.environ.get("PEERS_NODE_ENGINE_ROOT", str(ROOT)))  # --root
         self.torch = torch
         self.compile_opt = self._compile_option_supported()
 
@@ -570,8 +572,8 @@ def worker_main(name: str, data_path: str, quick: bool) -> None:
 
 # ================================================================== parent
 class Client:
-    def __init__(self, name: str, data_path: Path, log: Path, quick: bool):
-        env = {**os.environ, **THREAD_ENV, "PYTHONPATH": str(ROOT)}
+    def __init__(self, name: str, data_path: Path, log: Path, quick: bool, root: Path = ROOT):
+        env = {**os.environ, **THREAD_ENV, "PYTHONPATH": str(root), "PEERS_NODE_ENGINE_ROOT": str(root)}
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--data", str(data_path)]
         if quick:
             cmd.append("--quick")
@@ -629,6 +631,8 @@ def main():
     ap.add_argument("--quick", action="store_true", help="smoke test: 2 reps, CNF batch 64, no compile_field")
     ap.add_argument("--profile", action="store_true", help="torch.profiler breakdown of node_engine's row 2")
     ap.add_argument("--peers", default="diffrax,torchode")
+    ap.add_argument("--root", default=str(ROOT),
+                    help="checkout whose node_engine the node_engine worker imports (default: this one)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--data", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -641,8 +645,10 @@ def main():
     print(f"references and data ({tmp}) ...", flush=True)
     refs = make_data(tmp / "data.npz", 64 if args.quick else 512)
     names = ["node_engine"] + [p for p in args.peers.split(",") if p]
-    clients = {n: Client(n, tmp / "data.npz", tmp / f"{n}.log", args.quick) for n in names}
-    results: dict = {"rows": {}, "versions": versions(), "reps": reps, "load_before": os.getloadavg()}
+    root = Path(args.root).resolve()
+    clients = {n: Client(n, tmp / "data.npz", tmp / f"{n}.log", args.quick, root) for n in names}
+    results: dict = {"rows": {}, "versions": versions(), "reps": reps, "load_before": os.getloadavg(),
+                     "node_engine_root": str(root)}
     try:
         info = {n: c.call(cmd="init")["info"] for n, c in clients.items()}
         results["compile_opt_supported"] = info["node_engine"]["compile_opt"]
@@ -687,6 +693,7 @@ def main():
         skipped = {f"{n}:{k}": v["skipped"] for n in names for k, v in setup[n].items()
                    if "skipped" in v and int(k.split(":")[0]) == r}
         results["rows"][r] = {"name": ROWS[r], "entries": entries, "skipped": skipped}
+    shutil.rmtree(tmp, ignore_errors=True)  # kept (with the workers' logs) when a worker failed
     print_tables(results)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1, default=float))
