@@ -299,8 +299,8 @@ function chartBox(id, title, xlabel, ylabel) {
 async function renderRun(id) {
   const controller = new AbortController();
   let stopped = false;
-  teardown = () => { stopped = true; controller.abort(); };
-  let job;
+  teardown = () => { stopped = true; controller.abort(); if (observer) observer.disconnect(); };
+  let job, observer = null;
   try { job = await api(`v1/jobs/${id}`); } catch (err) { view().replaceChildren(problemBox(err)); return; }
   const metricRows = [], evalRows = [];
   const charts = {
@@ -312,7 +312,7 @@ async function renderRun(id) {
   const head = el("div");
   const info = el("dl", { class: "meta" });
   const checkpoints = el("ul", { id: "checkpoints" });
-  const figures = el("div", { class: "figures", id: "figures" });
+  const figures = el("div", { class: "figures", id: "figures" }, el("span", { class: "muted" }, "drawn when the run has ended"));
   const actions = el("div", {},
     el("button", { id: "cancel", type: "button", onclick: async () => {
       try { await api(`v1/jobs/${id}/cancel`, { method: "POST" }); toast("Cancel requested."); } catch (err) { toast(err.message); }
@@ -340,6 +340,7 @@ async function renderRun(id) {
     if (j.error) info.append(el("dt", { class: "error" }, "error"), el("dd", { class: "error", id: "run-error" }, `${j.error.type || ""}: ${j.error.detail}`));
     document.getElementById("cancel").disabled = TERMINAL.has(j.status);
   }
+  let figuresShown = false;
   async function showArtifacts() {
     try {
       const list = await api(`v1/jobs/${id}/checkpoints`);
@@ -350,7 +351,19 @@ async function renderRun(id) {
           a.click();
         } }, c.name), ` (${(c.size_bytes / 1024).toFixed(1)} KiB)`)) : [el("li", { class: "muted" }, "none yet")]));
     } catch (err) { checkpoints.replaceChildren(problemBox(err)); }
-    if (!TERMINAL.has(job.status)) return;
+    showFigures();
+  }
+  // the figures (rendered by the server, seconds each) once the run has ended and the section is on screen;
+  // once only (the history replay reports the end several times)
+  let figuresVisible = false;
+  observer = new IntersectionObserver((entries) => {
+    figuresVisible = entries.some((e) => e.isIntersecting);
+    showFigures();
+  });
+  observer.observe(figures);
+  function showFigures() {
+    if (!TERMINAL.has(job.status) || !figuresVisible || figuresShown || stopped) return;
+    figuresShown = true;
     const names = ["training", ...(FAMILY_PLOTS[job.spec.model.type] || [])];
     figures.replaceChildren(...names.map((n) => {
       const fig = el("figure", {}, el("figcaption", {}, n), el("span", { class: "muted" }, "rendering…"));
