@@ -258,13 +258,13 @@ def test_the_run_page_queries_the_trained_model_and_draws_the_step_size(browser,
     cnf = {"model": {"type": "cnf", "hidden_dims": [16, 16] if long else [8]},
            "dataset": {"name": "moons", "n_samples": 2000 if long else 200},
            "solver": {"method": "dopri5", "rtol": 1e-3, "atol": 1e-3},
-           "training": {"iterations": 300 if long else 4, "batch_size": 128 if long else 32, "lr": 1e-2,
+           "training": {"iterations": 150 if long else 4, "batch_size": 128 if long else 32, "lr": 1e-2,
                         "eval_every": 50 if long else 4, "checkpoint_every": 100 if long else 4},
            "name": "query cnf"}
     node = {"model": {"type": "node", "hidden_dims": [32, 32] if long else [8]},
             "dataset": {"name": "lotka_volterra", "n_samples": 100 if long else 10},
             "solver": {"method": "dopri5", "rtol": 1e-3, "atol": 1e-4},
-            "training": {"iterations": 300 if long else 2, "batch_size": 16 if long else 4, "lr": 1e-2,
+            "training": {"iterations": 150 if long else 2, "batch_size": 16 if long else 4, "lr": 1e-2,
                          "eval_every": 100 if long else 2, "checkpoint_every": 100 if long else 2},
             "name": "query node"}
     with httpx.Client(base_url=base, timeout=60) as client:
