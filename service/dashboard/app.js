@@ -535,8 +535,8 @@ function forecastQuery(job) {
   function example() {
     const ex = SERIES_EXAMPLES[dataName(job.spec)] || SERIES_EXAMPLES.lotka_volterra;
     const t = Array.from({ length: 61 }, (_, i) => +(ex.until * i / 60).toPrecision(6));
-    body.value = JSON.stringify({ series: [{ t: ex.t, y: ex.y }], t, ...(job.spec.model.type === "latent_ode" ? { samples: 3 } : {}) }, null, 1)
-      .replace(/\[\n\s+([-\d.e]+),\n\s+([-\d.e]+)\n\s+\]/g, "[$1, $2]");
+    const req = { series: [{ t: ex.t, y: ex.y }], t, ...(job.spec.model.type === "latent_ode" ? { samples: 3 } : {}) };
+    body.value = `{\n${Object.entries(req).map(([k, v]) => `  ${JSON.stringify(k)}: ${JSON.stringify(v)}`).join(",\n")}\n}`;  // a key a line
   }
   async function forecast() {
     const req = readJson(body, out, "the request");
@@ -576,7 +576,7 @@ function forecastQuery(job) {
 function predictQuery(job) {
   const id = job.id;
   const digits = dataName(job.spec) === "digits";
-  const inputs = el("textarea", { id: "query-inputs", spellcheck: "false" }, digits ? JSON.stringify([DIGIT_ZERO]) : "");
+  const inputs = el("textarea", { id: "query-inputs", spellcheck: "false" }, digits ? `[[\n${DIGIT_ZERO.map((r) => `  ${JSON.stringify(r)}`).join(",\n")}\n]]` : "");
   const out = el("div", { id: "query-result", class: "query-out" });
   async function predict() {
     const x = readJson(inputs, out, "inputs");

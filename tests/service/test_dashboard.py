@@ -151,6 +151,11 @@ def test_a_job_submitted_through_the_form_appears_and_its_curves_grow_while_it_t
         wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "#figures img"), what="the training figure")
         browser.execute_script("window.scrollTo(0, 0)")
         shot(browser, "run")
+        # the classifier's query: the page's class probability equals the API's for the same image
+        images = json.loads(browser.find_element(By.ID, "query-inputs").get_attribute("value"))
+        probs = client.post(f"/v1/jobs/{job_id}/predict", json={"inputs": images}).json()["probabilities"]
+        browser.find_element(By.ID, "query-run").click()
+        assert query_table(browser) == pytest.approx([max(p) for p in probs], rel=1e-12)
 
     browser.get(f"{base}/#/")
     wait_for(lambda: browser.find_element(By.CSS_SELECTOR, f'tr[data-job="{job_id}"]'), what="the submitted job in the list")
@@ -258,13 +263,13 @@ def test_the_run_page_queries_the_trained_model_and_draws_the_step_size(browser,
     cnf = {"model": {"type": "cnf", "hidden_dims": [16, 16] if long else [8]},
            "dataset": {"name": "moons", "n_samples": 2000 if long else 200},
            "solver": {"method": "dopri5", "rtol": 1e-3, "atol": 1e-3},
-           "training": {"iterations": 150 if long else 4, "batch_size": 128 if long else 32, "lr": 1e-2,
+           "training": {"iterations": 400 if long else 4, "batch_size": 128 if long else 32, "lr": 1e-2,
                         "eval_every": 50 if long else 4, "checkpoint_every": 100 if long else 4},
            "name": "query cnf"}
     node = {"model": {"type": "node", "hidden_dims": [32, 32] if long else [8]},
             "dataset": {"name": "lotka_volterra", "n_samples": 100 if long else 10},
             "solver": {"method": "dopri5", "rtol": 1e-3, "atol": 1e-4},
-            "training": {"iterations": 150 if long else 2, "batch_size": 16 if long else 4, "lr": 1e-2,
+            "training": {"iterations": 600 if long else 2, "batch_size": 16 if long else 4, "lr": 1e-2,
                          "eval_every": 100 if long else 2, "checkpoint_every": 100 if long else 2},
             "name": "query node"}
     with httpx.Client(base_url=base, timeout=60) as client:
@@ -331,6 +336,7 @@ def test_with_api_keys_the_page_asks_for_the_key_and_keeps_it_out_of_urls(browse
     assert urls and not any(ALICE in u for u in urls + [browser.current_url])
     assert all(u.startswith(base) for u in urls)  # nothing fetched from outside the app
     browser.execute_script("sessionStorage.clear()")
+    browser.get("about:blank")  # closes the queued job's event stream: the server then stops at once
 
 
 def test_the_page_and_its_assets_are_served_from_the_package_and_fetch_nothing_from_outside(tmp_path):
