@@ -141,7 +141,7 @@ class _OdeintAdjoint(torch.autograd.Function):
         try:
             out = run.cfg.solve(vf, z0.detach(), run.times, info, record=record, grad=False)
         finally:
-            add_info(run.stats, info, vf)
+            add_info(run.stats, info, vf, times=run.times)
         run.next_step = info.next_step
         ctx.run = run
         if record is not None:
@@ -401,7 +401,7 @@ def odeint_adjoint(
         try:
             out = cfg.solve(vf, z0, times, info, grad=False)
         finally:
-            add_info(stats, info, vf)
+            add_info(stats, info, vf, times=times)
         return layout.unflatten(out)
     out = _OdeintAdjoint.apply(run, t, z0, *params)
     return layout.unflatten(out)

@@ -97,5 +97,5 @@ def odeint_dense(func, y0, t0, t1, *, rtol=1e-7, atol=1e-9, method="dopri5", opt
     try:
         cfg.solve(vf, layout.flatten(y0), times, info, record)
     finally:
-        add_info(stats, info, vf)
+        add_info(stats, info, vf, times=times)
     return DenseSolution(tab, vf, layout, record)

@@ -307,15 +307,19 @@ def time_dtype(options, t_dtype: torch.dtype) -> torch.dtype:
     return d if d is not None else t_dtype
 
 
-def add_info(stats: SolverStats | None, info: SolveInfo, vf, *, backward: bool = False) -> None:
+def add_info(stats: SolverStats | None, info: SolveInfo, vf, *, backward: bool = False, times=None) -> None:
     """Add a solve's counts (``info``, and the NFE of its field wrapper ``vf``) to ``stats``; a
-    forward solve also sets ``stats.status``."""
+    forward solve also sets ``stats.status`` and, given its output ``times`` ((T,) list or (B, T)
+    array), adds the interval it covered to ``stats.forward_time``."""
     if stats is None:
         return
     if backward:
         stats.nfe_backward += vf.nfe
     else:
         stats.nfe_forward += vf.nfe
+        if times is not None:
+            stats.forward_steps_accepted += info.accepted
+            stats.forward_time += float(np.abs(np.asarray(times)[..., -1] - np.asarray(times)[..., 0]).sum())
         stats.sample_evaluations += vf.sample_evaluations
         if info.status is not None:
             stats.status = torch.from_numpy(info.status.copy())
@@ -435,7 +439,7 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method="dopri5", options=None, 
     try:
         out = cfg.solve(vf, z_start, times, info)
     finally:
-        add_info(stats, info, vf)
+        add_info(stats, info, vf, times=times)
     if t_grad:
         out = output_time_gradient(t, out, z0, VectorField(func, layout, t_dtype), times)
     return layout.unflatten(out)

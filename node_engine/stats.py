@@ -25,6 +25,11 @@ class SolverStats:
         steps_accepted: accepted steps over all forward and backward solves (int).
         steps_rejected: rejected trial steps over all solves (int).
         last_step_size: absolute size of the last accepted step of the last solve (float, in units of t).
+        forward_steps_accepted: accepted steps of forward solves only (int; per-sample solves: per
+            sample, like steps_accepted).
+        forward_time: length |t[-1] - t[0]| of the interval each forward solve covered, summed
+            (float, units of t; per-sample solves: summed over rows). ``forward_time /
+            forward_steps_accepted`` is the mean accepted forward step (:meth:`mean_forward_step`).
         sample_evaluations: batch rows evaluated by the field in ``step_control="per_sample"``
             solves (the vector-field work; a joint solve's equivalent is nfe × batch). Per-sample
             solves count steps_accepted/steps_rejected per sample.
@@ -41,13 +46,22 @@ class SolverStats:
     last_step_size: float = float("nan")
     sample_evaluations: int = 0
     status: torch.Tensor | None = None
+    forward_steps_accepted: int = 0
+    forward_time: float = 0.0
 
     def reset(self) -> None:
         """Set every counter back to zero."""
         self.nfe_forward = self.nfe_backward = self.steps_accepted = self.steps_rejected = 0
         self.last_step_size = float("nan")
-        self.sample_evaluations = 0
+        self.sample_evaluations = self.forward_steps_accepted = 0
+        self.forward_time = 0.0
         self.status = None
+
+    def mean_forward_step(self) -> float:
+        """Mean accepted step size of the forward solves so far, in units of t (``forward_time /
+        forward_steps_accepted``); NaN before any accepted forward step. For a fixed-grid method it
+        is the grid spacing; ``scipy_solver`` reports evaluations as steps, so there it is a lower bound."""
+        return self.forward_time / self.forward_steps_accepted if self.forward_steps_accepted else float("nan")
 
     def as_dict(self) -> dict:
         """The counters as a JSON-ready dict (the keys above; ``status`` as a list of ints or None)."""

@@ -356,7 +356,9 @@ class JobsPublic(BaseModel):
 
 
 class MetricsPublic(BaseModel):
-    history: list[dict[str, Any]] = Field(description="one row per logged step: step, loss, nfe_forward, nfe_backward, ...")
+    history: list[dict[str, Any]] = Field(description=(
+        "one row per logged step: step, loss, nfe_forward, nfe_backward, step_size (mean accepted step of "
+        "the step's forward solves, in the time units of the ODE's t; absent without an ODE solve), ..."))
     next_page_token: str | None
 
 

@@ -14,7 +14,8 @@ class TrainingCallbacks:
     def on_step(self, record: dict[str, Any]) -> None:
         """Per-iteration metrics (every ``log_every`` steps): step, loss, then ``nll`` and ``bits_per_dim``
         (density; original coordinates), ``accuracy`` (classifier) or ``kl_minus_log_z`` (energy target),
-        nfe_forward, nfe_backward, wall_seconds (this step), elapsed_seconds (run so far), lr, grad_norm,
+        nfe_forward, nfe_backward, ``step_size`` (mean accepted step of this step's forward solves, in
+        the time units of the ODE's t; absent for models without an ODE solve), wall_seconds (this step), elapsed_seconds (run so far), lr, grad_norm,
         regularizers ({name: weighted value}), and ``epoch`` for data-set objectives."""
 
     def on_eval(self, metrics: dict[str, Any]) -> None:

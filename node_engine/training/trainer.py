@@ -147,6 +147,7 @@ class Trainer:
             raise NonFiniteLossError(f"loss is {total.item()} at step {step + 1} (of {self.total_steps}); "
                                      f"{self._likely_cause()}")
         nfe_forward = stats.nfe_forward
+        step_size = stats.mean_forward_step()  # forward solves only (units of t); NaN: no ODE solve
         total.backward()
         grad_norm = torch.sqrt(sum((p.grad.detach() ** 2).sum() for p in self.model.parameters()
                                    if p.grad is not None))
@@ -160,6 +161,7 @@ class Trainer:
         epoch = {"epoch": step // self.batches_per_epoch} if self.n_train else {}
         return {"step": self.step, **epoch, "loss": total.item(), **metrics,
                 "nfe_forward": int(nfe_forward), "nfe_backward": int(stats.nfe_backward),
+                **({"step_size": step_size} if math.isfinite(step_size) else {}),
                 "wall_seconds": seconds, "elapsed_seconds": self.elapsed_seconds,
                 "lr": float(self.optimizer.param_groups[0]["lr"]), "grad_norm": grad_norm.item(),
                 "regularizers": {name: float(value.detach()) for name, value in regularizers.items()}}

@@ -37,6 +37,23 @@ const PRESETS = {
   },
 };
 
+// what a trained model of each type answers (node_engine/families: Family.serves) and the run page's query for it
+const QUERIES = {
+  cnf: "density", planar: "density", node: "forecast", latent_ode: "forecast", rnn: "forecast",
+  odenet: "predict", rknet: "predict", resnet: "predict", mlp: "predict",
+};
+// built-in forecast examples: six observations of each generated system's noiseless trajectory (scipy
+// DOP853, rtol 1e-10, from node_engine/datasets/timeseries.py's fields) and the span to forecast over
+const SERIES_EXAMPLES = {
+  lotka_volterra: { t: [0, 1, 2, 3, 4, 5], y: [[1.5, 1.0], [0.6787, 1.0416], [0.4288, 0.6448], [0.4353, 0.3605], [0.5837, 0.2182], [0.8875, 0.1651]], until: 15 },
+  damped_oscillator: { t: [0, 1.333, 2.667, 4, 5.333, 6.667], y: [[1.5, 0], [0.4458, -1.2802], [-0.9606, -0.5413], [-0.7475, 0.7514], [0.4191, 0.733], [0.7499, -0.2657]], until: 20 },
+  van_der_pol: { t: [0, 1, 2, 3, 4, 5], y: [[2, 0], [1.5081, -0.7802], [0.3233, -1.833], [-1.8661, -1.0211], [-1.7418, 0.6247], [-0.8371, 1.3071]], until: 15 },
+  spirals: { t: [0, 0.094, 0.283, 0.566, 0.906, 1.132], y: [[8.445, 2.362], [7.802, 2.49], [7.487, 3.267], [6.746, 3.78], [5.215, 4.333], [4.366, 4.329]], until: 1.849 },
+};
+// scikit-learn's first 8x8 digit (a "0"; grey levels 0..16 as the digits data set stores them)
+const DIGIT_ZERO = [[0, 0, 5, 13, 9, 1, 0, 0], [0, 0, 13, 15, 10, 15, 5, 0], [0, 3, 15, 2, 0, 11, 8, 0], [0, 4, 12, 0, 0, 8, 8, 0],
+  [0, 5, 8, 0, 0, 9, 8, 0], [0, 4, 11, 0, 1, 12, 7, 0], [0, 2, 14, 5, 10, 12, 0, 0], [0, 0, 6, 13, 10, 0, 0, 0]];
+
 // ---- API access --------------------------------------------------------------------------------
 const apiKey = () => sessionStorage.getItem(KEY_STORE);
 function authHeaders(extra = {}) {
@@ -200,10 +217,14 @@ function drawChart(canvas, series, { title, xlabel, ylabel }) {
     const color = s.color || COLORS[i % COLORS.length];
     const p = s.points.filter(([x, y]) => Number.isFinite(x) && Number.isFinite(y));
     g.strokeStyle = color; g.fillStyle = color; g.lineWidth = 1.6;
-    g.beginPath();
-    p.forEach(([x, y], j) => (j ? g.lineTo(X(x), Y(y)) : g.moveTo(X(x), Y(y))));
-    g.stroke();
-    if (p.length === 1 || s.dots) p.forEach(([x, y]) => { g.beginPath(); g.arc(X(x), Y(y), 2.5, 0, 7); g.fill(); });
+    if (s.lines !== false) {
+      g.beginPath();
+      p.forEach(([x, y], j) => (j ? g.lineTo(X(x), Y(y)) : g.moveTo(X(x), Y(y))));
+      g.stroke();
+    }
+    const r = s.radius || 2.5;
+    if (p.length === 1 || s.dots || s.lines === false) p.forEach(([x, y]) => { g.beginPath(); g.arc(X(x), Y(y), r, 0, 7); g.fill(); });
+    if (!s.label) return;  // unlabelled (e.g. posterior draws): no legend entry
     g.textAlign = "right"; g.textBaseline = "top";
     g.fillText(s.label, legendX, 6);
     legendX -= g.measureText(s.label).width + 10;
@@ -278,8 +299,8 @@ function chartBox(id, title, xlabel, ylabel) {
 async function renderRun(id) {
   const controller = new AbortController();
   let stopped = false;
-  teardown = () => { stopped = true; controller.abort(); };
-  let job;
+  teardown = () => { stopped = true; controller.abort(); if (observer) observer.disconnect(); };
+  let job, observer = null;
   try { job = await api(`v1/jobs/${id}`); } catch (err) { view().replaceChildren(problemBox(err)); return; }
   const metricRows = [], evalRows = [];
   const charts = {
@@ -291,7 +312,7 @@ async function renderRun(id) {
   const head = el("div");
   const info = el("dl", { class: "meta" });
   const checkpoints = el("ul", { id: "checkpoints" });
-  const figures = el("div", { class: "figures", id: "figures" });
+  const figures = el("div", { class: "figures", id: "figures" }, el("span", { class: "muted" }, "drawn when the run has ended"));
   const actions = el("div", {},
     el("button", { id: "cancel", type: "button", onclick: async () => {
       try { await api(`v1/jobs/${id}/cancel`, { method: "POST" }); toast("Cancel requested."); } catch (err) { toast(err.message); }
@@ -302,6 +323,7 @@ async function renderRun(id) {
     } }, "Delete"));
   view().replaceChildren(head, actions,
     el("h2", {}, "Curves (live)"), el("div", { class: "charts" }, Object.values(charts).map((c) => c.box)),
+    el("h2", { id: "query-heading" }, "Query the trained model"), queryPanel(job),
     el("h2", {}, "Run"), info,
     el("h2", {}, "Checkpoints"), checkpoints,
     el("h2", {}, "Figures"), figures,
@@ -318,6 +340,7 @@ async function renderRun(id) {
     if (j.error) info.append(el("dt", { class: "error" }, "error"), el("dd", { class: "error", id: "run-error" }, `${j.error.type || ""}: ${j.error.detail}`));
     document.getElementById("cancel").disabled = TERMINAL.has(j.status);
   }
+  let figuresShown = false;
   async function showArtifacts() {
     try {
       const list = await api(`v1/jobs/${id}/checkpoints`);
@@ -328,7 +351,19 @@ async function renderRun(id) {
           a.click();
         } }, c.name), ` (${(c.size_bytes / 1024).toFixed(1)} KiB)`)) : [el("li", { class: "muted" }, "none yet")]));
     } catch (err) { checkpoints.replaceChildren(problemBox(err)); }
-    if (!TERMINAL.has(job.status)) return;
+    showFigures();
+  }
+  // the figures (rendered by the server, seconds each) once the run has ended and the section is on screen;
+  // once only (the history replay reports the end several times)
+  let figuresVisible = false;
+  observer = new IntersectionObserver((entries) => {
+    figuresVisible = entries.some((e) => e.isIntersecting);
+    showFigures();
+  });
+  observer.observe(figures);
+  function showFigures() {
+    if (!TERMINAL.has(job.status) || !figuresVisible || figuresShown || stopped) return;
+    figuresShown = true;
     const names = ["training", ...(FAMILY_PLOTS[job.spec.model.type] || [])];
     figures.replaceChildren(...names.map((n) => {
       const fig = el("figure", {}, el("figcaption", {}, n), el("span", { class: "muted" }, "rendering…"));
@@ -379,29 +414,187 @@ async function renderRun(id) {
   }
 }
 
+// the job-spec schema from /openapi.json (fetched once; null where it cannot be had: the server still checks)
+let specSchema = null;
+async function loadSpecSchema() {
+  if (!specSchema) {
+    specSchema = api("openapi.json").then((doc) => {
+      const ref = doc.paths["/v1/jobs"].post.requestBody.content["application/json"].schema;
+      return { root: doc, schema: ref };
+    }).catch((err) => { specSchema = null; throw err; });
+  }
+  return specSchema;
+}
+
 function renderSubmit() {
   const editor = el("textarea", { id: "spec-editor", spellcheck: "false" });
   const preset = el("select", { id: "preset" }, Object.keys(PRESETS).map((k) => el("option", { value: k }, k)));
   const out = el("div", { id: "submit-result" });
-  const load = () => { editor.value = JSON.stringify(PRESETS[preset.value], null, 2); };
-  preset.addEventListener("change", load);
-  load();
-  const submit = el("button", { id: "submit", class: "primary", type: "button", onclick: async () => {
-    out.replaceChildren();
+  const checks = el("div", { id: "spec-check", class: "spec-check muted" }, "Loading the schema…");
+  let schema = null;
+  // the edited spec against the schema: null (not JSON; shown), [] (conforms) or its problems (shown)
+  function clientCheck() {
     let spec;
     try { spec = JSON.parse(editor.value); } catch (err) {
-      out.replaceChildren(problemBox({ status: "", message: `the spec is not JSON: ${err.message}`, body: { title: "Invalid JSON" } }));
-      return;
+      checks.className = "spec-check bad";
+      checks.replaceChildren(el("strong", {}, "Not JSON: "), err.message);
+      return { problems: [{ path: "body", reason: err.message }] };
     }
+    if (!schema) return { spec, problems: [] };
+    const problems = SchemaCheck.validate(schema.schema, spec, schema.root);
+    checks.className = `spec-check ${problems.length ? "bad" : "good"}`;
+    checks.replaceChildren(problems.length
+      ? el("div", {}, el("strong", {}, `${problems.length} problem(s) against the API schema (nothing sent):`),
+        el("ul", {}, problems.map((p) => el("li", { class: "problem" }, el("code", {}, p.path), ": ", p.reason))))
+      : el("span", { id: "spec-ok" }, "✓ conforms to the API schema (the server checks the rest: data set names, sizes)"));
+    return { spec, problems };
+  }
+  let timer = null;
+  editor.addEventListener("input", () => { clearTimeout(timer); timer = setTimeout(clientCheck, 250); });
+  const load = () => { editor.value = JSON.stringify(PRESETS[preset.value], null, 2); clientCheck(); };
+  preset.addEventListener("change", load);
+  load();
+  loadSpecSchema().then((s) => { schema = s; clientCheck(); },
+    () => { checks.className = "spec-check muted"; checks.textContent = "The API schema could not be loaded: the server checks the spec."; });
+  const submit = el("button", { id: "submit", class: "primary", type: "button", onclick: async () => {
+    out.replaceChildren();
+    const { spec, problems } = clientCheck();
+    if (problems.length) return;  // shown next to the editor; nothing is sent
     try {
       const job = await api("v1/jobs", { method: "POST", body: spec });
       location.hash = `#/run/${job.id}`;
-    } catch (err) { out.replaceChildren(problemBox(err)); }
+    } catch (err) { out.replaceChildren(problemBox(err)); }  // the server's reasons (it has the last word)
   } }, "Submit job");
   view().replaceChildren(el("h1", {}, "Submit a job"),
-    el("p", { class: "muted" }, "Edit the JSON job spec (the schema: ", el("a", { href: "docs#/jobs/submit_job_v1_jobs_post" }, "API docs"), "). The server validates it and names each problem's field."),
-    el("div", { class: "filters" }, el("label", {}, "Preset", preset), submit), out, editor);
-  teardown = () => {};
+    el("p", { class: "muted" }, "Edit the JSON job spec (the schema: ", el("a", { href: "docs#/jobs/submit_job_v1_jobs_post" }, "API docs"),
+      "). It is checked against the API's schema as you type; the server validates it again and names each problem's field."),
+    el("div", { class: "filters" }, el("label", {}, "Preset", preset), submit), out,
+    el("div", { class: "editor-grid" }, editor, checks));
+  teardown = () => clearTimeout(timer);
+}
+
+// ---- the run page's model query (the newest checkpoint, through the /v1 inference endpoints) -------
+function queryPanel(job) {
+  const kind = QUERIES[job.spec.model.type];
+  if (!kind) return el("p", { class: "muted" }, "This model family answers no queries.");
+  return { density: densityQuery, forecast: forecastQuery, predict: predictQuery }[kind](job);
+}
+
+// a JSON textarea's value, or a problem shown in ``out`` (then null)
+function readJson(input, out, what) {
+  try { return JSON.parse(input.value); } catch (err) {
+    out.replaceChildren(problemBox({ status: "", message: `${what} is not JSON: ${err.message}`, body: { title: "Invalid JSON" } }));
+    return null;
+  }
+}
+const numCell = (v, attrs = {}) => el("td", { class: "num", ...attrs }, v === null || v === undefined ? "—" : fmt(v));
+
+function densityQuery(job) {
+  const id = job.id;
+  const points = el("textarea", { id: "query-points", spellcheck: "false" }, JSON.stringify([[0, 0], [1, 0.5], [-1, 0.5], [0.5, -0.3], [3, 3]]));
+  const n = el("input", { id: "query-n", type: "number", min: 1, max: 100000, value: 1000, size: 7 });
+  const out = el("div", { id: "query-result", class: "query-out" });
+  async function logDensity() {
+    const pts = readJson(points, out, "points");
+    if (!pts) return;
+    out.replaceChildren(el("span", { class: "muted" }, "solving…"));
+    try {
+      const ans = await api(`v1/jobs/${id}/log-density`, { method: "POST", body: { points: pts } });
+      const why = Object.fromEntries(ans.failed.map((f) => [f.index, f.reason]));
+      out.replaceChildren(el("div", {},
+        el("table", { id: "query-table" }, el("thead", {}, el("tr", {}, ["#", "point (data units)", "log p(x) (nats)", "p(x)"].map((h) => el("th", {}, h)))),
+          el("tbody", {}, pts.map((p, i) => el("tr", {}, numCell(i), el("td", {}, JSON.stringify(p)),
+            numCell(ans.log_density[i], { "data-value": ans.log_density[i] ?? "" }),
+            ans.log_density[i] === null ? el("td", { class: "error" }, why[i] || "no finite value") : numCell(Math.exp(ans.log_density[i])))))),
+        el("p", { class: "muted" }, `checkpoint ${ans.checkpoint}; ${ans.nfe} vector-field evaluations`)));
+    } catch (err) { out.replaceChildren(problemBox(err)); }
+  }
+  async function samples() {
+    out.replaceChildren(el("span", { class: "muted" }, "sampling…"));
+    try {
+      const ans = await api(`v1/jobs/${id}/samples`, { method: "POST", body: { n: Number(n.value), seed: 0 } });
+      const chart = chartBox("query-chart", `${ans.samples.length} samples (seed 0)`, "x₁ (data units)", "x₂ (data units)");
+      out.replaceChildren(chart.box, el("p", { class: "muted" },
+        ans.samples[0] && ans.samples[0].length > 2 ? `the first two of ${ans.samples[0].length} coordinates; ` : "", `checkpoint ${ans.checkpoint}`));
+      chart.draw([{ label: "sample", lines: false, radius: 1.4, points: ans.samples.map((p) => [p[0], p.length > 1 ? p[1] : 0]) }]);
+    } catch (err) { out.replaceChildren(problemBox(err)); }
+  }
+  return el("div", { class: "query", id: "query" },
+    el("label", {}, "Points, (N, D) JSON in data coordinates (POST /v1/jobs/{id}/log-density)", points),
+    el("div", { class: "filters" },
+      el("button", { id: "query-run", class: "primary", type: "button", onclick: logDensity }, "Log density"),
+      el("label", {}, "Samples", n),
+      el("button", { id: "query-samples", type: "button", onclick: samples }, "Draw samples")),
+    out);
+}
+
+function forecastQuery(job) {
+  const id = job.id;
+  const body = el("textarea", { id: "query-body", spellcheck: "false", rows: 8 });
+  const out = el("div", { id: "query-result", class: "query-out" });
+  function example() {
+    const ex = SERIES_EXAMPLES[dataName(job.spec)] || SERIES_EXAMPLES.lotka_volterra;
+    const t = Array.from({ length: 61 }, (_, i) => +(ex.until * i / 60).toPrecision(6));
+    const req = { series: [{ t: ex.t, y: ex.y }], t, ...(job.spec.model.type === "latent_ode" ? { samples: 3 } : {}) };
+    body.value = `{\n${Object.entries(req).map(([k, v]) => `  ${JSON.stringify(k)}: ${JSON.stringify(v)}`).join(",\n")}\n}`;  // a key a line
+  }
+  async function forecast() {
+    const req = readJson(body, out, "the request");
+    if (!req) return;
+    out.replaceChildren(el("span", { class: "muted" }, "solving…"));
+    try {
+      const ans = await api(`v1/jobs/${id}/forecast`, { method: "POST", body: req });
+      const f = ans.forecasts[0], obs = (req.series || [])[0] || { t: [], y: [] };
+      const dims = f.mean[0] ? f.mean[0].length : 0;
+      const chart = chartBox("query-chart", "Forecast, series 0", "t (time units of the data set)", "value (data units)");
+      const series = [];
+      for (let d = 0; d < dims; d++) {
+        const color = COLORS[d % COLORS.length];
+        for (const draw of f.samples || []) series.push({ label: "", color: `${color}55`, points: f.t.map((t, i) => [t, draw[i][d]]) });
+        series.push({ label: `y${d + 1} mean`, color, points: f.t.map((t, i) => [t, f.mean[i][d]]) });
+        series.push({ label: `y${d + 1} observed`, color, lines: false, radius: 3.5,
+          points: obs.t.map((t, i) => [t, obs.y[i] ? obs.y[i][d] : null]).filter(([, v]) => typeof v === "number") });
+      }
+      out.replaceChildren(chart.box, el("div", { class: "scroll" },
+        el("table", { id: "query-table" },
+          el("thead", {}, el("tr", {}, el("th", {}, "series"), el("th", {}, "t"), Array.from({ length: dims }, (_, d) => el("th", {}, `mean y${d + 1}`)))),
+          el("tbody", {}, ans.forecasts.flatMap((fc, s) => fc.t.map((t, i) => el("tr", {}, numCell(s), numCell(t),
+            fc.mean[i].map((v) => numCell(v, { "data-value": v })))))))),
+        el("p", { class: "muted" }, `checkpoint ${ans.checkpoint}; ${ans.nfe} vector-field evaluations`));
+      chart.draw(series);
+    } catch (err) { out.replaceChildren(problemBox(err)); }
+  }
+  example();
+  return el("div", { class: "query", id: "query" },
+    el("label", {}, "Request: observed series (t, y; null = missing) and the times t to forecast at (POST /v1/jobs/{id}/forecast)", body),
+    el("div", { class: "filters" },
+      el("button", { id: "query-run", class: "primary", type: "button", onclick: forecast }, "Forecast"),
+      el("button", { id: "query-example", type: "button", onclick: example }, "Built-in example")),
+    out);
+}
+
+function predictQuery(job) {
+  const id = job.id;
+  const digits = dataName(job.spec) === "digits";
+  const inputs = el("textarea", { id: "query-inputs", spellcheck: "false" }, digits ? `[[\n${DIGIT_ZERO.map((r) => `  ${JSON.stringify(r)}`).join(",\n")}\n]]` : "");
+  const out = el("div", { id: "query-result", class: "query-out" });
+  async function predict() {
+    const x = readJson(inputs, out, "inputs");
+    if (!x) return;
+    try {
+      const ans = await api(`v1/jobs/${id}/predict`, { method: "POST", body: { inputs: x } });
+      out.replaceChildren(el("table", { id: "query-table" },
+        el("thead", {}, el("tr", {}, ["#", "class", "probability", "all probabilities"].map((h) => el("th", {}, h)))),
+        el("tbody", {}, ans.probabilities.map((p, i) => {
+          const best = p.indexOf(Math.max(...p));
+          return el("tr", {}, numCell(i), numCell(best), numCell(p[best], { "data-value": p[best] }), el("td", {}, p.map((v) => v.toFixed(3)).join(" ")));
+        }))));
+    } catch (err) { out.replaceChildren(problemBox(err)); }
+  }
+  return el("div", { class: "query", id: "query" },
+    el("label", {}, `Images, N x H x W JSON in the training data's pixel units${digits ? " (digits: 0..16; an 8x8 “0” to start)" : ""} (POST /v1/jobs/{id}/predict)`, inputs),
+    el("div", { class: "filters" }, el("button", { id: "query-run", class: "primary", type: "button", onclick: predict }, "Predict")),
+    out);
 }
 
 function flatten(obj, prefix = "", out = {}) {

@@ -123,7 +123,8 @@ async def job_event_stream(
     """Server-Sent Events of a job, from the job store (any API replica serves any job):
 
     - ``status`` ``{"status": ...}`` at each change (queued, running (with ``attempt``), and the final one);
-    - ``metric``: each logged training step ``{"step", "loss", "nfe_forward", "nfe_backward", ...}``;
+    - ``metric``: each logged training step ``{"step", "loss", "nfe_forward", "nfe_backward", "step_size", ...}``
+      (``step_size``: mean accepted forward step, time units of the ODE's t);
     - ``evaluation``: each test evaluation ``{"step", "test_...", "eval_nfe_forward", ...}``;
     - ``checkpoint`` ``{"name", "step"}`` once the file can be downloaded;
     - ``result`` ``{"status", "metrics", "error"}`` just before the final status.

@@ -21,7 +21,8 @@ def job_metrics(
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
     page_token: Annotated[str | None, Query(max_length=128)] = None,
 ) -> MetricsPublic:
-    """Rows ``{"step", "loss", "nfe_forward", "nfe_backward", "wall_seconds", ...}`` in step order;
+    """Rows ``{"step", "loss", "nfe_forward", "nfe_backward", "step_size", "wall_seconds", ...}`` in step order
+    (``step_size``: mean accepted step of the step's forward solves, in the time units of the ODE's t);
     evaluation steps also carry ``test_nll`` (nats) / ``test_bits_per_dim`` or ``test_accuracy``."""
     rows, token = jobs.history(job, since_step=since_step, limit=limit, page_token=page_token)
     return MetricsPublic(history=rows, next_page_token=token)

@@ -85,6 +85,25 @@ def test_odenet_records_callbacks_and_checkpoints():
         model.predict(np.zeros((2, 28, 28)))
 
 
+@pytest.mark.parametrize("adjoint", [False, True])
+def test_step_size_is_the_mean_accepted_forward_step(adjoint):
+    """A fixed grid of spacing h on [0, T] with T a multiple of h: every accepted step is h exactly."""
+    cnf = {"type": "cnf", "hidden_dims": [4], "end_time": 0.5, "train_end_time": False}
+    spec = _spec(cnf, SMALL_MOONS, iterations=2, batch_size=16, eval_every=100, checkpoint_every=100)
+    spec["solver"] = {"method": "rk4", "step_size": 0.125, "adjoint": adjoint}
+    rec = Recorder()
+    build_trainer(spec).run(rec)
+    assert [r["step_size"] for r in rec.steps] == [0.125, 0.125]
+    # an adaptive solve: mean accepted step within (0, T]; a model without an ODE solve records none
+    spec["solver"] = {"method": "dopri5", "rtol": 1e-3, "atol": 1e-3, "adjoint": adjoint}
+    rec = Recorder()
+    build_trainer(spec).run(rec)
+    assert all(0 < r["step_size"] <= 0.5 for r in rec.steps)
+    rec = Recorder()
+    build_trainer(_spec({"type": "mlp", "hidden": 4}, SMALL_DIGITS, iterations=1)).run(rec)
+    assert "step_size" not in rec.steps[0]
+
+
 def test_epochs_define_total_steps():
     trainer = build_trainer(_spec({"type": "mlp", "hidden": 10}, SMALL_DIGITS, epochs=2, batch_size=50))
     assert trainer.total_steps == 2 * math.ceil(240 / 50)

@@ -147,8 +147,15 @@ def test_a_job_submitted_through_the_form_appears_and_its_curves_grow_while_it_t
         names = [c["name"] for c in client.get(f"/v1/jobs/{job_id}/checkpoints").json()["checkpoints"]]
         wait_for(lambda: sorted(a.text for a in browser.find_elements(By.CSS_SELECTOR, "#checkpoints a")) == sorted(names),
                  what="the checkpoint links")
+        browser.execute_script("document.getElementById('figures').scrollIntoView()")  # rendered when in view
         wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "#figures img"), what="the training figure")
+        browser.execute_script("window.scrollTo(0, 0)")
         shot(browser, "run")
+        # the classifier's query: the page's class probability equals the API's for the same image
+        images = json.loads(browser.find_element(By.ID, "query-inputs").get_attribute("value"))
+        probs = client.post(f"/v1/jobs/{job_id}/predict", json={"inputs": images}).json()["probabilities"]
+        browser.find_element(By.ID, "query-run").click()
+        assert query_table(browser) == pytest.approx([max(p) for p in probs], rel=1e-12)
 
     browser.get(f"{base}/#/")
     wait_for(lambda: browser.find_element(By.CSS_SELECTOR, f'tr[data-job="{job_id}"]'), what="the submitted job in the list")
@@ -180,27 +187,128 @@ def test_compare_shows_both_runs_and_their_spec_differences(browser, live_api):
     shot(browser, "compare")
 
 
+def set_editor(browser, element, text: str) -> None:
+    """Replace a textarea's text the way typing does (the page listens to ``input``)."""
+    browser.execute_script("arguments[0].value = arguments[1]; arguments[0].dispatchEvent(new Event('input'))",
+                           element, text)
+
+
+def record_posts(browser) -> None:
+    """From now on the page's fetch() POSTs are recorded in ``window.posted`` (the page's own fetch still runs)."""
+    browser.execute_script("""
+        window.posted = [];
+        const f = window.fetch;
+        window.fetch = (url, init) => { if (init && init.method === "POST") window.posted.push(String(url)); return f(url, init); };""")
+
+
+def shown_problems(browser, selector: str) -> set[tuple[str, ...]]:
+    items = wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, f"{selector} li.problem"), what=f"the problems in {selector}")
+    return {tuple(li.text.split(": ", 1)) for li in items}
+
+
 @needs_browser
 @pytest.mark.slow
 def test_a_bad_spec_shows_each_field_and_its_reason(browser, live_api):
     base, _ = live_api
     bad = tiny_spec("bad")
     bad["training"]["iterations"] = 0
-    bad["solver"] = {"method": "no-such-method"}
+    bad["solver"] = {"method": "no-such-method", "rtol": -1e-3}
+    schema_ok_but_refused = tiny_spec("unknown data")  # the schema allows any name; the server knows the registry
+    schema_ok_but_refused["dataset"]["name"] = "no-such-data"
     with httpx.Client(base_url=base, timeout=30) as client:
         answer = client.post("/v1/jobs", json=bad)
-    assert answer.status_code == 422
-    expected = {(e["field"], e["reason"]) for e in answer.json()["errors"]}
-    assert {f for f, _ in expected} >= {"training.iterations", "solver.method"}
+        refused = client.post("/v1/jobs", json=schema_ok_but_refused)
+    assert answer.status_code == 422 and refused.status_code == 422
+    expected = {e["field"] for e in answer.json()["errors"]}
+    assert expected == {"training.iterations", "solver.method", "solver.rtol"}
     browser.get(f"{base}/#/submit")
-    editor = wait_for(lambda: browser.find_element(By.ID, "spec-editor"), what="the spec editor")
-    browser.execute_script("arguments[0].value = arguments[1]", editor, json.dumps(bad, indent=2))
+    wait_for(lambda: browser.find_element(By.ID, "spec-ok"), what="the demo preset passing the schema check")
+    record_posts(browser)
+    editor = browser.find_element(By.ID, "spec-editor")
+    set_editor(browser, editor, json.dumps(bad, indent=2))
+    shown = shown_problems(browser, "#spec-check")  # as typed, before anything is sent
+    assert {field for field, _ in shown} == expected  # the fields the server names, found in the browser
+    reasons = dict(shown)
+    assert reasons["solver.rtol"] == "must be > 0" and reasons["training.iterations"] == "must be ≥ 1"
+    assert '"no-such-method" is not one of' in reasons["solver.method"] and '"dopri5"' in reasons["solver.method"]
     browser.find_element(By.ID, "submit").click()
-    items = wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "#problems li.problem"), what="the problems")
-    shown = {tuple(li.text.split(": ", 1)) for li in items}
-    assert shown == expected
-    assert "#/submit" in browser.current_url  # nothing was created
+    time.sleep(0.2)  # a click that sent something would have recorded it by now
+    assert browser.execute_script("return window.posted") == []
     shot(browser, "submit_error")
+
+    # where the schema check passes and the server disagrees, the server's 422 is shown field by field
+    set_editor(browser, editor, json.dumps(schema_ok_but_refused, indent=2))
+    wait_for(lambda: browser.find_element(By.ID, "spec-ok"), what="the schema check passing")
+    browser.find_element(By.ID, "submit").click()
+    assert shown_problems(browser, "#submit-result") == {(e["field"], e["reason"]) for e in refused.json()["errors"]}
+    assert browser.execute_script("return window.posted") == ["v1/jobs"]
+    assert "#/submit" in browser.current_url  # nothing was created
+    for preset in browser.find_elements(By.CSS_SELECTOR, "#preset option"):  # every preset passes the schema
+        preset.click()
+        wait_for(lambda: browser.find_element(By.ID, "spec-ok"), what=f"preset {preset.text!r} passing")
+
+
+def query_table(browser) -> list[float]:
+    """The numbers the query panel shows (its cells carry the value it was given)."""
+    cells = wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "#query-table td[data-value]"), what="the answer")
+    return [float(c.get_attribute("data-value")) for c in cells]
+
+
+@needs_browser
+@pytest.mark.slow
+def test_the_run_page_queries_the_trained_model_and_draws_the_step_size(browser, live_api):
+    """Log density and forecast in the page equal the API's answers to the same request; the step-size curve."""
+    base, settings = live_api
+    long = bool(SCREENSHOTS)  # screenshots of a trained model; the check itself needs only a checkpoint
+    cnf = {"model": {"type": "cnf", "hidden_dims": [16, 16] if long else [8]},
+           "dataset": {"name": "moons", "n_samples": 2000 if long else 200},
+           "solver": {"method": "dopri5", "rtol": 1e-3, "atol": 1e-3},
+           "training": {"iterations": 400 if long else 4, "batch_size": 128 if long else 32, "lr": 1e-2,
+                        "eval_every": 50 if long else 4, "checkpoint_every": 100 if long else 4},
+           "name": "query cnf"}
+    node = {"model": {"type": "node", "hidden_dims": [32, 32] if long else [8]},
+            "dataset": {"name": "lotka_volterra", "n_samples": 100 if long else 10},
+            "solver": {"method": "dopri5", "rtol": 1e-3, "atol": 1e-4},
+            "training": {"iterations": 600 if long else 2, "batch_size": 16 if long else 4, "lr": 1e-2,
+                         "eval_every": 100 if long else 2, "checkpoint_every": 100 if long else 2},
+            "name": "query node"}
+    with httpx.Client(base_url=base, timeout=60) as client:
+        answers = [client.post("/v1/jobs", json=spec) for spec in (cnf, node)]
+        assert [a.status_code for a in answers] == [202, 202], [a.text for a in answers]
+        ids = [a.json()["id"] for a in answers]
+        for job_id in ids:
+            assert run_job(job_id, worker(settings)) == "succeeded"
+        rows = client.get(f"/v1/jobs/{ids[0]}/metrics").json()["history"]
+        with_step = [r["step_size"] for r in rows if "step_size" in r]
+        assert len(with_step) == cnf["training"]["iterations"] and all(0 < h <= 1.0 for h in with_step)  # T = 1
+
+        browser.get(f"{base}/#/run/{ids[0]}")
+        wait_for(lambda: points(browser, "chart-step") == len(with_step), what="the step-size curve")
+        shot(browser, "run_cnf")
+        points_text = browser.find_element(By.ID, "query-points").get_attribute("value")
+        reference = client.post(f"/v1/jobs/{ids[0]}/log-density", json={"points": json.loads(points_text)}).json()
+        browser.find_element(By.ID, "query-run").click()
+        assert query_table(browser) == pytest.approx(reference["log_density"], rel=1e-12)
+        browser.execute_script("document.getElementById('query-heading').scrollIntoView()")
+        shot(browser, "query_density")
+        browser.find_element(By.ID, "query-samples").click()
+        wait_for(lambda: points(browser, "query-chart") == 1000, what="1000 samples drawn")
+        shot(browser, "query_samples")
+        set_editor(browser, browser.find_element(By.ID, "query-points"), "[[0.5, 0.5, 0.5]]")  # the model is 2-D
+        bad = client.post(f"/v1/jobs/{ids[0]}/log-density", json={"points": [[0.5, 0.5, 0.5]]})
+        browser.find_element(By.ID, "query-run").click()
+        assert shown_problems(browser, "#query-result") == {(e["field"], e["reason"]) for e in bad.json()["errors"]}
+
+        browser.get(f"{base}/#/run/{ids[1]}")
+        body = json.loads(wait_for(lambda: browser.find_element(By.ID, "query-body"), what="the forecast form")
+                          .get_attribute("value"))  # the built-in Lotka-Volterra example
+        reference = client.post(f"/v1/jobs/{ids[1]}/forecast", json=body).json()
+        browser.find_element(By.ID, "query-run").click()
+        expected = [v for row in reference["forecasts"][0]["mean"] for v in row]
+        assert query_table(browser) == pytest.approx(expected, rel=1e-12)
+        assert points(browser, "query-chart") == len(expected) + len(body["series"][0]["y"]) * 2  # means and observations
+        browser.execute_script("document.getElementById('query-heading').scrollIntoView()")
+        shot(browser, "query_forecast")
 
 
 @needs_browser
@@ -246,7 +354,7 @@ def test_the_page_and_its_assets_are_served_from_the_package_and_fetch_nothing_f
         assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
         refs = re.findall(r'(?:src|href)="([^"#][^"]*)"', page.text)
         assets = sorted(r for r in refs if r.startswith("dashboard/"))
-        assert assets == ["dashboard/app.js", "dashboard/style.css"]
+        assert assets == ["dashboard/app.js", "dashboard/schema.js", "dashboard/style.css"]
         assert not [r for r in refs if "//" in r]  # no absolute or protocol-relative URL
         for asset in assets:
             answer = client.get(f"/{asset}")
