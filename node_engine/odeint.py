@@ -18,6 +18,7 @@ from .solvers.adams import ADAMS_METHODS, AdamsStepper
 from .solvers.esdirk import ESDIRKStepper
 from .solvers.implicit import NEWTON_MAX_ITERS, ImplicitStepper
 from .solvers.adaptive import DEFAULT_MAX_NUM_STEPS, AdaptiveOptions, SolveInfo, StepRecord, integrate_adaptive
+from .solvers.compiled_step import COMPILE_CHOICES, CompiledRKStepper, compile_unsupported, compiled_entry
 from .solvers.controller import PIController
 from .solvers.fixed_grid import integrate_fixed, make_grid
 from .solvers.hooks import CallableNorm, StepCallbacks, find_callbacks
@@ -31,12 +32,14 @@ from .time_grad import output_time_gradient, start_time_gradient
 __all__ = ["odeint", "ADAPTIVE_OPTIONS", "FIXED_OPTIONS", "DEFAULT_MAX_NUM_STEPS"]
 
 ADAPTIVE_OPTIONS = ("first_step", "max_num_steps", "step_t", "jump_t", "safety", "ifactor", "dfactor", "beta",
-                    "step_control", "raise_on_failure", "max_nfe", "stop", "norm", "min_step", "max_step", "dtype")
+                    "step_control", "raise_on_failure", "max_nfe", "stop", "norm", "min_step", "max_step", "dtype",
+                    "compile")
 STEP_CONTROLS = ("joint", "per_sample")
+AUTO_COMPILE_MAX_NUMEL = 1 << 16  # options["compile"]="auto" on the CPU: small states (see docs/benchmarks.md)
 FIXED_OPTIONS = ("step_size", "grid", "grid_constructor", "perturb", "dtype", "interp", "max_nfe", "stop")  # interp: ignored
 IMPLICIT_OPTIONS = ("newton_tol", "newton_max_iters")
 # kvaerno5: joint stepping only (one Jacobian per step of the whole state), so no step_control
-STIFF_OPTIONS = tuple(k for k in ADAPTIVE_OPTIONS if k != "step_control") + IMPLICIT_OPTIONS
+STIFF_OPTIONS = tuple(k for k in ADAPTIVE_OPTIONS if k not in ("step_control", "compile")) + IMPLICIT_OPTIONS
 
 
 def check_method(method: str) -> None:
@@ -84,6 +87,9 @@ def check_options(method: str, options, allowed_extra: tuple[str, ...] = ()) -> 
     if options.get("step_control", "joint") not in STEP_CONTROLS:
         raise ValueError(f"options['step_control'] must be one of {', '.join(STEP_CONTROLS)}; "
                          f"got {options['step_control']!r}")
+    if not any(options.get("compile", False) is c or options.get("compile") == c and isinstance(c, str)
+               for c in COMPILE_CHOICES):
+        raise ValueError(f"options['compile'] must be False, True or 'auto', got {options['compile']!r}")
     if not isinstance(options.get("raise_on_failure", True), bool):
         raise ValueError(f"options['raise_on_failure'] must be True or False, got {options['raise_on_failure']!r}")
     max_nfe = options.get("max_nfe")
@@ -209,6 +215,9 @@ class SolverConfig:
             return self._solve(vf, z0, times, info, record, STIFF[self.method], stepper,
                                land=[float(x) for x in times[1:-1]])
         tab = METHODS[self.method]
+        compiled = self._compiled_stepper(tab, vf, z0, info, grad)
+        if compiled is not None:
+            return self._solve(vf, z0, times, info, record, tab, compiled)
         if isinstance(vf, RowField):
             stepper = RKStepper(tab, z0.shape, z0.device, z0.dtype, reuse_buffer=not grad, per_row=True)
             return self._solve(vf, z0, times, info, record, tab, stepper)
@@ -220,6 +229,34 @@ class SolverConfig:
             return self._solve(vf, z0, times, info, record, tab, stepper)
         finally:
             release_stepper(stepper)
+
+    def _compiled_stepper(self, tab, vf, z0, info, grad) -> CompiledRKStepper | None:
+        """A stepper with a compiled trial step when ``options["compile"]`` asks for one and this
+        solve allows it (no autograd through the steps; see :mod:`.solvers.compiled_step`); else
+        None, with the reason in ``info.compile_fallback`` when compiling was asked for."""
+        want = self.options.get("compile", False)
+        if want is False:
+            return None
+        norm = self._norm()
+        why = "autograd records the steps (backprop through the solve)" if grad else (
+            compile_unsupported(tab, vf, norm))
+        if why is None and want == "auto" and z0.device.type != "cuda" and z0.numel() > AUTO_COMPILE_MAX_NUMEL:
+            why = f"'auto': on the CPU only states up to {AUTO_COMPILE_MAX_NUMEL} elements gain"
+        if why is not None:
+            info.compile_fallback = why
+            return None
+        per_row = isinstance(vf, RowField)
+        entry = compiled_entry(tab, vf, norm, z0.shape, z0.dtype, z0.device, per_row)
+        if entry.failed is not None:
+            info.compile_fallback = entry.failed
+            return None
+        return CompiledRKStepper(tab, z0.shape if per_row else vf.work_shape, z0.device, z0.dtype,
+                                 per_row=per_row, entry=entry, norm=norm, info=info)
+
+    def _norm(self):
+        if self.norm_fn is not None:
+            return CallableNorm(self.rtol, self.atol, self.norm_fn)
+        return ErrorNorm(self.rtol, self.atol, self.segments, self.used)
 
     def _solve(self, vf, z0, times, info, record, tab, stepper, land=()) -> torch.Tensor:
         o = self.options
@@ -237,10 +274,7 @@ class SolverConfig:
             return integrate_fixed(vf, z0, times, stepper, grid, info, record,
                                    max_nfe=o.get("max_nfe"), stop=o.get("stop"),
                                    perturb=bool(o.get("perturb", False)), callbacks=self.callbacks)
-        if self.norm_fn is not None:
-            norm = CallableNorm(self.rtol, self.atol, self.norm_fn)
-        else:
-            norm = ErrorNorm(self.rtol, self.atol, self.segments, self.used)
+        norm = self._norm()
         ctrl = PIController(
             tab.control_order,
             safety=float(o.get("safety", 0.9)),
@@ -315,6 +349,10 @@ def add_info(stats: SolverStats | None, info: SolveInfo, vf, *, backward: bool =
         stats.sample_evaluations += vf.sample_evaluations
         if info.status is not None:
             stats.status = torch.from_numpy(info.status.copy())
+    stats.compile_seconds += info.compile_s
+    stats.compiled_steps += info.compiled_steps
+    if info.compile_fallback is not None:
+        stats.compile_fallback = info.compile_fallback
     stats.steps_accepted += info.accepted
     stats.steps_rejected += info.rejected
     if info.accepted:

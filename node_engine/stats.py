@@ -32,6 +32,11 @@ class SolverStats:
             int64 tensor of :class:`node_engine.errors.SolveStatus` values, shape (B,) for a
             per-sample solve, (1,) for a joint solve (the whole state is one row); None before any
             solve. Set when the solve returns or raises (the adjoint's backward does not touch it).
+        compile_seconds: wall time [s] of solver calls during which ``options["compile"]`` compiled
+            (or recompiled) a trial step; steady-state cost excludes it (float).
+        compiled_steps: trial steps made by a compiled step function (int; forward and backward).
+        compile_fallback: why ``options["compile"]`` ran eagerly in the last solve that could not
+            compile (a graph break, an unsupported method or field), or None.
     """
 
     nfe_forward: int = 0
@@ -41,6 +46,9 @@ class SolverStats:
     last_step_size: float = float("nan")
     sample_evaluations: int = 0
     status: torch.Tensor | None = None
+    compile_seconds: float = 0.0
+    compiled_steps: int = 0
+    compile_fallback: str | None = None
 
     def reset(self) -> None:
         """Set every counter back to zero."""
@@ -48,6 +56,9 @@ class SolverStats:
         self.last_step_size = float("nan")
         self.sample_evaluations = 0
         self.status = None
+        self.compile_seconds = 0.0
+        self.compiled_steps = 0
+        self.compile_fallback = None
 
     def as_dict(self) -> dict:
         """The counters as a JSON-ready dict (the keys above; ``status`` as a list of ints or None)."""
