@@ -62,12 +62,16 @@ class _AugmentedField:
         self.t_dtype = vf.t_dtype
         self.work_shape = torch.Size((2 * n + sum(p.numel() for p in params),))
         self.direct = getattr(vf.func, "adjoint_vjp", None)
+        self.compile_key = (n, tuple(id(p) for p in params))  # with vf.func: which compiled step fits
 
     def _direct(self, t: float, y: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         vf = self.vf
         vf.nfe += 1
-        lay = vf.layout
-        tt = torch.scalar_tensor(t, dtype=vf.t_dtype, device=y.device)
+        tt = t if type(t) is torch.Tensor else torch.scalar_tensor(t, dtype=vf.t_dtype, device=y.device)
+        return self._direct_flat(tt, y, a)
+
+    def _direct_flat(self, tt: torch.Tensor, y: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        lay = self.vf.layout
         ys = lay.unflatten(y)
         f, g_y, g_p = self.direct(tt, ys, lay.unflatten(-a), self.params)
         members = (lambda x: x) if lay.is_tuple else (lambda x: (x,))
@@ -82,6 +86,23 @@ class _AugmentedField:
     def nfe(self) -> int:
         """Evaluations so far (of the wrapped field: the solver checks ``max_nfe`` against it)."""
         return self.vf.nfe
+
+    @nfe.setter
+    def nfe(self, value: int) -> None:  # a compiled step counts its stages here
+        self.vf.nfe = value
+
+    @property
+    def func(self):
+        """The user's field (the compiled step's cache key)."""
+        return self.vf.func
+
+    def pure(self):
+        """The augmented field as a pure function (t 0-d, z flat) for the compiled step
+        (options["compile"]); only with ``adjoint_vjp`` (autograd.grad does not trace): else None."""
+        if self.direct is None:
+            return None
+        n = self.n
+        return lambda t, z: self._direct_flat(t, z[:n], z[n: 2 * n])
 
     def at(self, t: float, z: torch.Tensor) -> torch.Tensor:
         """The solver's call with a host time (the work shape is already flat)."""

@@ -43,6 +43,7 @@ __all__ = ["CompiledRKStepper", "compiled_entry", "compile_unsupported", "COMPIL
 
 COMPILE_CHOICES = (False, True, "auto")
 _CACHE_MAX = 32
+MAX_GRAPHS = 3  # compiles per entry (first + recompiles) before it gives up and runs eagerly
 _CACHE: OrderedDict[tuple, "_Entry"] = OrderedDict()
 _LOCK = threading.Lock()
 
@@ -117,6 +118,7 @@ class _Entry:
         self.fn = torch.compile(fn, fullgraph=True, dynamic=dynamic or None, mode=mode)
         self.failed: str | None = None
         self.calls = 0
+        self.graphs = 0  # graphs dynamo compiled for this entry (first compile and recompiles)
         self.warned = False
         self.lock = threading.Lock()
 
@@ -133,20 +135,28 @@ class _Entry:
         except Exception as exc:  # graph break (fullgraph), backend/compiler failure
             if self.calls and not _is_compile_error(exc):
                 raise  # the field itself failed in a later step: the user's error, as in eager
-            self.failed = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
-            info.compile_fallback = self.failed
             info.compile_s += time.perf_counter() - start
-            if not self.warned:
-                self.warned = True
-                warnings.warn(f"options['compile']: the trial step could not be compiled, running eagerly "
-                              f"({self.failed})", RuntimeWarning, stacklevel=2)
+            self._fail(info, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300])
             return None
         self.calls += 1
         if _graphs_compiled() != before:
             info.compile_s += time.perf_counter() - start
+            self.graphs += 1
+            if self.graphs > MAX_GRAPHS:  # e.g. float(t) in the field: a recompile per value
+                self._fail(info, f"recompiled {self.graphs} times (the field reads tensor values as Python "
+                                 "numbers, or has Python state that changes per call)")
         if self.cudagraph:  # replays reuse the output memory; the solve keeps these across steps
             out = tuple(o.clone() for o in out)
         return out
+
+
+    def _fail(self, info, reason: str) -> None:
+        """From now on this entry runs eagerly; warn once, and record why in the solve's info."""
+        self.failed = info.compile_fallback = reason
+        if not self.warned:
+            self.warned = True
+            warnings.warn(f"options['compile']: the trial step could not be compiled, running eagerly ({reason})",
+                          RuntimeWarning, stacklevel=3)
 
 
 def _is_compile_error(exc: Exception) -> bool:
