@@ -39,7 +39,8 @@ AUTO_COMPILE_MAX_NUMEL = 1 << 16  # options["compile"]="auto" on the CPU: small 
 FIXED_OPTIONS = ("step_size", "grid", "grid_constructor", "perturb", "dtype", "interp", "max_nfe", "stop")  # interp: ignored
 IMPLICIT_OPTIONS = ("newton_tol", "newton_max_iters")
 # kvaerno5: joint stepping only (one Jacobian per step of the whole state), so no step_control
-STIFF_OPTIONS = tuple(k for k in ADAPTIVE_OPTIONS if k not in ("step_control", "compile")) + IMPLICIT_OPTIONS
+STIFF_OPTIONS = (tuple(k for k in ADAPTIVE_OPTIONS if k not in ("step_control", "compile"))
+                 + IMPLICIT_OPTIONS)
 
 
 def check_method(method: str) -> None:

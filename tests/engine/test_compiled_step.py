@@ -1,14 +1,16 @@
 """options["compile"] (issue 17): the compiled trial step gives the eager solve's answers to
 round-off, with the same step sequence (joint, per sample with compaction, the adjoint's forward and
-its backward with the CNF's fused exact-trace dynamics), falls back to eager on a graph break with a
-warning, and reports its compile time. Each distinct compiled step costs one Inductor compile
-(10-40 s on 2 cores), so the file holds four and reuses them across tests (module-level cache)."""
+its backward with the CNF's fused exact-trace dynamics, behind ODEFORGE_HEAVY_COMPILE=1), falls
+back to eager on a graph break with a warning, and reports its compile time. Each distinct compiled
+step costs one Inductor compile (10-40 s on 2 cores): the default run makes two (~1.5 min), reused
+across tests through the module-level cache."""
 
 import io
+import math
+import os
 import shutil
 import warnings
 
-import numpy as np
 import pytest
 import torch
 
@@ -118,15 +120,18 @@ def test_graph_break_falls_back_to_eager_with_a_warning():
         yc, sc = solve(breaks, Y0, T, {"compile": True})
     assert sc.compile_fallback and sc.compiled_steps == 0
     torch.testing.assert_close(yc, ye, rtol=0, atol=0)
-    torch.testing.assert_close(yc[-1], Y0 * np.exp(-0.5 * 3.0), rtol=1e-6, atol=1e-8)  # y' = -y/2
+    torch.testing.assert_close(yc[-1], Y0 * math.exp(-0.5 * 3.0), rtol=1e-6, atol=1e-8)  # y' = -y/2
     with warnings.catch_warnings():  # warned once per compiled step, then eager silently
         warnings.simplefilter("error")
         solve(breaks, Y0, T, {"compile": True})
 
 
+@pytest.mark.skipif(not os.environ.get("ODEFORGE_HEAVY_COMPILE"),
+                    reason="two large Inductor compiles (~4 min on 2 cores); set ODEFORGE_HEAVY_COMPILE=1")
 def test_cnf_exact_trace_adjoint_backward_is_compiled():
     """The CNF's fused exact-trace dynamics supply adjoint_vjp, so the backsolve's augmented field
-    compiles too: log-density and parameter gradients equal the eager ones."""
+    compiles too: log-density and parameter gradients equal the eager ones. (Passed in 265 s on
+    2 busy cores with dopri5; bosh3 here halves the stages traced.)"""
     torch.manual_seed(4)
     cnf = CNF.from_spec({"type": "cnf", "hidden_dims": [8, 8], "num_blocks": 1}, {"adjoint": True}, 2).to(D64)
     block = cnf.blocks[0]
@@ -140,8 +145,8 @@ def test_cnf_exact_trace_adjoint_backward_is_compiled():
         assert func.adjoint_vjp is not None
         params = tuple(p for p in (end_time, *packed) if p.requires_grad)
         st = SolverStats()
-        z, dlogp = odeint_adjoint(func, (x, torch.zeros(16, dtype=D64)), s, rtol=1e-7, atol=1e-7, options=opts,
-                                  adjoint_params=params, stats=st)
+        z, dlogp = odeint_adjoint(func, (x, torch.zeros(16, dtype=D64)), s, rtol=1e-7, atol=1e-7, method="bosh3",
+                                  options=opts, adjoint_params=params, stats=st)
         loss = z[-1].square().sum() + dlogp[-1].sum()
         results.append((loss.detach(), torch.autograd.grad(loss, list(block.parameters())), st))
     (le, ge, se), (lc, gc, sc) = results
