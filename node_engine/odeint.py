@@ -18,7 +18,8 @@ from .solvers.adams import ADAMS_METHODS, AdamsStepper
 from .solvers.esdirk import ESDIRKStepper
 from .solvers.implicit import NEWTON_MAX_ITERS, ImplicitStepper
 from .solvers.adaptive import DEFAULT_MAX_NUM_STEPS, AdaptiveOptions, SolveInfo, StepRecord, integrate_adaptive
-from .solvers.compiled_step import COMPILE_CHOICES, CompiledRKStepper, compile_unsupported, compiled_entry
+from .solvers.compiled_step import (AUTO_MIN_SOLVES, COMPILE_CHOICES, CompiledRKStepper, compile_unsupported,
+                                   compiled_entry)
 from .solvers.controller import PIController
 from .solvers.fixed_grid import integrate_fixed, make_grid
 from .solvers.hooks import CallableNorm, StepCallbacks, find_callbacks
@@ -247,7 +248,11 @@ class SolverConfig:
             info.compile_fallback = why
             return None
         per_row = isinstance(vf, RowField)
-        entry = compiled_entry(tab, vf, norm, z0.shape, z0.dtype, z0.device, per_row)
+        entry = compiled_entry(tab, vf, norm, z0.shape, z0.dtype, z0.device, per_row,
+                               min_uses=AUTO_MIN_SOLVES if want == "auto" else 1)
+        if entry is None:
+            info.compile_fallback = f"'auto': compiled from the {AUTO_MIN_SOLVES}rd solve of the same field on"
+            return None
         if entry.failed is not None:
             info.compile_fallback = entry.failed
             return None
@@ -411,6 +416,14 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method="dopri5", options=None, 
             min_step is always accepted), ``norm`` (callable ``norm(v) -> 0-d tensor`` replacing the
             RMS of the weighted error v, given in y0's layout). Fixed: ``grid_constructor(func, y0,
             t) -> grid``, ``perturb`` (evaluate just inside each step).
+            ``compile`` (adaptive explicit RK, no autograd through the steps: ``torch.no_grad``
+            solves and both solves of ``odeint_adjoint``): ``False`` (default), ``True`` (each trial
+            step — stages, solution, error ratio — is one ``torch.compile``d function, cached and
+            reused across steps and solves; the first solve compiles, seconds to minutes on a CPU,
+            reported in ``stats.compile_seconds``; a graph break falls back to eager with a warning
+            and ``stats.compile_fallback``; func must be pure: no Python-side state, no ``.item()``)
+            or ``"auto"`` (as True, from the third solve of the same field object on, CPU states
+            up to 65536 elements; see :mod:`.solvers.compiled_step`, docs/benchmarks.md "Issue 17").
             Any method: ``dtype`` (the dtype func receives t in; default t's). torchdiffeq's step
             callbacks on ``func`` (``callback_step``, ``callback_accept_step``,
             ``callback_reject_step``; see :mod:`node_engine.solvers.hooks`) are called.

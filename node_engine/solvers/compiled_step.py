@@ -29,6 +29,7 @@ import threading
 import time
 import types
 import warnings
+import weakref
 from collections import OrderedDict
 
 import numpy as np
@@ -39,13 +40,23 @@ from .rk import RKStepper
 from .rows import to_device
 from .tableau import ButcherTableau
 
-__all__ = ["CompiledRKStepper", "compiled_entry", "compile_unsupported", "COMPILE_CHOICES", "clear_cache"]
+__all__ = ["CompiledRKStepper", "compiled_entry", "compile_unsupported", "COMPILE_CHOICES", "AUTO_MIN_SOLVES",
+           "clear_cache"]
 
 COMPILE_CHOICES = (False, True, "auto")
 _CACHE_MAX = 32
 MAX_GRAPHS = 3  # compiles per entry (first + recompiles) before it gives up and runs eagerly
 _CACHE: OrderedDict[tuple, "_Entry"] = OrderedDict()
 _LOCK = threading.Lock()
+_SEEN: OrderedDict[tuple, tuple] = OrderedDict()  # "auto": (weakref to the field, requests so far)
+AUTO_MIN_SOLVES = 3  # "auto" compiles a field's step at its third solve with the same key
+
+
+def _weak(func):
+    try:
+        return weakref.ref(func)
+    except TypeError:  # not weak-referenceable: never matches, so "auto" never compiles it
+        return lambda: None
 
 
 def _combo(w, ks):
@@ -189,11 +200,13 @@ def compile_unsupported(tab, vf, norm) -> str | None:
     return None
 
 
-def compiled_entry(tab, vf, norm, shape, dtype, device, per_row: bool) -> _Entry:
+def compiled_entry(tab, vf, norm, shape, dtype, device, per_row: bool, min_uses: int = 1) -> _Entry | None:
     """The cached compiled step for this method, field, state shape, dtype, device and norm.
 
     The key holds the field's identity (``vf.func``; a new field object compiles anew, its
-    parameters updated in place do not) and the tolerances' values (floats) or layout (tensors)."""
+    parameters updated in place do not) and the tolerances' values (floats) or layout (tensors).
+    ``min_uses`` > 1 ("auto"): None until this key was asked for that many times, so a field made
+    anew for every solve (the CNF's per-iteration dynamics) is never compiled."""
     func = vf.func
     key = (tab.name, id(tab), type(vf).__name__, id(func), per_row, None if per_row else tuple(shape),
            dtype, str(device), vf.t_dtype, _tol_key(norm.rtol), _tol_key(norm.atol),
@@ -204,6 +217,15 @@ def compiled_entry(tab, vf, norm, shape, dtype, device, per_row: bool) -> _Entry
         if hit is not None and hit[0] is func:
             _CACHE.move_to_end(key)
             return hit[1]
+        if min_uses > 1:
+            seen = _SEEN.get(key)
+            uses = 1 + (seen[1] if seen is not None and seen[0]() is func else 0)
+            if uses < min_uses:
+                _SEEN[key] = (_weak(func), uses)
+                while len(_SEEN) > 4 * _CACHE_MAX:
+                    _SEEN.popitem(last=False)
+                return None
+            _SEEN.pop(key, None)
         seg = None if norm.segments is None else tuple(norm.segments)
         used = None if norm.used is None else tuple(norm.used)
         entry = _Entry(_make_trial(tab, vf.pure(), per_row, vf.t_dtype, seg, used), torch.device(device),

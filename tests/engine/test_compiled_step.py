@@ -158,5 +158,16 @@ def test_cnf_exact_trace_adjoint_backward_is_compiled():
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
 
 
+def test_auto_waits_for_a_reused_field():
+    """"auto" compiles only a field solved again (not one made anew per solve, as the CNF's)."""
+    def fresh(t, y):
+        return -y
+
+    for _ in range(2):
+        y, s = solve(fresh, Y0, T, {"compile": "auto"})
+        assert s.compiled_steps == 0 and "auto" in s.compile_fallback
+    torch.testing.assert_close(y[-1], Y0 * math.exp(-3.0), rtol=1e-6, atol=1e-8)
+
+
 def test_cache_is_bounded():
     assert len(compiled_step._CACHE) <= compiled_step._CACHE_MAX
