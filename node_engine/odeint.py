@@ -257,7 +257,7 @@ class SolverConfig:
             info.compile_fallback = entry.failed
             return None
         return CompiledRKStepper(tab, z0.shape if per_row else vf.work_shape, z0.device, z0.dtype,
-                                 per_row=per_row, entry=entry, norm=norm, info=info)
+                                 per_row=per_row, entry=entry, norm=norm, info=info, arg=vf.pure()[1])
 
     def _norm(self):
         if self.norm_fn is not None:

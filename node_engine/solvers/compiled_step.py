@@ -70,16 +70,17 @@ def _combo(w, ks):
 
 
 def _make_trial(tab: ButcherTableau, f, per_row: bool, t_dtype: torch.dtype, segments, used):
-    """The pure trial step ``trial(tv, z, k1, rtol, atol) -> (K, z_new, f_last, ratio)``.
+    """The pure trial step ``trial(arg, tv, z, k1, rtol, atol) -> (K, z_new, f_last, ratio)``.
 
-    tv: float64 [t, h, t_eval_end], (3,) joint or (3, B) per row; z: (N,) joint or (B, D);
+    ``f(arg, t, z)`` is the field (``arg``: the field object, an argument so one compiled step
+    serves every field object of the same structure); tv: float64 [t, h, t_eval_end], (3,) joint or (3, B) per row; z: (N,) joint or (B, D);
     k1 = f(t, z) (any shape with z's numel). Returns K: (s, N) stages k_j (joint, as the eager
     stepper's unscaled buffer) or (s, B·D) of h·k_j (per row, as its scaled buffer); z_new like z;
     f_last = f of the last stage (per row); ratio: 0-d (joint) or (B,) error ratios.
     """
     s, c, A, b, e, e3, fsal = tab.stages, tab.c, tab.a, tab.b, tab.b_err, tab.b_err3, tab.fsal
 
-    def trial(tv, z, k1, rtol, atol):
+    def trial(arg, tv, z, k1, rtol, atol):
         t, h, te = tv[0], tv[1], tv[2]
         hz = h.to(z.dtype)
         if per_row:
@@ -90,7 +91,7 @@ def _make_trial(tab: ButcherTableau, f, per_row: bool, t_dtype: torch.dtype, seg
         for i in range(1, s):
             zi = z + _combo(A[i], ks)
             ti = te if c[i] == 1.0 else t + c[i] * h
-            fs.append(f(ti.to(t_dtype), zi))
+            fs.append(f(arg, ti.to(t_dtype), zi))
             ks.append(fs[-1] * hz)
         z_new = zi if fsal else z + _combo(b, ks)
         err = _combo(e, ks)
@@ -133,7 +134,7 @@ class _Entry:
         self.warned = False
         self.lock = threading.Lock()
 
-    def __call__(self, tv, z, k1, rtol, atol, info):
+    def __call__(self, arg, tv, z, k1, rtol, atol, info):
         """The step's outputs, or None once this entry fell back to eager (warned once)."""
         if self.failed is not None:
             return None
@@ -142,7 +143,7 @@ class _Entry:
         try:
             if self.cudagraph:
                 torch.compiler.cudagraph_mark_step_begin()
-            out = self.fn(tv, z, k1, rtol, atol)
+            out = self.fn(arg, tv, z, k1, rtol, atol)
         except Exception as exc:  # graph break (fullgraph), backend/compiler failure
             if self.calls and not _is_compile_error(exc):
                 raise  # the field itself failed in a later step: the user's error, as in eager
@@ -204,22 +205,27 @@ def compiled_entry(tab, vf, norm, shape, dtype, device, per_row: bool, min_uses:
     """The cached compiled step for this method, field, state shape, dtype, device and norm.
 
     The key holds the field's identity (``vf.func``; a new field object compiles anew, its
-    parameters updated in place do not) and the tolerances' values (floats) or layout (tensors).
+    parameters updated in place do not) — or, for a field with a ``compile_key`` attribute (a
+    hashable description of everything that shapes its graph, e.g. the CNF's per-solve dynamics),
+    its type and that key, so new objects of one structure share the step (their tensors are
+    inputs) — and the tolerances' values (floats) or layout (tensors).
     ``min_uses`` > 1 ("auto"): None until this key was asked for that many times, so a field made
-    anew for every solve (the CNF's per-iteration dynamics) is never compiled."""
+    anew for every solve without a ``compile_key`` is never compiled."""
     func = vf.func
-    key = (tab.name, id(tab), type(vf).__name__, id(func), per_row, None if per_row else tuple(shape),
+    structural = getattr(func, "compile_key", None)
+    fkey = ("id", id(func)) if structural is None else ("structure", type(func), structural)
+    key = (tab.name, id(tab), type(vf).__name__, fkey, per_row, None if per_row else tuple(shape),
            dtype, str(device), vf.t_dtype, _tol_key(norm.rtol), _tol_key(norm.atol),
            None if norm.segments is None else tuple(norm.segments),
            None if norm.used is None else tuple(norm.used), getattr(vf, "compile_key", None))
     with _LOCK:
         hit = _CACHE.get(key)
-        if hit is not None and hit[0] is func:
+        if hit is not None and (structural is not None or hit[0] is func):
             _CACHE.move_to_end(key)
             return hit[1]
         if min_uses > 1:
             seen = _SEEN.get(key)
-            uses = 1 + (seen[1] if seen is not None and seen[0]() is func else 0)
+            uses = 1 + (seen[1] if seen is not None and (structural is not None or seen[0]() is func) else 0)
             if uses < min_uses:
                 _SEEN[key] = (_weak(func), uses)
                 while len(_SEEN) > 4 * _CACHE_MAX:
@@ -228,9 +234,10 @@ def compiled_entry(tab, vf, norm, shape, dtype, device, per_row: bool, min_uses:
             _SEEN.pop(key, None)
         seg = None if norm.segments is None else tuple(norm.segments)
         used = None if norm.used is None else tuple(norm.used)
-        entry = _Entry(_make_trial(tab, vf.pure(), per_row, vf.t_dtype, seg, used), torch.device(device),
+        entry = _Entry(_make_trial(tab, vf.pure()[0], per_row, vf.t_dtype, seg, used), torch.device(device),
                        dynamic=per_row)
-        _CACHE[key] = (func, entry)  # func kept alive with its entry, so id(func) stays unique
+        # an identity-keyed func is kept alive with its entry, so id(func) stays unique
+        _CACHE[key] = (func if structural is None else None, entry)
         while len(_CACHE) > _CACHE_MAX:
             _CACHE.popitem(last=False)
         return entry
@@ -241,9 +248,10 @@ class CompiledRKStepper(RKStepper):
     dense output, last stage and compaction are the eager stepper's (its non-reuse buffers).
     ``host_ratio`` gives the loop the step's error ratio (the one host sync)."""
 
-    def __init__(self, tab, work_shape, device, dtype, *, per_row: bool, entry: _Entry, norm, info):
+    def __init__(self, tab, work_shape, device, dtype, *, per_row: bool, entry: _Entry, norm, info, arg):
         super().__init__(tab, work_shape, device, dtype, reuse_buffer=False, per_row=per_row)
         self.entry = entry
+        self.arg = arg  # the field object(s) the compiled step takes as its first argument
         self.info = info
         self._rtol, self._atol = norm.rtol, norm.atol
         self._ratio = None
@@ -260,7 +268,7 @@ class CompiledRKStepper(RKStepper):
         else:
             tv = torch.tensor([t, h, t_end_eval], dtype=torch.float64, device=self.device)
             zz, kk = z, k1
-        out = self.entry(tv, zz, kk, self._rtol, self._atol, self.info)
+        out = self.entry(self.arg, tv, zz, kk, self._rtol, self._atol, self.info)
         if out is None:
             self._ratio = None
             return super().step(vf, t, t_new, t_end_eval, z, k1)
