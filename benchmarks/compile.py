@@ -3,6 +3,7 @@
 
     python benchmarks/compile.py [--reps 15] [--threads 1]
     python benchmarks/compile.py --step [--reps 5]     # issue 17: the compiled trial step
+    python benchmarks/compile.py --cnf [--iters 6]     # issue 17: CNF training iteration, compiled
 
 ``--step``: MLP (d=2, hidden 64, tanh, batch 256, float32, t in [0, 1]) and van der Pol (batch 256,
 mu ~ U[0.5, 10], float64, t in [0, 10], joint and per-sample), dopri5 at rtol = atol = 1e-5, no grad:
@@ -148,8 +149,67 @@ def step_main(args):
               f"{s_first.compile_seconds:.1f} | {float((y_c - y_e).abs().max()):.1e} |", flush=True)
 
 
+def cnf_main(args):
+    """Issue 17: one FFJORD-toy CNF training iteration (benchmarks/cnf_training.py's model: 2-64-64-64-2
+    ConcatSquash, tanh, exact trace, dopri5 1e-5, backsolve seminorm adjoint, batch 512, Adam) eager
+    vs ``options["compile"]=True`` on two copies with the same weights and batches, interleaved."""
+    import copy
+
+    from cnf_training import make_ours, moons
+    from node_engine.specs import SolverSection
+
+    plain = SolverSection.solver_options
+
+    def compiled_options(self, *a, **k):
+        return {**plain(self, *a, **k), "compile": True}
+
+    train = moons(20000, 0)
+    train = torch.tensor((train - train.mean(0)) / train.std(0), dtype=torch.float32)
+    g = torch.Generator().manual_seed(0)
+    eager = make_ours()
+    comp = copy.deepcopy(eager)
+    opts = {id(m): torch.optim.Adam(m.parameters(), lr=1e-3) for m in (eager, comp)}
+    walls = {"eager": [], "compiled": []}
+    nfe = {}
+    compile_s = 0.0
+    for it in range(args.iters + 1):  # iteration 0 compiles: left out of the medians
+        xb = train[torch.randint(0, len(train), (args.batch,), generator=g)]
+        for who in (("eager", "compiled") if it % 2 else ("compiled", "eager")):
+            m = eager if who == "eager" else comp
+            SolverSection.solver_options = compiled_options if who == "compiled" else plain
+            m.train()
+            m.stats.reset()
+            opts[id(m)].zero_grad()
+            start = time.perf_counter()
+            (-m.log_prob(xb).mean()).backward()
+            opts[id(m)].step()
+            w = time.perf_counter() - start
+            if who == "compiled":
+                compile_s += m.stats.compile_seconds
+                fb = m.stats.compile_fallback
+            if it:
+                walls[who].append(w)
+            nfe[who] = (m.stats.nfe_forward, m.stats.nfe_backward)
+        print(f"iter {it}: eager {walls['eager'][-1] if it else float('nan'):.3f} s, compiled "
+              f"{walls['compiled'][-1] if it else w:.3f} s, NFE {nfe}", flush=True)
+    SolverSection.solver_options = plain
+    me, mc = statistics.median(walls["eager"]), statistics.median(walls["compiled"])
+    print(f"CNF training iteration, batch {args.batch}, {args.iters} iterations (after one compiling iteration), "
+          f"threads={args.threads}: eager {me:.3f} s, compiled {mc:.3f} s, compiled / eager {mc / me:.2f}; "
+          f"compile {compile_s:.1f} s in all; fallback: {fb}")
+
+
 if __name__ == "__main__":
-    if "--step" in sys.argv:
+    if "--cnf" in sys.argv:
+        ap = argparse.ArgumentParser()
+        ap.add_argument("--cnf", action="store_true")
+        ap.add_argument("--iters", type=int, default=6)
+        ap.add_argument("--threads", type=int, default=1)
+        ap.add_argument("--batch", type=int, default=512)
+        a = ap.parse_args()
+        torch.set_num_threads(a.threads)
+        cnf_main(a)
+    elif "--step" in sys.argv:
         ap = argparse.ArgumentParser()
         ap.add_argument("--step", action="store_true")
         ap.add_argument("--reps", type=int, default=5)
