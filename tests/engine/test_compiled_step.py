@@ -127,7 +127,7 @@ def test_graph_break_falls_back_to_eager_with_a_warning():
 
 
 @pytest.mark.skipif(not os.environ.get("ODEFORGE_HEAVY_COMPILE"),
-                    reason="two large Inductor compiles (~4 min on 2 cores); set ODEFORGE_HEAVY_COMPILE=1")
+                    reason="two large Inductor compiles (1-4 min on 2 cores); set ODEFORGE_HEAVY_COMPILE=1")
 def test_cnf_exact_trace_adjoint_backward_is_compiled():
     """The CNF's fused exact-trace dynamics supply adjoint_vjp, so the backsolve's augmented field
     compiles too: log-density and parameter gradients equal the eager ones, and a second solve with
