@@ -7,6 +7,7 @@
 #    side by side with torchdiffeq. Uses the machine's python3 with torch and torchdiffeq (no
 #    install: node_engine runs from this checkout). At most 8 minutes (each step has its own
 #    time limit), so it fits one device command (10 minutes) with room for the machine's start.
+#    (with the compiled_step step, 9.5 minutes: drop a step or run it separately when time is short)
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 out="${OUT:-device-out}"
@@ -29,3 +30,6 @@ step solvers 140 "$py" benchmarks/solvers.py --device "$dev" --reps "$reps" "${s
 step per_sample 50 "$py" benchmarks/per_sample.py --device "$dev" --reps "$reps"
 step per_sample_big 70 "$py" benchmarks/per_sample.py --device "$dev" --reps "$reps" --batch "$big" --ref-samples 256
 step cnf_training 120 "$py" benchmarks/cnf_training.py --device "$dev" --iters "$iters" --test 4096 --field-reps 10
+# issue 17: the compiled trial step (options["compile"]; on CUDA under CUDA graphs, mode="reduce-overhead"):
+# eager vs compiled vs torchdiffeq on MLP / van der Pol joint / per-sample (compile time apart)
+step compiled_step 90 "$py" benchmarks/compile.py --step --device "$dev" --reps "$reps"

@@ -63,20 +63,26 @@ class _AugmentedField:
         self.t_dtype = vf.t_dtype
         self.work_shape = torch.Size((2 * n + sum(p.numel() for p in params),))
         self.direct = getattr(vf.func, "adjoint_vjp", None)
+        self.compile_key = (n, tuple(p.shape for p in params))  # with vf.func's: which compiled step fits
 
     def _direct(self, t: float, y: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         vf = self.vf
         vf.nfe += 1
-        lay = vf.layout
-        tt = torch.scalar_tensor(t, dtype=vf.t_dtype, device=y.device)
+        tt = t if type(t) is torch.Tensor else torch.scalar_tensor(t, dtype=vf.t_dtype, device=y.device)
+        return self._direct_flat(tt, y, a)
+
+    def _direct_flat(self, tt: torch.Tensor, y: torch.Tensor, a: torch.Tensor, direct=None, params=None):
+        lay = self.vf.layout
         ys = lay.unflatten(y)
-        f, g_y, g_p = self.direct(tt, ys, lay.unflatten(-a), self.params)
+        direct = self.direct if direct is None else direct
+        params = self.params if params is None else params
+        f, g_y, g_p = direct(tt, ys, lay.unflatten(-a), params)
         members = (lambda x: x) if lay.is_tuple else (lambda x: (x,))
         parts = [x.reshape(-1) for x in members(f)]
         parts += [torch.zeros_like(m).reshape(-1) if g is None else g.reshape(-1)
                   for g, m in zip(members(g_y), members(ys))]
         parts += [torch.zeros(p.numel(), dtype=y.dtype, device=y.device) if g is None else g.reshape(-1)
-                  for g, p in zip(g_p, self.params)]
+                  for g, p in zip(g_p, params)]
         return torch.cat(parts)
 
     def newton_factor(self, t: float, z: torch.Tensor, hg: float):
@@ -88,6 +94,27 @@ class _AugmentedField:
     def nfe(self) -> int:
         """Evaluations so far (of the wrapped field: the solver checks ``max_nfe`` against it)."""
         return self.vf.nfe
+
+    @nfe.setter
+    def nfe(self, value: int) -> None:  # a compiled step counts its stages here
+        self.vf.nfe = value
+
+    @property
+    def func(self):
+        """The user's field (the compiled step's cache key)."""
+        return self.vf.func
+
+    def pure(self):
+        """The augmented field as a pure function (t 0-d, z flat) for the compiled step
+        (options["compile"]); only with ``adjoint_vjp`` (autograd.grad does not trace): else None."""
+        if self.direct is None:
+            return None
+        n, shell = self.n, _AugmentedField(_Shell(self.vf), self.n, ())  # layout only: no tensors held
+
+        def g(arg, t, z):
+            func, params = arg
+            return shell._direct_flat(t, z[:n], z[n: 2 * n], func.adjoint_vjp, params)
+        return g, (self.vf.func, self.params)
 
     def at(self, t: float, z: torch.Tensor) -> torch.Tensor:
         """The solver's call with a host time (the work shape is already flat)."""
@@ -112,6 +139,13 @@ class _AugmentedField:
             for g, x in zip(grads, inputs)
         )
         return torch.cat(parts)
+
+
+class _Shell:
+    """A field wrapper's layout without its field (what the compiled step's pure function keeps)."""
+
+    def __init__(self, vf: VectorField):
+        self.layout, self.t_dtype, self.work_shape, self.func = vf.layout, vf.t_dtype, vf.work_shape, None
 
 
 class _Run:

@@ -18,6 +18,8 @@ from .solvers.adams import ADAMS_METHODS, AdamsStepper
 from .solvers.esdirk import ESDIRKRowStepper, ESDIRKStepper
 from .solvers.implicit import NEWTON_MAX_ITERS, ImplicitStepper
 from .solvers.adaptive import DEFAULT_MAX_NUM_STEPS, AdaptiveOptions, SolveInfo, StepRecord, integrate_adaptive
+from .solvers.compiled_step import (AUTO_MIN_SOLVES, COMPILE_CHOICES, CompiledRKStepper, compile_unsupported,
+                                   compiled_entry)
 from .solvers.controller import PIController
 from .solvers.fixed_grid import integrate_fixed, make_grid
 from .solvers.hooks import CallableNorm, StepCallbacks, find_callbacks
@@ -31,12 +33,15 @@ from .time_grad import output_time_gradient, start_time_gradient
 __all__ = ["odeint", "ADAPTIVE_OPTIONS", "FIXED_OPTIONS", "DEFAULT_MAX_NUM_STEPS"]
 
 ADAPTIVE_OPTIONS = ("first_step", "max_num_steps", "step_t", "jump_t", "safety", "ifactor", "dfactor", "beta",
-                    "step_control", "raise_on_failure", "max_nfe", "stop", "norm", "min_step", "max_step", "dtype")
+                    "step_control", "raise_on_failure", "max_nfe", "stop", "norm", "min_step", "max_step", "dtype",
+                    "compile")
 STEP_CONTROLS = ("joint", "per_sample")
+AUTO_COMPILE_MAX_NUMEL = 1 << 16  # options["compile"]="auto" on the CPU: small states (see docs/benchmarks.md)
 FIXED_OPTIONS = ("step_size", "grid", "grid_constructor", "perturb", "dtype", "interp", "max_nfe", "stop")  # interp: ignored
 IMPLICIT_OPTIONS = ("newton_tol", "newton_max_iters")
-# kvaerno5: every adaptive option (per_sample: per-row Jacobians and Newton solves) + the Newton ones
-STIFF_OPTIONS = ADAPTIVE_OPTIONS + IMPLICIT_OPTIONS
+# kvaerno5: every adaptive option (per_sample: per-row Jacobians and Newton solves) + the Newton
+# ones; not compile (its steps are Newton iterations, not one fused explicit trial step)
+STIFF_OPTIONS = tuple(k for k in ADAPTIVE_OPTIONS if k != "compile") + IMPLICIT_OPTIONS
 
 
 def check_method(method: str) -> None:
@@ -84,6 +89,9 @@ def check_options(method: str, options, allowed_extra: tuple[str, ...] = ()) -> 
     if options.get("step_control", "joint") not in STEP_CONTROLS:
         raise ValueError(f"options['step_control'] must be one of {', '.join(STEP_CONTROLS)}; "
                          f"got {options['step_control']!r}")
+    if not any(options.get("compile", False) is c or options.get("compile") == c and isinstance(c, str)
+               for c in COMPILE_CHOICES):
+        raise ValueError(f"options['compile'] must be False, True or 'auto', got {options['compile']!r}")
     if not isinstance(options.get("raise_on_failure", True), bool):
         raise ValueError(f"options['raise_on_failure'] must be True or False, got {options['raise_on_failure']!r}")
     max_nfe = options.get("max_nfe")
@@ -213,6 +221,9 @@ class SolverConfig:
             return self._solve(vf, z0, times, info, record, STIFF[self.method], stepper,
                                land=[float(x) for x in times[1:-1]])
         tab = METHODS[self.method]
+        compiled = self._compiled_stepper(tab, vf, z0, info, grad)
+        if compiled is not None:
+            return self._solve(vf, z0, times, info, record, tab, compiled)
         if isinstance(vf, RowField):
             stepper = RKStepper(tab, z0.shape, z0.device, z0.dtype, reuse_buffer=not grad, per_row=True)
             return self._solve(vf, z0, times, info, record, tab, stepper)
@@ -224,6 +235,38 @@ class SolverConfig:
             return self._solve(vf, z0, times, info, record, tab, stepper)
         finally:
             release_stepper(stepper)
+
+    def _compiled_stepper(self, tab, vf, z0, info, grad) -> CompiledRKStepper | None:
+        """A stepper with a compiled trial step when ``options["compile"]`` asks for one and this
+        solve allows it (no autograd through the steps; see :mod:`.solvers.compiled_step`); else
+        None, with the reason in ``info.compile_fallback`` when compiling was asked for."""
+        want = self.options.get("compile", False)
+        if want is False:
+            return None
+        norm = self._norm()
+        why = "autograd records the steps (backprop through the solve)" if grad else (
+            compile_unsupported(tab, vf, norm))
+        if why is None and want == "auto" and z0.device.type != "cuda" and z0.numel() > AUTO_COMPILE_MAX_NUMEL:
+            why = f"'auto': on the CPU only states up to {AUTO_COMPILE_MAX_NUMEL} elements gain"
+        if why is not None:
+            info.compile_fallback = why
+            return None
+        per_row = isinstance(vf, RowField)
+        entry = compiled_entry(tab, vf, norm, z0.shape, z0.dtype, z0.device, per_row,
+                               min_uses=AUTO_MIN_SOLVES if want == "auto" else 1)
+        if entry is None:
+            info.compile_fallback = f"'auto': compiled from the {AUTO_MIN_SOLVES}rd solve of the same field on"
+            return None
+        if entry.failed is not None:
+            info.compile_fallback = entry.failed
+            return None
+        return CompiledRKStepper(tab, z0.shape if per_row else vf.work_shape, z0.device, z0.dtype,
+                                 per_row=per_row, entry=entry, norm=norm, info=info, arg=vf.pure()[1])
+
+    def _norm(self):
+        if self.norm_fn is not None:
+            return CallableNorm(self.rtol, self.atol, self.norm_fn)
+        return ErrorNorm(self.rtol, self.atol, self.segments, self.used)
 
     def _solve(self, vf, z0, times, info, record, tab, stepper, land=(), land_rows=False) -> torch.Tensor:
         o = self.options
@@ -241,10 +284,7 @@ class SolverConfig:
             return integrate_fixed(vf, z0, times, stepper, grid, info, record,
                                    max_nfe=o.get("max_nfe"), stop=o.get("stop"),
                                    perturb=bool(o.get("perturb", False)), callbacks=self.callbacks)
-        if self.norm_fn is not None:
-            norm = CallableNorm(self.rtol, self.atol, self.norm_fn)
-        else:
-            norm = ErrorNorm(self.rtol, self.atol, self.segments, self.used)
+        norm = self._norm()
         ctrl = PIController(
             tab.control_order,
             safety=float(o.get("safety", 0.9)),
@@ -323,6 +363,10 @@ def add_info(stats: SolverStats | None, info: SolveInfo, vf, *, backward: bool =
         stats.sample_evaluations += vf.sample_evaluations
         if info.status is not None:
             stats.status = torch.from_numpy(info.status.copy())
+    stats.compile_seconds += info.compile_s
+    stats.compiled_steps += info.compiled_steps
+    if info.compile_fallback is not None:
+        stats.compile_fallback = info.compile_fallback
     stats.steps_accepted += info.accepted
     stats.steps_rejected += info.rejected
     if info.accepted:
@@ -380,6 +424,14 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method="dopri5", options=None, 
             min_step is always accepted), ``norm`` (callable ``norm(v) -> 0-d tensor`` replacing the
             RMS of the weighted error v, given in y0's layout). Fixed: ``grid_constructor(func, y0,
             t) -> grid``, ``perturb`` (evaluate just inside each step).
+            ``compile`` (adaptive explicit RK, no autograd through the steps: ``torch.no_grad``
+            solves and both solves of ``odeint_adjoint``): ``False`` (default), ``True`` (each trial
+            step — stages, solution, error ratio — is one ``torch.compile``d function, cached and
+            reused across steps and solves; the first solve compiles, seconds to minutes on a CPU,
+            reported in ``stats.compile_seconds``; a graph break falls back to eager with a warning
+            and ``stats.compile_fallback``; func must be pure: no Python-side state, no ``.item()``)
+            or ``"auto"`` (as True, from the third solve of the same field object on, CPU states
+            up to 65536 elements; see :mod:`.solvers.compiled_step`, docs/benchmarks.md "Issue 17").
             Any method: ``dtype`` (the dtype func receives t in; default t's). torchdiffeq's step
             callbacks on ``func`` (``callback_step``, ``callback_accept_step``,
             ``callback_reject_step``; see :mod:`node_engine.solvers.hooks`) are called.

@@ -37,6 +37,11 @@ class SolverStats:
             int64 tensor of :class:`node_engine.errors.SolveStatus` values, shape (B,) for a
             per-sample solve, (1,) for a joint solve (the whole state is one row); None before any
             solve. Set when the solve returns or raises (the adjoint's backward does not touch it).
+        compile_seconds: wall time [s] of solver calls during which ``options["compile"]`` compiled
+            (or recompiled) a trial step; steady-state cost excludes it (float).
+        compiled_steps: trial steps made by a compiled step function (int; forward and backward).
+        compile_fallback: why ``options["compile"]`` ran eagerly in the last solve that could not
+            compile (a graph break, an unsupported method or field), or None.
     """
 
     nfe_forward: int = 0
@@ -48,6 +53,9 @@ class SolverStats:
     status: torch.Tensor | None = None
     forward_steps_accepted: int = 0
     forward_time: float = 0.0
+    compile_seconds: float = 0.0
+    compiled_steps: int = 0
+    compile_fallback: str | None = None
 
     def reset(self) -> None:
         """Set every counter back to zero."""
@@ -56,6 +64,9 @@ class SolverStats:
         self.sample_evaluations = self.forward_steps_accepted = 0
         self.forward_time = 0.0
         self.status = None
+        self.compile_seconds = 0.0
+        self.compiled_steps = 0
+        self.compile_fallback = None
 
     def mean_forward_step(self) -> float:
         """Mean accepted step size of the forward solves so far, in units of t (``forward_time /

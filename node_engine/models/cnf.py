@@ -133,6 +133,10 @@ class _AugmentedDynamics(nn.Module):
                             and with_logdet else None)
         self._forward_trace = hasattr(block.field, "jacobian_trace")
         self._wants_frobenius = "jacobian_norm" in regularizers
+        # options["compile"]: these dynamics are made anew per solve; solves of one block with this
+        # structure share a compiled step (T, packed and eps are its inputs, not constants)
+        self.compile_key = (id(block), generative, with_logdet, tuple(regularizers), trace_estimator,
+                            eps is None, eps_in_state, packed is None, end_time is None)
 
     def _fused_adjoint_vjp(self, s: Tensor, state: tuple[Tensor, ...], v: tuple[Tensor, ...],
                            params: tuple[Tensor, ...]):
@@ -162,8 +166,11 @@ class _AugmentedDynamics(nn.Module):
                     g_frob = T * v_r
             g_t, g_z, *g_packed = tangents_backward(saved, g_f, v_d * T, g_frob)
             g_T = g_T + g_t * dt_dT
-        by_id = {id(self.end_time): g_T, **{id(p): g for p, g in zip(self.packed, g_packed)}}
-        return tuple(outputs), (g_z,) + (None,) * (len(state) - 1), [by_id.get(id(p)) for p in params]
+        # matched by identity with `is`, not id(): a compiled step (options["compile"]) would guard
+        # on the ids and recompile for every solve's new T and packed tensors
+        pairs = ((self.end_time, g_T), *zip(self.packed, g_packed))
+        return tuple(outputs), (g_z,) + (None,) * (len(state) - 1), [
+            next((g for q, g in pairs if q is p), None) for p in params]
 
     def forward(self, s: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         if self.eps_in_state:

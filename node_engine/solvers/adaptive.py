@@ -73,6 +73,9 @@ class SolveInfo:
     last_step: float = float("nan")
     next_step: float = float("nan")  # the controller's proposal after the last accepted step
     status: np.ndarray | None = None  # (rows,) int64 SolveStatus values
+    compile_s: float = 0.0  # wall time of calls that compiled the trial step (options["compile"])
+    compiled_steps: int = 0  # trial steps made by a compiled step function
+    compile_fallback: str | None = None  # why the compiled step was not used (None: it was, or not asked)
 
 
 @dataclass
@@ -202,6 +205,7 @@ def _loop(vf, z, grid, stepper, norm, ctrl, opts, info, record, pieces) -> None:
             raise code.error(message(i, where_, ti), t=ti)
 
     reuse = stepper.reuse
+    host_ratio = getattr(stepper, "host_ratio", None)  # a compiled step computed the ratio already
     k1 = vf.at(t, z)
     if opts.first_step is not None or not norm.covers_all:
         _check_start(t, z, k1, per_row, fail)
@@ -280,8 +284,11 @@ def _loop(vf, z, grid, stepper, norm, ctrl, opts, info, record, pieces) -> None:
                      lambda i, s, ti: budget_message(vf, max_nfe, ti, s))
                 return
             with torch.no_grad():
-                err, err3, scale = stepper.error()
-                ratio = scale * norm.ratio(z, z_new, err, err3)  # the one host sync of the step
+                if host_ratio is not None:
+                    ratio = host_ratio(norm, z, z_new)  # the one host sync of the step
+                else:
+                    err, err3, scale = stepper.error()
+                    ratio = scale * norm.ratio(z, z_new, err, err3)  # the one host sync of the step
             accept, h_next, prev = ctrl.adapt(ahs, ratio, prev)
             if bounded:
                 accept = accept | (ahs <= opts.min_step)

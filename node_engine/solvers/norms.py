@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["ErrorNorm"]
+__all__ = ["ErrorNorm", "error_ratio"]
 
 
 class ErrorNorm:
@@ -65,16 +65,11 @@ class ErrorNorm:
 
     def mean_squares(self, v: torch.Tensor) -> torch.Tensor:
         """Mean of squares of the weighted v per row and used segment: (..., n_seg)."""
-        if self.segments is None:
-            return torch.linalg.vector_norm(v, dim=-1, keepdim=True).square_().div_(v.shape[-1])
-        parts = torch.split(v, self.segments, dim=-1)
-        return torch.stack([p.square().mean(-1) for p, u in zip(parts, self.used) if u], -1)
+        return _mean_squares(v, self.segments, self.used)
 
     def rms(self, v: torch.Tensor) -> torch.Tensor:
         """Mixed RMS per row of v (already divided by the scale): v's leading shape, on its device."""
-        if self.segments is None:
-            return torch.linalg.vector_norm(v, dim=-1).div_(v.shape[-1] ** 0.5)
-        return self.mean_squares(v).amax(-1).sqrt()
+        return _rms(v, self.segments, self.used)
 
     def ratio(self, y0, y1, err: torch.Tensor, err3: torch.Tensor | None = None) -> np.ndarray:
         """Error ratio of a trial step per row (accept iff <= 1) for the error estimate(s) ``err``
@@ -94,6 +89,33 @@ class ErrorNorm:
         m3 = self.mean_squares(err3.div_(s))
         r = torch.where(m5 == 0, 0.0, m5 / (m5 + 0.01 * m3).sqrt())
         return _host(r.amax(-1))
+
+
+def _mean_squares(v: torch.Tensor, segments, used) -> torch.Tensor:
+    if segments is None:
+        return torch.linalg.vector_norm(v, dim=-1, keepdim=True).square_().div_(v.shape[-1])
+    parts = torch.split(v, list(segments), dim=-1)
+    return torch.stack([p.square().mean(-1) for p, u in zip(parts, used) if u], -1)
+
+
+def _rms(v: torch.Tensor, segments, used) -> torch.Tensor:
+    if segments is None:
+        return torch.linalg.vector_norm(v, dim=-1).div_(v.shape[-1] ** 0.5)
+    return _mean_squares(v, segments, used).amax(-1).sqrt()
+
+
+def error_ratio(y0: torch.Tensor, y1: torch.Tensor, err: torch.Tensor, err3: torch.Tensor | None, rtol, atol,
+                segments=None, used=None) -> torch.Tensor:
+    """:meth:`ErrorNorm.ratio` as a pure tensor function (no host sync, no cached state, inputs
+    untouched), for the compiled trial step (:mod:`.compiled_step`): ``err`` already includes the
+    step's h. y0, y1, err, err3: (..., N); rtol/atol floats or (N,) tensors; ``segments``/``used``
+    as :class:`ErrorNorm`'s (after its normalisation). Returns the ratio per row, (...), on the device."""
+    v = err / (atol + rtol * torch.maximum(y0.abs(), y1.abs()))
+    if err3 is None:
+        return _rms(v, segments, used)
+    v3 = err3 / (atol + rtol * torch.maximum(y0.abs(), y1.abs()))
+    m5, m3 = _mean_squares(v, segments, used), _mean_squares(v3, segments, used)
+    return torch.where(m5 == 0, 0.0, m5 / (m5 + 0.01 * m3).sqrt()).amax(-1)
 
 
 def _host(x: torch.Tensor):

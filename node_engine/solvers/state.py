@@ -131,6 +131,16 @@ class VectorField:
         self._single_shape = None if layout.is_tuple else torch.Size(layout.shapes[0])
         self.work_shape = layout.work_shape
 
+    def pure(self):
+        """``(g, arg)`` with ``g(arg, t, z) = f(t, z)`` without checks or counting, for the compiled
+        trial step: t a 0-d tensor (``t_dtype``), z and the result flat (N,). ``g`` captures only
+        the layout; the field (``arg``) is an argument, so a compiled step serves every field object
+        with the same structure (see ``compile_key`` in :mod:`.compiled_step`)."""
+        lay, ws, dtype = self.layout, self.work_shape, self.layout.dtype
+        if not lay.is_tuple:
+            return (lambda func, t, z: func(t, z.view(ws)).to(dtype).reshape(-1)), self.func
+        return (lambda func, t, z: torch.cat([o.to(dtype).reshape(-1) for o in func(t, lay.unflatten(z))])), self.func
+
     def time(self, t: float) -> torch.Tensor:
         return torch.scalar_tensor(t, dtype=self.t_dtype, device=self.device)
 
@@ -183,6 +193,18 @@ class RowField(VectorField):
     ``z`` (n, D) active rows -> (n, D). ``func`` receives the rows in the user's layout."""
 
     __slots__ = ()
+
+    def pure(self):
+        """As :meth:`VectorField.pure` for rows: t (n,), z (n, D) -> (n, D)."""
+        lay, dtype = self.layout, self.layout.dtype
+
+        def f(func, t, z):
+            n = z.shape[0]
+            out = func(t, lay.rows(z))
+            if lay.is_tuple:
+                return torch.cat([o.to(dtype).reshape(n, -1) for o in out], dim=-1)
+            return out.to(dtype).reshape(n, -1)
+        return f, self.func
 
     def at(self, t, z: torch.Tensor) -> torch.Tensor:
         """f(t, z) for host times (B,) (float64 numpy) and rows z (B, D): (B, D)."""
