@@ -158,6 +158,10 @@ class Settings(BaseSettings):
     # options["max_nfe"]); a solve that needs more fails the job with NFEBudgetExceeded. Legitimate
     # solves take 10^2-10^4 evaluations.
     max_nfe_per_solve: int = Field(1_000_000, ge=1)
+    # Whether training solves may use a compiled trial step (a spec's solver.compile: auto/on/off;
+    # issue 17): false for machines without a C++ compiler for Inductor, or where a first compile's
+    # seconds-to-minutes per job are not worth it (the test suite's short jobs).
+    solver_compile: bool = True
     # Resident memory (MiB) a worker process may reach while it runs a job, checked every
     # cancel_poll_s inside the training loop and every solve; above it the job fails with
     # MemoryLimitExceeded (its last checkpoint kept) and the worker takes the next job.

@@ -20,11 +20,20 @@ _LIMITS: ContextVar[dict[str, Any]] = ContextVar("node_engine_solve_limits", def
 
 
 @contextmanager
-def solve_limits(*, max_nfe: int | None = None, stop: Callable[[], bool] | None = None) -> Iterator[None]:
+def solve_limits(*, max_nfe: int | None = None, stop: Callable[[], bool] | None = None,
+                 compile: bool | None = None, compile_auto: bool | None = None) -> Iterator[None]:
     """Every solve built from a spec inside the block gets ``options["max_nfe"]`` (NFE budget per
     solve; NFEBudgetExceeded) and ``options["stop"]`` (polled once per step; SolveCancelled).
-    None leaves a limit unset (an enclosing block's value is kept)."""
+    ``compile=True`` lets adaptive solves use a compiled trial step as the spec's
+    ``solver.compile`` says (issue 17; a worker's training block sets it, served answers never do:
+    a first compile takes seconds to minutes). ``compile_auto=False`` holds back the spec's
+    ``"auto"`` (the trainer does while the rest of a job is too short to repay a compile); ``"on"``
+    still compiles. None leaves a limit unset (an enclosing block's value is kept)."""
     new = dict(_LIMITS.get())
+    if compile is not None:
+        new["compile"] = bool(compile)
+    if compile_auto is not None:
+        new["compile_auto"] = bool(compile_auto)
     if max_nfe is not None:
         new["max_nfe"] = int(max_nfe)
     if stop is not None:

@@ -157,6 +157,10 @@ class SolverSection(_Section):
     adjoint_mode: str = bounded("backsolve", choices=("backsolve", "checkpoint"), doc="backsolve or ACA checkpoints")
     step_size: float | None = bounded(None, gt=0.0, le=100.0, doc="fixed-grid step")
     max_num_steps: int = bounded(10_000, ge=1, le=1_000_000, doc="step budget of one solve")
+    compile: str = bounded("auto", choices=("auto", "on", "off"),
+                           doc="compiled trial step (torch.compile) for the explicit adaptive solves of training: "
+                               "auto = small states on the CPU, from the third solve of a field; on; off. Same "
+                               "results to rounding; the compile time is reported per metric row (compile_seconds)")
     eval_rtol: float | None = bounded(None, gt=0.0, lt=1.0, doc="rtol at evaluation and inference (null: rtol)")
     eval_atol: float | None = bounded(None, gt=0.0, lt=1.0, doc="atol at evaluation and inference (null: atol)")
     step_control: str = bounded("joint", choices=("joint", "per_sample"), internal=True)
@@ -180,8 +184,15 @@ class SolverSection(_Section):
             if step is None:
                 raise ValueError(f"solver.step_size: method {method!r} is fixed-step and needs a step size "
                                  f"(e.g. 0.05; adaptive methods need none: {', '.join(sorted(ADAPTIVE))})")
-            return {"step_size": float(step), **current_limits()}
-        options: dict[str, Any] = {"max_num_steps": int(self.max_num_steps), **current_limits()}
+            limits = current_limits()
+            limits.pop("compile", None), limits.pop("compile_auto", None)
+            return {"step_size": float(step), **limits}
+        limits = current_limits()
+        allowed, auto_ok = limits.pop("compile", False), limits.pop("compile_auto", True)
+        options: dict[str, Any] = {"max_num_steps": int(self.max_num_steps), **limits}
+        if allowed and method in ADAPTIVE:  # explicit adaptive RK only
+            if self.compile == "on" or (self.compile == "auto" and auto_ok):
+                options["compile"] = True if self.compile == "on" else "auto"
         if self.step_control == "per_sample" and not torch.is_grad_enabled() and method not in FIXED:
             options["step_control"] = "per_sample"
         if not self.raise_on_failure and not torch.is_grad_enabled():

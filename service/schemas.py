@@ -237,6 +237,7 @@ class SolverSpec(Strict):
     adjoint_mode: choices(SolverSection, "adjoint_mode") = spec_field(SolverSection, "adjoint_mode")  # type: ignore[valid-type]
     step_size: float | None = spec_field(SolverSection, "step_size")
     max_num_steps: int = spec_field(SolverSection, "max_num_steps")
+    compile: choices(SolverSection, "compile") = spec_field(SolverSection, "compile")  # type: ignore[valid-type]
     eval_rtol: float | None = spec_field(SolverSection, "eval_rtol")
     eval_atol: float | None = spec_field(SolverSection, "eval_atol")
 

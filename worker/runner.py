@@ -219,8 +219,9 @@ def run_job(job_id: str, ctx: WorkerContext | None = None) -> str:
                     log.info("job %s: parameters from job %s, %s", job_id, source["job"], source["checkpoint"])
             guard = _make_guard(ctx, job, token, lease, float(trainer.elapsed_seconds))
             callbacks = _make_callbacks(ctx, job, token, trainer, guard)
-            # every solve of training and evaluation: the NFE budget and the guard as its stop signal
-            with solve_limits(max_nfe=ctx.settings.max_nfe_per_solve, stop=guard):
+            # every solve of training and evaluation: the NFE budget, the guard as its stop signal, and
+            # compiled steps where the spec's solver.compile and the deployment allow them
+            with solve_limits(max_nfe=ctx.settings.max_nfe_per_solve, stop=guard, compile=ctx.settings.solver_compile):
                 final = trainer.run(callbacks)
         callbacks.flush()
         # The final summary adds what the step records lacked; its "status" is the trainer's own word.

@@ -27,8 +27,14 @@ from node_engine.checkpoint import Checkpoint, load_checkpoint, load_state_stric
 from node_engine.datasets import Standardization, load_dataset
 from node_engine.errors import CheckpointError, NonFiniteLossError, SolverError
 from node_engine.families import family_for_dataset_name, get_family
+from node_engine.solve_limits import solve_limits
 from node_engine.specs import TrainingSection, normalize_spec
 from node_engine.training.callbacks import TrainingCallbacks
+
+# solver.compile="auto" in training: compile once the rest of the job, at its eager pace, takes
+# this long (a compile is 20-200 s on a CPU and a compiled step 0.5-0.7x of eager; docs/benchmarks.md)
+AUTO_COMPILE_MIN_SECONDS = 300.0
+AUTO_COMPILE_WARMUP_STEPS = 5  # eager steps timed before deciding
 
 EVAL_BATCH_MIN = 1000
 _SEED_MIX = 1_000_003
@@ -71,6 +77,8 @@ class Trainer:
                                           weight_decay=self.config.weight_decay)
         self.step = 0
         self.elapsed_seconds = 0.0
+        self._compile_from: tuple[int, float] | None = None
+        self._compile_paid = False
         self.last_eval: dict[str, Any] = {}
         # noise (Hutchinson, base samples) comes from a host generator: the same draws on every
         # device, and a checkpoint's generator state resumes on any device
@@ -133,6 +141,19 @@ class Trainer:
     def _likely_cause(self) -> str:
         return self.family.instability_hint(self.spec["model"]["type"], self.config.lr, self.spec["solver"])
 
+    def _auto_compile_pays(self) -> bool:
+        """Whether a spec's ``solver.compile="auto"`` may compile now: once the steps left, at the
+        mean eager step time so far, add up to AUTO_COMPILE_MIN_SECONDS (a first compile of a step
+        costs 20-200 s on a CPU, docs/benchmarks.md). Sticky: once on, it stays on."""
+        if self._compile_from is None:  # (step, elapsed) where this run started (a resume included)
+            self._compile_from = (self.step, self.elapsed_seconds)
+        if not self._compile_paid:
+            done = self.step - self._compile_from[0]
+            if done >= AUTO_COMPILE_WARMUP_STEPS:
+                mean = (self.elapsed_seconds - self._compile_from[1]) / done
+                self._compile_paid = mean * (self.total_steps - self.step) >= AUTO_COMPILE_MIN_SECONDS
+        return self._compile_paid
+
     def _train_step(self) -> dict[str, Any]:
         step = self.step
         stats = self.model.stats
@@ -162,6 +183,7 @@ class Trainer:
         return {"step": self.step, **epoch, "loss": total.item(), **metrics,
                 "nfe_forward": int(nfe_forward), "nfe_backward": int(stats.nfe_backward),
                 **({"step_size": step_size} if math.isfinite(step_size) else {}),
+                **({"compile_seconds": stats.compile_seconds} if stats.compile_seconds else {}),
                 "wall_seconds": seconds, "elapsed_seconds": self.elapsed_seconds,
                 "lr": float(self.optimizer.param_groups[0]["lr"]), "grad_norm": grad_norm.item(),
                 "regularizers": {name: float(value.detach()) for name, value in regularizers.items()}}
@@ -216,7 +238,7 @@ class Trainer:
                 callbacks.on_checkpoint(f"step-{self.step:06d}.safetensors", self.checkpoint())
                 break
             try:
-                with torch.random.fork_rng(devices=[]):
+                with torch.random.fork_rng(devices=[]), solve_limits(compile_auto=self._auto_compile_pays()):
                     torch.set_rng_state(self._global_rng)
                     record = self._train_step()
                     self._global_rng = torch.get_rng_state()
@@ -228,7 +250,8 @@ class Trainer:
             if self.step % cfg.log_every == 0 or last:
                 callbacks.on_step(record)
             if self.step % cfg.eval_every == 0 or last:
-                callbacks.on_eval(self.evaluate())
+                with solve_limits(compile_auto=self._auto_compile_pays()):
+                    callbacks.on_eval(self.evaluate())
             if last:
                 callbacks.on_checkpoint("final.safetensors", self.checkpoint())
             elif self.step % cfg.checkpoint_every == 0:

@@ -82,7 +82,7 @@ def test_submit_minimal_spec_gets_documented_defaults_and_is_enqueued(client, re
     assert spec["model"]["hidden_dims"] == [64, 64, 64] and spec["model"]["trace_estimator"] == "exact"
     assert spec["solver"] == {"method": "dopri5", "rtol": 1e-5, "atol": 1e-5, "adjoint": True,
                               "adjoint_norm": "seminorm", "adjoint_mode": "backsolve", "step_size": None,
-                              "max_num_steps": 10000, "eval_rtol": None, "eval_atol": None}
+                              "max_num_steps": 10000, "compile": "auto", "eval_rtol": None, "eval_atol": None}
     assert spec["training"]["iterations"] == 1000 and spec["training"]["batch_size"] == 512
     assert spec["dataset"]["n_samples"] == 20000
     assert client.get(resp.headers["location"]).json() == job
@@ -98,6 +98,7 @@ def test_submit_minimal_spec_gets_documented_defaults_and_is_enqueued(client, re
         ({"solver": {"method": "magic45"}}, "solver.method"),
         ({"solver": {"method": "kvaerno5"}}, "solver"),  # stiff with the (default) backsolve adjoint
         ({"solver": {"max_num_steps": 0}}, "solver.max_num_steps"),
+        ({"solver": {"compile": "yes"}}, "solver.compile"),
         ({"training": {"iterations": 0}}, "training.iterations"),
         ({"training": {"batch_size": 10**7}}, "training.batch_size"),
         ({"training": {"lr": float("nan")}}, "training.lr"),
