@@ -121,6 +121,24 @@ KVAERNO5 = ESDIRKTableau(
 STIFF: dict[str, ESDIRKTableau] = {KVAERNO5.name: KVAERNO5}
 
 
+def _setup_newton(st, tab, device, dtype, rtol, atol, newton_tol, newton_max_iters):
+    """The Newton settings and stage matrix both ESDIRK steppers share; returns ``tab.full_a()``.
+
+    Raises:
+        ValueError: newton_tol <= 0 or newton_max_iters < 0.
+    """
+    st.rtol, st.atol = rtol, atol
+    st.newton_tol = ESDIRK_NEWTON_TOL if newton_tol is None else float(newton_tol)
+    st.newton_max_iters = ESDIRK_NEWTON_MAX_ITERS if newton_max_iters is None else int(newton_max_iters)
+    if not (st.newton_tol > 0 and st.newton_max_iters >= 0):
+        raise ValueError(f"options['newton_tol'] must be > 0 and options['newton_max_iters'] >= 0, got "
+                         f"{st.newton_tol}, {st.newton_max_iters}")
+    A = tab.full_a()
+    st.A = torch.tensor(A, dtype=dtype, device=device)
+    st.gamma = tab.gamma
+    return A
+
+
 class ESDIRKStepper:
     """Trial steps of an :class:`ESDIRKTableau` with the interface of :class:`~.rk.RKStepper` that
     :func:`~.adaptive.integrate_adaptive` uses in joint mode (``step``, ``error``, ``dense``).
@@ -140,15 +158,7 @@ class ESDIRKStepper:
         self.shape = torch.Size(work_shape)
         self.n = self.shape.numel()
         self.device, self.dtype = device, dtype
-        self.rtol, self.atol = rtol, atol
-        self.newton_tol = ESDIRK_NEWTON_TOL if newton_tol is None else float(newton_tol)
-        self.newton_max_iters = ESDIRK_NEWTON_MAX_ITERS if newton_max_iters is None else int(newton_max_iters)
-        if not (self.newton_tol > 0 and self.newton_max_iters >= 0):
-            raise ValueError(f"options['newton_tol'] must be > 0 and options['newton_max_iters'] >= 0, got "
-                             f"{self.newton_tol}, {self.newton_max_iters}")
-        A = tab.full_a()
-        self.A = torch.tensor(A, dtype=dtype, device=device)
-        self.gamma = tab.gamma
+        A = _setup_newton(self, tab, device, dtype, rtol, atol, newton_tol, newton_max_iters)
         self.c = tab.c
         self.b_err = torch.tensor(A[-1] - A[-2], dtype=dtype, device=device)
         self.newton_failures = 0  # steps rejected because a stage's Newton solve failed
@@ -315,15 +325,7 @@ class ESDIRKRowStepper:
                  newton_tol: float | None = None, newton_max_iters: int | None = None):
         self.tab = tab
         self.device, self.dtype = device, dtype
-        self.rtol, self.atol = rtol, atol
-        self.newton_tol = ESDIRK_NEWTON_TOL if newton_tol is None else float(newton_tol)
-        self.newton_max_iters = ESDIRK_NEWTON_MAX_ITERS if newton_max_iters is None else int(newton_max_iters)
-        if not (self.newton_tol > 0 and self.newton_max_iters >= 0):
-            raise ValueError(f"options['newton_tol'] must be > 0 and options['newton_max_iters'] >= 0, got "
-                             f"{self.newton_tol}, {self.newton_max_iters}")
-        A = tab.full_a()
-        self.A = torch.tensor(A, dtype=dtype, device=device)
-        self.gamma = tab.gamma
+        A = _setup_newton(self, tab, device, dtype, rtol, atol, newton_tol, newton_max_iters)
         self._c = np.array(tab.c)[:, None]  # (s, 1)
         self._c_one = np.array([ci == 1.0 for ci in tab.c])
         self.b_err = torch.tensor(A[-1] - A[-2], dtype=dtype, device=device)
