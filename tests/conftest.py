@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 import uuid
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -231,12 +231,12 @@ def wait_for_line(path: Path, needle: str, proc: subprocess.Popen, timeout: floa
     raise TimeoutError(f"no {needle!r} within {timeout} s in {path}:\n{path.read_text(errors='replace')[-3000:]}")
 
 
-def spawn_worker(settings, log: Path, env: dict[str, str] | None = None, timeout: float = 90) -> subprocess.Popen:
-    """A real ``odeforge worker`` subprocess for ``settings`` (environment ``env``, default
-    ``settings_env``), its output in ``log``; returned once it logs that it is ready (or raises)."""
+def spawn_worker(settings, log: Path, timeout: float = 90) -> subprocess.Popen:
+    """A real ``odeforge worker`` subprocess for ``settings`` (``settings_env``), its output in ``log``;
+    returned once it logs that it is ready (else killed, and the error raised)."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "service.cli", "worker", "--name", f"test-{uuid.uuid4().hex[:6]}@%h"],
-        env=env or settings_env(settings), cwd=REPO, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
+        env=settings_env(settings), cwd=REPO, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
     )
     proc.log_path = log  # type: ignore[attr-defined]
     try:
@@ -266,7 +266,8 @@ def kill_worker(proc: subprocess.Popen) -> None:
     warm shutdown costs 3-6 s a worker. The warm shutdown itself is tested on purpose
     (tests/service/test_e2e_worker.py's SIGTERM test, `odeforge serve` stopping its children)."""
     if proc.poll() is None:
-        os.kill(proc.pid, signal.SIGCONT)  # harmless when running; SIGKILL reaches a frozen one anyway
+        with suppress(ProcessLookupError):  # it may have exited since
+            os.kill(proc.pid, signal.SIGCONT)  # a frozen (SIGSTOPped) worker: woken, then killed
         proc.kill()
     proc.wait(30)
 
