@@ -17,17 +17,17 @@ Isolation between parallel test runs on one machine:
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
 import uuid
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
 
-from service.embedded import stop as stop_process  # SIGTERM, then SIGKILL after a grace period
 from tests.servers import Choice, postgres_choice, redacted, redis_choice, sqlalchemy_url
 
 REPO = Path(__file__).resolve().parents[1]
@@ -120,9 +120,9 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield url
 
 
-@pytest.fixture
-def pg_url(postgres_dsn: str) -> Iterator[str]:
-    """SQLAlchemy URL of a fresh PostgreSQL schema (dropped after the test)."""
+@contextmanager
+def pg_schema(postgres_dsn: str) -> Iterator[str]:
+    """SQLAlchemy URL of a fresh PostgreSQL schema, dropped on exit."""
     import psycopg
 
     schema = f"odeforge_t_{RUN_ID}_{uuid.uuid4().hex[:8]}"
@@ -133,9 +133,18 @@ def pg_url(postgres_dsn: str) -> Iterator[str]:
                     "ODEFORGE_TEST_DATABASE_URL to a database they may create schemas in")
     with conn:
         conn.execute(f'CREATE SCHEMA "{schema}"')
-    yield sqlalchemy_url(postgres_dsn, schema=schema)
-    with psycopg.connect(postgres_dsn, autocommit=True) as conn:
-        conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    try:
+        yield sqlalchemy_url(postgres_dsn, schema=schema)
+    finally:
+        with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
+@pytest.fixture
+def pg_url(postgres_dsn: str) -> Iterator[str]:
+    """SQLAlchemy URL of a fresh PostgreSQL schema (dropped after the test)."""
+    with pg_schema(postgres_dsn) as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
@@ -222,25 +231,45 @@ def wait_for_line(path: Path, needle: str, proc: subprocess.Popen, timeout: floa
     raise TimeoutError(f"no {needle!r} within {timeout} s in {path}:\n{path.read_text(errors='replace')[-3000:]}")
 
 
+def spawn_worker(settings, log: Path, timeout: float = 90) -> subprocess.Popen:
+    """A real ``odeforge worker`` subprocess for ``settings`` (``settings_env``), its output in ``log``;
+    returned once it logs that it is ready (else killed, and the error raised)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "worker", "--name", f"test-{uuid.uuid4().hex[:6]}@%h"],
+        env=settings_env(settings), cwd=REPO, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
+    )
+    proc.log_path = log  # type: ignore[attr-defined]
+    try:
+        wait_for_line(log, " ready.", proc, timeout=timeout)
+    except BaseException:
+        kill_worker(proc)
+        raise
+    return proc
+
+
 @pytest.fixture
 def start_worker(tmp_path: Path) -> Iterator[Callable]:
     """Start real Celery workers (``odeforge worker`` subprocesses) for given settings; stopped after the test."""
     procs: list[subprocess.Popen] = []
 
     def start(settings) -> subprocess.Popen:
-        log = tmp_path / f"worker-{len(procs)}.log"
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "worker", "--name", f"test-{uuid.uuid4().hex[:6]}@%h"],
-            env=settings_env(settings), cwd=REPO, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
-        )
-        procs.append(proc)
-        wait_for_line(log, " ready.", proc, timeout=90)
-        proc.log_path = log  # type: ignore[attr-defined]
-        return proc
+        procs.append(spawn_worker(settings, tmp_path / f"worker-{len(procs)}.log"))
+        return procs[-1]
 
     yield start
     for proc in procs:
-        stop_process(proc)
+        kill_worker(proc)
+
+
+def kill_worker(proc: subprocess.Popen) -> None:
+    """End a test's worker at teardown with SIGKILL: its job (if any) no longer matters, and Celery's
+    warm shutdown costs 3-6 s a worker. The warm shutdown itself is tested on purpose
+    (tests/service/test_e2e_worker.py's SIGTERM test, `odeforge serve` stopping its children)."""
+    if proc.poll() is None:
+        with suppress(ProcessLookupError):  # it may have exited since
+            os.kill(proc.pid, signal.SIGCONT)  # a frozen (SIGSTOPped) worker: woken, then killed
+        proc.kill()
+    proc.wait(30)
 
 
 

@@ -8,8 +8,6 @@ false`` plus ``pg_terminate_backend`` of *its* sessions only) and drops afterwar
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -19,7 +17,7 @@ from typing import Callable, Iterator
 
 import pytest
 
-from tests.conftest import REPO, RUN_ID, _guard_tier, settings_env, stop_process, wait_for_line
+from tests.conftest import REPO, RUN_ID, _guard_tier, kill_worker, settings_env, wait_for_line
 from tests.servers import RedisServer, libpq_dsn, redacted, sqlalchemy_url
 
 
@@ -62,18 +60,7 @@ def start_workers(tmp_path: Path) -> Iterator[Callable]:
 
     yield start
     for proc in procs:
-        if proc.poll() is None:
-            with _suppress():
-                os.kill(proc.pid, signal.SIGCONT)  # a frozen worker cannot handle SIGTERM
-        stop_process(proc)
-
-
-class _suppress:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return True
+        kill_worker(proc)
 
 
 @pytest.fixture

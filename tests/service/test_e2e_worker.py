@@ -1,5 +1,6 @@
 """End to end with real processes: the API (in-process), a real Celery worker subprocess
-(`odeforge worker`), the real Redis broker, and the real PostgreSQL (or SQLite) job store.
+(`odeforge worker`), the real Redis broker, and the real PostgreSQL job store (SQLite, shared by two
+worker processes, in the SIGTERM test). The tests that need one worker nothing kills share one.
 
 Right values come from outside the code under test: a trained CNF is a normalized density, so
 exp(log p) integrates to 1 over the plane (trapezoid rule on a grid); its samples' mean must match
@@ -11,13 +12,15 @@ from __future__ import annotations
 
 import io
 import math
+import uuid
+from typing import Iterator
 
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
 from service.app import create_app
-from tests.conftest import wait_for_job
+from tests.conftest import RUN_ID, kill_worker, pg_schema, spawn_worker, wait_for_job
 
 pytestmark = [pytest.mark.slow, pytest.mark.redis]
 
@@ -27,6 +30,28 @@ TINY_CNF = {
     "solver": {"rtol": 1e-5, "atol": 1e-5},
     "training": {"iterations": 5, "batch_size": 64, "eval_every": 5, "checkpoint_every": 2, "lr": 1e-2},
 }
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory, postgres_dsn, redis_url, redis_client) -> Iterator[tuple]:
+    """``(settings, worker)``: one PostgreSQL job store, queue and `odeforge worker` process for the tests
+    below that need one worker which nothing kills (a worker start is most of such a test's time).
+    Each test still runs its own API app; their jobs are trained one after another by this worker."""
+    from jobs.settings import Settings
+
+    data = tmp_path_factory.mktemp("e2e")
+    queue = f"odeforge-test-{RUN_ID}-{uuid.uuid4().hex[:6]}"
+    with pg_schema(postgres_dsn) as url:
+        settings = Settings(database_url=url, broker_url=redis_url, queue=queue, artifact_dir=data / "artifacts",
+                            device="cpu", broker_timeout_s=2.0, cancel_poll_s=0.05, ready_requires_worker=False)
+        with TestClient(create_app(settings)):
+            pass  # creates the job store's tables before the worker reads them
+        worker = spawn_worker(settings, data / "worker.log")
+        try:
+            yield settings, worker
+        finally:
+            kill_worker(worker)
+            redis_client.delete(queue, f"_kombu.binding.{queue}")
 
 
 def _grid(samples: np.ndarray, n: int = 121) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -49,10 +74,8 @@ def _log_density(client, job_id: str, points: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.postgres
-def test_cnf_trains_on_a_real_worker_then_answers_queries_and_a_failing_solve_is_recorded(
-    make_settings, pg_url, start_worker
-):
-    settings = make_settings(database_url=pg_url)
+def test_cnf_trains_on_a_real_worker_then_answers_queries_and_a_failing_solve_is_recorded(shared):
+    settings, worker = shared
     with TestClient(create_app(settings)) as client:
         # A solve that cannot finish in 1 step fails with the solver's named error ...
         bad_spec = {**TINY_CNF, "solver": {"rtol": 1e-5, "atol": 1e-5, "max_num_steps": 1}}
@@ -61,7 +84,6 @@ def test_cnf_trains_on_a_real_worker_then_answers_queries_and_a_failing_solve_is
         classifier = client.post("/v1/jobs", json={
             "model": {"type": "mlp", "hidden": 16}, "dataset": {"name": "digits", "n_samples": 300},
             "training": {"iterations": 3, "batch_size": 32, "eval_every": 3, "checkpoint_every": 3}}).json()["id"]
-        worker = start_worker(settings)
 
         failed = wait_for_job(client, bad, ("failed",), timeout=120)
         assert failed["error"]["type"] == "MaxNumStepsError", failed
@@ -146,13 +168,13 @@ def test_cnf_trains_on_a_real_worker_then_answers_queries_and_a_failing_solve_is
             assert image.shape[0] > 100 and image.shape[1] > 100 and image.std() > 0.01
 
 
-def test_cancel_a_running_and_a_queued_job(make_settings, start_worker):
-    settings = make_settings()  # SQLite job store shared by API and worker
+@pytest.mark.postgres
+def test_cancel_a_running_and_a_queued_job(shared):
+    settings, _ = shared
     with TestClient(create_app(settings)) as client:
         long_spec = {**TINY_CNF, "training": {**TINY_CNF["training"], "iterations": 100_000, "eval_every": 100_000,
                                               "checkpoint_every": 3}}
         running = client.post("/v1/jobs", json=long_spec).json()["id"]
-        start_worker(settings)
         wait_for_job(client, running, ("running",), timeout=120, pred=lambda j: j["step"] >= 4)
         queued = client.post("/v1/jobs", json=TINY_CNF).json()["id"]
 
@@ -208,7 +230,8 @@ def test_sigterm_requeues_the_running_job_which_resumes_on_the_next_worker(make_
         assert f"resuming from step-{stopped_at:06d}.safetensors" in second.log_path.read_text()
 
 
-def test_uploaded_series_train_a_node_on_a_real_worker_then_forecast(make_settings, start_worker):
+@pytest.mark.postgres
+def test_uploaded_series_train_a_node_on_a_real_worker_then_forecast(shared):
     # long CSV with a missing cell; the worker resolves the stored .npz, trains, and the forecast
     # starts from the series' first observation, in the data's units
     rows = ["series_id,t,x,v"]
@@ -219,7 +242,7 @@ def test_uploaded_series_train_a_node_on_a_real_worker_then_forecast(make_settin
         for k, t in enumerate(times):
             x = np.exp(-0.1 * t) * (x0 * np.cos(t) + (v0 + 0.1 * x0) * np.sin(t))
             rows.append(f"s{s},{t},{x},{'' if k == 3 else v0}")
-    settings = make_settings()
+    settings, _ = shared
     with TestClient(create_app(settings)) as client:
         upload = client.post("/v1/datasets?kind=series", files={"file": ("osc.csv", "\n".join(rows).encode())}).json()
         assert upload["shape"] == [10, 12, 2]
@@ -227,7 +250,6 @@ def test_uploaded_series_train_a_node_on_a_real_worker_then_forecast(make_settin
                 "solver": {"rtol": 1e-3, "atol": 1e-4, "adjoint": False},
                 "training": {"iterations": 4, "batch_size": 4, "eval_every": 4, "lr": 1e-2}}
         job_id = client.post("/v1/jobs", json=spec).json()["id"]
-        start_worker(settings)
         job = wait_for_job(client, job_id, ("succeeded",), timeout=120)
         assert job["metrics"]["test_interp_mse"] >= 0 and job["metrics"]["test_extrap_mse"] >= 0
         resp = client.post(f"/v1/jobs/{job_id}/forecast", json={"series": [{"t": [1.0], "y": [[0.5, -0.2]]}],
