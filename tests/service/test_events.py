@@ -76,7 +76,7 @@ def live_api(tmp_path, request) -> Iterator[tuple[str, Settings]]:
                         events_poll_s=0.05, events_heartbeat_s=0.2, cancel_poll_s=0.05, **overrides)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning",
-                                           lifespan="on"))
+                                           lifespan="on", timeout_graceful_shutdown=1))  # open streams: 1 s, not 10
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
