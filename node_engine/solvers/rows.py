@@ -13,7 +13,8 @@ import math
 import numpy as np
 import torch
 
-__all__ = ["where", "maximum", "minimum", "isfinite", "any_", "count", "nextafter", "next_time", "clip", "not_", "to_device"]
+__all__ = ["where", "maximum", "minimum", "isfinite", "any_", "count", "nextafter", "next_time", "clip", "not_",
+           "to_device"]
 
 
 def where(c, a, b):
