@@ -22,7 +22,7 @@ import torch
 from ..errors import SolveCancelled, SolveStatus
 from .controller import PIController, initial_step_size
 from .rk import RKStepper
-from .rows import any_, clip, count, isfinite, maximum, minimum, nextafter, not_, to_device, where
+from .rows import any_, clip, count, isfinite, maximum, minimum, next_time, not_, to_device, where
 
 __all__ = ["AdaptiveOptions", "SolveInfo", "StepRecord", "integrate_adaptive", "DEFAULT_MAX_NUM_STEPS",
            "check_stop", "over_budget"]
@@ -275,7 +275,9 @@ def _loop(vf, z, grid, stepper, norm, ctrl, opts, info, record, pieces) -> None:
                 if gid.size == 0:
                     return
                 continue
-            t_eval_end = where(landing, nextafter(t_new, t), t_new) if is_jump else t_new
+            # just before a jump in the field's own time dtype (a float64 neighbour rounds back onto
+            # the jump in float32, and the step would see the far side: rejected over and over)
+            t_eval_end = next_time(t_new, t, vf.t_dtype) if is_jump and landing else t_new
             if cbs is not None:
                 cbs.step(t, z, hs)
             z_new = stepper.step(vf, t, t_new, t_eval_end, z, k1)
@@ -333,7 +335,7 @@ def _loop(vf, z, grid, stepper, norm, ctrl, opts, info, record, pieces) -> None:
                         target, is_jump = stops[i_stop]
                         if landed_jump:
                             # the field may jump here: restart from its right-hand value
-                            k1_time = math.nextafter(t, t_end)
+                            k1_time = next_time(t, t_end, vf.t_dtype)
                             k1 = vf.at(k1_time, z).view(stepper.shape)
                             if reuse:
                                 stepper.set_k1(k1)

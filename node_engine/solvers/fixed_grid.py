@@ -10,6 +10,7 @@ import torch
 from ..errors import NFEBudgetExceeded, NonFiniteStateError, SolveStatus
 from .adaptive import SolveInfo, StepRecord, budget_message, check_stop, over_budget
 from .rk import RKStepper
+from .rows import next_time
 
 __all__ = ["make_grid", "integrate_fixed"]
 
@@ -34,14 +35,6 @@ def make_grid(times: list[float], step_size: float | None, grid: list[float] | N
             raise ValueError("options['grid'] must cover the whole interval [t[0], t[-1]]")
         pts.update(x for x in g if d * (x - t0) > 0 and d * (t1 - x) > 0)
     return sorted(pts, key=lambda x: d * x)
-
-
-def _next_time(x: float, toward: float, dtype: torch.dtype) -> float:
-    """The time next to ``x`` towards ``toward`` in the dtype the field receives times in (a float64
-    neighbour would round back to x in float32)."""
-    if dtype == torch.float64:
-        return math.nextafter(x, toward)
-    return float(torch.nextafter(torch.tensor(x, dtype=dtype), torch.tensor(toward, dtype=dtype)))
 
 
 def integrate_fixed(
@@ -69,7 +62,7 @@ def integrate_fixed(
     for t, t_new in zip(grid[:-1], grid[1:]):
         check_stop(stop, t)
         if perturb:
-            t_k1, t_end_eval = _next_time(t, t_new, vf.t_dtype), _next_time(t_new, t, vf.t_dtype)
+            t_k1, t_end_eval = next_time(t, t_new, vf.t_dtype), next_time(t_new, t, vf.t_dtype)
         else:
             t_k1, t_end_eval = t, t_new
         if callbacks is not None:

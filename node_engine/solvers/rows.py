@@ -13,7 +13,8 @@ import math
 import numpy as np
 import torch
 
-__all__ = ["where", "maximum", "minimum", "isfinite", "any_", "count", "nextafter", "clip", "not_", "to_device"]
+__all__ = ["where", "maximum", "minimum", "isfinite", "any_", "count", "nextafter", "next_time", "clip", "not_",
+           "to_device"]
 
 
 def where(c, a, b):
@@ -59,6 +60,14 @@ def nextafter(x, toward):
     if isinstance(x, np.ndarray):
         return np.nextafter(x, toward)
     return math.nextafter(x, toward)
+
+
+def next_time(x: float, toward: float, dtype: torch.dtype) -> float:
+    """The time next to ``x`` towards ``toward`` in the dtype the field receives times in (a float64
+    neighbour would round back to x in float32), as a float."""
+    if dtype == torch.float64:
+        return math.nextafter(x, toward)
+    return float(torch.nextafter(torch.tensor(x, dtype=dtype), torch.tensor(toward, dtype=dtype)))
 
 
 def not_(x):

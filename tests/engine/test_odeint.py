@@ -146,23 +146,28 @@ def test_per_component_tolerances():
     assert abs(y_tight[-1, 1] - exact[1]) < 1e-10
 
 
-def test_step_t_and_jump_t():
-    # dy/dt = +1 before t = 0.5 and -1 after: y(1) = 0 exactly when the jump is stepped on
+@pytest.mark.parametrize("t_dtype", [f64, torch.float32])
+def test_step_t_and_jump_t(t_dtype):
+    # dy/dt = +1 before t = 0.5 and -1 after: y(1) = 0 exactly when the jump is stepped on. With
+    # float32 times (the field's time dtype) the step onto the jump must end just before it in
+    # float32: a float64 neighbour of 0.5 rounds back to 0.5 there, and the step saw the far side
     seen = []
 
     def f(t, y):
         seen.append(float(t))
         return torch.where(t < 0.5, 1.0, -1.0).to(y.dtype) * torch.ones_like(y)
 
-    t = torch.tensor([0.0, 0.25, 1.0], dtype=f64)
+    t = torch.tensor([0.0, 0.25, 1.0], dtype=t_dtype)
     s_jump, s_plain = SolverStats(), SolverStats()
     y = odeint(f, torch.zeros(1, dtype=f64), t, rtol=1e-8, atol=1e-8, options=dict(jump_t=[0.5]), stats=s_jump)
     assert abs(float(y[-1])) < 1e-12 and abs(float(y[1]) - 0.25) < 1e-12
+    assert 0.5 not in seen and s_jump.steps_rejected == 0  # each side sampled on its own side only
     odeint(f, torch.zeros(1, dtype=f64), t, rtol=1e-8, atol=1e-8, stats=s_plain)
     assert s_jump.nfe_forward < s_plain.nfe_forward
     seen.clear()
     odeint(lambda t, y: f(t, y) * 0 + y, torch.ones(1, dtype=f64), t, options=dict(step_t=torch.tensor([0.6], dtype=f64)))
-    assert 0.6 in seen  # the step before landed exactly on step_t (FSAL stage at t = 0.6)
+    # the step before landed exactly on step_t (FSAL stage at t = 0.6 in the field's time dtype)
+    assert float(torch.tensor(0.6, dtype=t_dtype)) in seen
 
 
 def test_stats_count_every_call():
